@@ -1,0 +1,59 @@
+# Nightjar — run `make help` for the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TEST_STATE := .local/test
+PYTEST_ARGS ?=
+
+.PHONY: help deps venv binaries up down status test test-unit test-integration lint fmt crds clean
+
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## Install the system packages the stack needs (PostgreSQL, openssl, curl) when missing.
+	@hack/install-deps.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Could not create a venv: install python3 (>= 3.11) with its venv module (apt-get install python3-venv)"; exit 1; }
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## Create .venv with Nightjar and its dev dependencies.
+
+binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO (cached by version).
+	@hack/build-binaries.sh
+
+up: deps venv binaries ## Start the local stack and the operator in the background (state in .local/).
+	@$(PY) -m nightjar.devstack up --state .local
+
+down: ## Stop exactly the processes `make up` started.
+	@if [ -x $(PY) ]; then $(PY) -m nightjar.devstack down --state .local; else echo "nothing to stop"; fi
+
+status: ## Show the processes of the local stack.
+	@$(PY) -m nightjar.devstack status --state .local
+
+lint: venv ## ruff and mypy --strict.
+	@$(VENV)/bin/ruff check operator tests
+	@$(VENV)/bin/ruff format --check operator tests
+	@$(VENV)/bin/mypy
+
+fmt: venv ## Format the code with ruff.
+	@$(VENV)/bin/ruff format operator tests
+	@$(VENV)/bin/ruff check --fix operator tests
+
+test-unit: venv ## Unit tests only (no stack needed).
+	@$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test: deps venv binaries lint ## Everything CI runs: lint, then unit and integration tests on a fresh stack.
+	@hack/run-tests.sh $(TEST_STATE) tests/unit tests/integration $(PYTEST_ARGS)
+
+test-integration: deps venv binaries ## Integration tests on a fresh stack in .local/test.
+	@hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
+
+clean: down ## Stop the stack and remove .local and .venv (the binary cache stays).
+	@rm -rf .local $(VENV)

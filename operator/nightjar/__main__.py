@@ -1,0 +1,3 @@
+from nightjar.cli import main
+
+main()

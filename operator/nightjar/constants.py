@@ -1,0 +1,25 @@
+"""API group, label and annotation keys, finalizer: the names Nightjar puts on objects, in one place."""
+
+from __future__ import annotations
+
+GROUP = "nightjar.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: Finalizer on Backups: deleting one first deletes its stored objects.
+FINALIZER = f"{GROUP}/finalizer"
+#: Prefix kopf uses for its own bookkeeping annotations on our objects.
+KOPF_PERSISTENCE_PREFIX = f"kopf.{GROUP}"
+
+#: RFC 3339 UTC instant after which garbage collection deletes a Backup.
+ANNOTATION_EXPIRES_AT = f"{GROUP}/expires-at"
+#: "true" pins a Backup: garbage collection never deletes it.
+ANNOTATION_KEEP = f"{GROUP}/keep"
+#: The app's model version, read from its workload (falls back to app.kubernetes.io/version).
+ANNOTATION_MODEL_VERSION = f"{GROUP}/model-version"
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_BACKUP = f"{GROUP}/backup"
+LABEL_SCHEDULE = f"{GROUP}/schedule"
+LABEL_RESTORE = f"{GROUP}/restore"
+MANAGED_BY = "nightjar"

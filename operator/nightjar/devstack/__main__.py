@@ -1,0 +1,93 @@
+"""``python -m nightjar.devstack {up,down,status,node}`` — TEST/DEV ONLY (see the package doc)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from nightjar.devstack.stack import NODE_NAME, Stack, StackError, describe
+
+
+def _state_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option(
+        "--state", "state_dir", type=click.Path(file_okay=False, path_type=Path),
+        default=lambda: os.environ.get("NIGHTJAR_STATE_DIR", ".local"), show_default=".local",
+        help="Directory holding the stack's state, logs and kubeconfig.",
+    )(f)
+
+
+@click.group()
+def main() -> None:
+    """The local stack for development and tests (not for production)."""
+
+
+@main.command()
+@_state_option
+@click.option("--operator/--no-operator", default=True, help="Also start the Nightjar operator.")
+def up(state_dir: Path, operator: bool) -> None:
+    """Start etcd, kube-apiserver, kube-controller-manager, the process node, MinIO, PostgreSQL."""
+    stack = Stack(state_dir)
+    try:
+        stack.up(with_operator=operator)
+    except StackError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(stack.usage())
+
+
+@main.command()
+@_state_option
+def down(state_dir: Path) -> None:
+    """Stop exactly the processes `up` started (by recorded pid)."""
+    Stack(state_dir).down()
+
+
+@main.command()
+@_state_option
+def status(state_dir: Path) -> None:
+    """Show each recorded process and whether it runs; exits 1 unless all run."""
+    st, alive, dead = Stack(state_dir).status()
+    click.echo(describe(st, alive, dead))
+    sys.exit(0 if st is not None and not dead else 1)
+
+
+@main.command()
+@_state_option
+@click.option("--name", default=NODE_NAME, show_default=True)
+def node(state_dir: Path, name: str) -> None:
+    """Run the process node (what `up` starts in the background)."""
+    from kubernetes import client, config
+
+    from nightjar.devstack.processnode import ProcessNode
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state_dir = state_dir.resolve()
+    api_client = config.new_client_from_config(str(state_dir / "kubeconfig"))
+    host = api_client.configuration.host.removeprefix("https://")
+    api_host, api_port = host.rsplit(":", 1)
+    venv_bin = Path(sys.executable).parent
+    # The venv first, so containers find `nightjar` and the venv's python like an image's PATH.
+    os.environ["PATH"] = f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    pn = ProcessNode(
+        client.CoreV1Api(api_client), name, state_dir / "node",
+        entrypoints={"nightjar": [str(venv_bin / "nightjar")]},
+        api_host=api_host, api_port=int(api_port),
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger("nightjar.processnode").info("signal %d: killing all containers", signum)
+        pn.shutdown()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    pn.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""The local stack: real etcd, kube-apiserver, kube-controller-manager, process node, MinIO and
+PostgreSQL as local processes on loopback, plus the Nightjar operator.
+
+TEST/DEV ONLY. ``make up`` / ``make down`` and the test suite drive this module. Every process
+is started detached with its pid recorded under ``<state>/pids``; ``down`` stops exactly those
+pids (checking each still runs the binary it recorded, so a recycled pid is never signalled),
+then any container process the process node left behind.
+
+State layout (``<state>`` is ``.local`` for ``make up``, ``.local/test`` for ``make test``):
+``kubeconfig``, ``env`` (shell ``export`` lines), ``state.json``, ``logs/``, ``pids/``,
+``pki/``, ``etcd/``, ``s3/``, ``node/``; PostgreSQL's data dir lives in a temp dir owned by a
+non-root user (the server refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CONTROLLERS = ",".join(
+    [
+        "job-controller",
+        "cronjob-controller",
+        "garbage-collector-controller",
+        "namespace-controller",
+        "ttl-after-finished-controller",
+        "deployment-controller",
+        "replicaset-controller",
+        "statefulset-controller",
+        "persistentvolume-binder-controller",
+        "serviceaccount-controller",
+        "pod-garbage-collector-controller",
+    ]
+)
+ADMIN_TOKEN_USER = "nightjar-admin"
+BUCKET_LOCKED = "nightjar-locked"
+BUCKET_PLAIN = "nightjar-plain"
+NODE_NAME = "nightjar-process-node"
+
+
+class StackError(Exception):
+    """Something the user must fix; the message says what."""
+
+
+def versions() -> dict[str, str]:
+    """The pinned versions, from hack/versions.env (the one place they are set)."""
+    out: dict[str, str] = {}
+    for line in (REPO_ROOT / "hack" / "versions.env").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k] = v
+    return out
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("NIGHTJAR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nightjar"
+    )
+    return Path(base)
+
+
+def binary(component: str, name: str) -> Path:
+    v = versions()
+    key = {"kubernetes": "KUBERNETES_VERSION", "etcd": "ETCD_VERSION", "minio": "MINIO_VERSION"}[component]
+    p = cache_dir() / "bin" / f"{component}-{v[key]}" / name
+    if not p.is_file():
+        raise StackError(f"{p} is missing: run `make binaries` (hack/build-binaries.sh) to build it")
+    return p
+
+
+def postgres_bindir() -> Path:
+    base = Path("/usr/lib/postgresql")
+    found = sorted((p for p in base.glob("*/bin") if (p / "postgres").is_file()),
+                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    if not found:
+        raise StackError("PostgreSQL server is not installed: apt-get install postgresql (make deps does it)")
+    return found[-1]
+
+
+def free_port() -> int:
+    """A port nothing listens on now; each component gets its own, so a busy port is never chosen."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    exe: str
+
+
+@dataclass
+class State:
+    dir: str
+    procs: list[Proc] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
+    pg_datadir: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    pg_password: str = ""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    def save(self) -> None:
+        tmp = self.path / "state.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+        tmp.rename(self.path / "state.json")
+
+    @classmethod
+    def load(cls, state_dir: Path) -> State | None:
+        f = state_dir / "state.json"
+        if not f.is_file():
+            return None
+        raw = json.loads(f.read_text(encoding="utf-8"))
+        raw["procs"] = [Proc(**p) for p in raw.get("procs", [])]
+        return cls(**raw)
+
+
+def _alive(p: Proc) -> bool:
+    """True when ``p.pid`` runs and is still the program we started (not a recycled pid)."""
+    try:
+        exe = os.readlink(f"/proc/{p.pid}/exe")
+        stat = Path(f"/proc/{p.pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return os.path.realpath(exe.removesuffix(" (deleted)")) == os.path.realpath(p.exe)
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None,
+              logfile: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"{what} exited with code {proc.returncode}; see {logfile}:\n{_tail(logfile)}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    raise StackError(f"{what} was not ready after {timeout:.0f}s; see {logfile}:\n{_tail(logfile)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _http_ok(url: str, ctx: ssl.SSLContext | None = None, token: str | None = None) -> bool:
+    req = urllib.request.Request(url)  # noqa: S310 - loopback URLs we built
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=2, context=ctx) as r:  # noqa: S310
+        return bool(r.status == 200)
+
+
+class Stack:
+    """Starts and stops the stack recorded in ``state_dir``."""
+
+    def __init__(self, state_dir: Path, out: Callable[[str], None] = print) -> None:
+        self.dir = state_dir.resolve()
+        self.out = out
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _spawn(self, st: State, name: str, argv: list[str], env: dict[str, str] | None = None,
+               user: str | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        logfile = self.dir / "logs" / f"{name}.log"
+        exe = os.path.realpath(argv[0])
+        with open(logfile, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, start_new_session=True, user=user, cwd=cwd,
+            )
+        st.procs.append(Proc(name=name, pid=proc.pid, exe=exe))
+        (self.dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
+        st.save()
+        return proc
+
+    def status(self) -> tuple[State | None, list[Proc], list[Proc]]:
+        st = State.load(self.dir)
+        if st is None:
+            return None, [], []
+        alive = [p for p in st.procs if _alive(p)]
+        dead = [p for p in st.procs if not _alive(p)]
+        return st, alive, dead
+
+    # --- up -----------------------------------------------------------------------------
+
+    def up(self, with_operator: bool = True) -> State:
+        st, alive, dead = self.status()
+        if st is not None and alive and not dead:
+            wanted = {"etcd", "kube-apiserver", "kube-controller-manager", "process-node", "postgres", "minio"}
+            if with_operator:
+                wanted.add("operator")
+            if wanted <= {p.name for p in alive}:
+                self.out(f"The stack in {self.dir} is already up ({len(alive)} processes); nothing changed.")
+                return st
+        if st is not None:
+            self.out(f"Stopping the remains of an earlier stack in {self.dir} ({len(alive)} alive, {len(dead)} dead).")
+            self.down(quiet=True)
+        # Every `up` starts from empty data: the stack is for development and tests, and its
+        # credentials are new each time.
+        for sub in ("pids", "pki", "etcd", "s3", "node"):
+            shutil.rmtree(self.dir / sub, ignore_errors=True)
+        for sub in ("logs", "pids", "pki", "etcd", "s3", "node"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        st = State(dir=str(self.dir))
+        st.save()
+        try:
+            self._pki(st)
+            self._etcd(st)
+            self._apiserver(st)
+            self._controller_manager(st)
+            self._postgres(st)
+            self._minio(st)
+            self._write_env(st)
+            self._process_node(st)
+            self._install_crds()
+            if with_operator:
+                self._operator(st)
+        except BaseException:
+            self.out("Start failed; stopping what was started.")
+            self.down(quiet=True)
+            raise
+        return st
+
+    def _pki(self, st: State) -> None:
+        pki = self.dir / "pki"
+        if shutil.which("openssl") is None:
+            raise StackError("openssl is not installed: apt-get install openssl")
+        subprocess.run(["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")],
+                       check=True, capture_output=True)
+        token = secrets.token_hex(24)
+        (pki / "token").write_text(token)
+        (pki / "tokens.csv").write_text(f"{token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},system:masters\n")
+        for f in ("sa.key", "token", "tokens.csv"):
+            (pki / f).chmod(0o600)
+
+    def _etcd(self, st: State) -> None:
+        client_port, peer_port = free_port(), free_port()
+        st.ports.update(etcd=client_port, etcd_peer=peer_port)
+        url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+        proc = self._spawn(st, "etcd", [
+            str(binary("etcd", "etcd")), "--name=default", f"--data-dir={self.dir / 'etcd'}",
+            f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
+            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}", "--unsafe-no-fsync=true", "--log-level=warn",
+        ])
+        _wait_for("etcd", lambda: _http_ok(f"{url}/health"), 30, proc, self.dir / "logs" / "etcd.log")
+        self.out(f"  etcd                     {url}")
+
+    def _apiserver(self, st: State) -> None:
+        port = free_port()
+        st.ports["apiserver"] = port
+        pki = self.dir / "pki"
+        proc = self._spawn(st, "kube-apiserver", [
+            str(binary("kubernetes", "kube-apiserver")),
+            f"--etcd-servers=http://127.0.0.1:{st.ports['etcd']}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+            f"--cert-dir={pki / 'apiserver'}", f"--token-auth-file={pki / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--disable-admission-plugins=ServiceAccount",
+            "--allow-privileged=true", "--endpoint-reconciler-type=none",
+        ])
+        token = (pki / "token").read_text()
+        ca = pki / "apiserver" / "apiserver.crt"
+        base = f"https://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if not ca.is_file():
+                return False
+            ctx = ssl.create_default_context(cafile=str(ca))
+            return _http_ok(f"{base}/readyz", ctx, token)
+
+        _wait_for("kube-apiserver", ready, 90, proc, self.dir / "logs" / "kube-apiserver.log")
+        self._write_kubeconfig(base, ca, token)
+        self.out(f"  kube-apiserver           {base}")
+
+    def _write_kubeconfig(self, server: str, ca: Path, token: str) -> None:
+        import base64
+
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "nightjar-local", "cluster": {
+                "server": server,
+                "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
+            }}],
+            "users": [{"name": ADMIN_TOKEN_USER, "user": {"token": token}}],
+            "contexts": [{"name": "nightjar-local", "context": {
+                "cluster": "nightjar-local", "user": ADMIN_TOKEN_USER, "namespace": "default"}}],
+            "current-context": "nightjar-local",
+        }
+        path = self.dir / "kubeconfig"
+        path.write_text(json.dumps(cfg, indent=2))
+        path.chmod(0o600)
+
+    def _controller_manager(self, st: State) -> None:
+        port = free_port()
+        st.ports["controller_manager"] = port
+        proc = self._spawn(st, "kube-controller-manager", [
+            str(binary("kubernetes", "kube-controller-manager")),
+            f"--kubeconfig={self.dir / 'kubeconfig'}", "--leader-elect=false",
+            "--bind-address=127.0.0.1", f"--secure-port={port}",
+            f"--controllers={CONTROLLERS}",
+            f"--service-account-private-key-file={self.dir / 'pki' / 'sa.key'}",
+            "--cluster-name=nightjar-local",
+        ])
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # its self-signed health endpoint on loopback
+        _wait_for("kube-controller-manager", lambda: _http_ok(f"https://127.0.0.1:{port}/healthz", ctx),
+                  60, proc, self.dir / "logs" / "kube-controller-manager.log")
+        self.out("  kube-controller-manager  " + CONTROLLERS.replace(",", " "))
+
+    def _postgres(self, st: State) -> None:
+        bindir = postgres_bindir()
+        user: str | None = None
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root: run it as the Debian package's `postgres` user.
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError as e:
+                raise StackError("running as root needs the `postgres` user (apt-get install postgresql)") from e
+            user = "postgres"
+            datadir = Path(tempfile.mkdtemp(prefix="nightjar-pg-"))
+            os.chown(datadir, pw.pw_uid, pw.pw_gid)
+        else:
+            datadir = Path(tempfile.mkdtemp(prefix="nightjar-pg-"))
+        st.pg_datadir = str(datadir)
+        st.pg_password = secrets.token_hex(16)
+        st.save()
+        pwfile = datadir / "pwfile"
+        pwfile.write_text(st.pg_password + "\n")
+        if user:
+            shutil.chown(pwfile, user)
+        pgdata = datadir / "data"
+        res = subprocess.run(
+            [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", f"--pwfile={pwfile}",
+             "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--locale=C.UTF-8"],
+            capture_output=True, user=user, check=False,
+        )
+        pwfile.unlink()
+        if res.returncode != 0:
+            raise StackError(f"initdb failed: {res.stderr.decode(errors='replace')}")
+        port = free_port()
+        st.ports["postgres"] = port
+        proc = self._spawn(st, "postgres", [
+            str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", str(datadir),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
+            "-c", "max_connections=200",
+        ], user=user, cwd=datadir)
+
+        def ready() -> bool:
+            return subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                                  capture_output=True, check=False).returncode == 0
+
+        _wait_for("postgres", ready, 60, proc, self.dir / "logs" / "postgres.log")
+        self.out(f"  postgres                 127.0.0.1:{port} ({bindir.parent.name}, data in {datadir})")
+
+    def _minio(self, st: State) -> None:
+        port = free_port()
+        st.ports["s3"] = port
+        st.s3_access_key = "nightjar" + secrets.token_hex(4)
+        st.s3_secret_key = secrets.token_hex(20)
+        st.save()
+        proc = self._spawn(st, "minio", [
+            str(binary("minio", "minio")), "server", "--quiet", "--address", f"127.0.0.1:{port}",
+            str(self.dir / "s3"),
+        ], env={"MINIO_ROOT_USER": st.s3_access_key, "MINIO_ROOT_PASSWORD": st.s3_secret_key,
+                "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_CI_CD": "1"})
+        url = f"http://127.0.0.1:{port}"
+        _wait_for("minio", lambda: _http_ok(f"{url}/minio/health/ready"), 60, proc, self.dir / "logs" / "minio.log")
+        import boto3
+        from botocore.config import Config
+
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=st.s3_access_key,
+                          aws_secret_access_key=st.s3_secret_key, region_name="us-east-1",
+                          config=Config(s3={"addressing_style": "path"}))
+        s3.create_bucket(Bucket=BUCKET_LOCKED, ObjectLockEnabledForBucket=True)
+        s3.create_bucket(Bucket=BUCKET_PLAIN)
+        self.out(f"  minio (S3, Object Lock)  {url} buckets {BUCKET_LOCKED} (Object Lock), {BUCKET_PLAIN}")
+
+    def _write_env(self, st: State) -> None:
+        p = st.ports
+        dsn = f"postgresql://postgres:{st.pg_password}@127.0.0.1:{p['postgres']}/postgres"
+        lines = {
+            "KUBECONFIG": str(self.dir / "kubeconfig"),
+            "NIGHTJAR_STATE_DIR": str(self.dir),
+            "NIGHTJAR_S3_ENDPOINT": f"http://127.0.0.1:{p['s3']}",
+            "NIGHTJAR_S3_REGION": "us-east-1",
+            "NIGHTJAR_S3_ACCESS_KEY": st.s3_access_key,
+            "NIGHTJAR_S3_SECRET_KEY": st.s3_secret_key,
+            "NIGHTJAR_S3_BUCKET_LOCKED": BUCKET_LOCKED,
+            "NIGHTJAR_S3_BUCKET_PLAIN": BUCKET_PLAIN,
+            "NIGHTJAR_PG_HOST": "127.0.0.1",
+            "NIGHTJAR_PG_PORT": str(p["postgres"]),
+            "NIGHTJAR_PG_USER": "postgres",
+            "NIGHTJAR_PG_PASSWORD": st.pg_password,
+            "NIGHTJAR_PG_DSN": dsn,
+            "NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
+            "NIGHTJAR_KUBECTL": str(binary("kubernetes", "kubectl")),
+        }
+        import shlex
+
+        text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in lines.items())
+        envf = self.dir / "env"
+        envf.write_text(text)
+        envf.chmod(0o600)
+
+    def _process_node(self, st: State) -> None:
+        proc = self._spawn(st, "process-node", [
+            sys.executable, "-m", "nightjar.devstack", "node", "--state", str(self.dir),
+        ])
+        from kubernetes import client, config
+
+        api = client.CoreV1Api(config.new_client_from_config(str(self.dir / "kubeconfig")))
+
+        def ready() -> bool:
+            node = api.read_node(NODE_NAME)
+            return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+
+        _wait_for("process node", ready, 30, proc, self.dir / "logs" / "process-node.log")
+        self.out(f"  process node             {NODE_NAME} (test/dev stand-in for a kubelet)")
+
+    def _install_crds(self) -> None:
+        from nightjar.devstack.crds import install_crds
+
+        names = install_crds(self.dir / "kubeconfig", REPO_ROOT / "crds")
+        self.out(f"  CRDs                     {', '.join(names) or '(none)'}")
+
+    def _operator(self, st: State) -> None:
+        exe = Path(sys.executable).with_name("nightjar")
+        proc = self._spawn(st, "operator", [str(exe), "operator", "--all-namespaces"],
+                           env={"KUBECONFIG": str(self.dir / "kubeconfig")})
+        log = self.dir / "logs" / "operator.log"
+        _wait_for("operator", lambda: "nightjar operator ready" in log.read_text(errors="replace"),
+                  60, proc, log)
+        self.out(f"  operator                 log at {log}")
+
+    # --- down ---------------------------------------------------------------------------
+
+    def down(self, quiet: bool = False) -> int:
+        """Stop every recorded process (reverse start order); returns how many were running."""
+        st = State.load(self.dir)
+        if st is None:
+            if not quiet:
+                self.out(f"No stack recorded in {self.dir}; nothing to stop.")
+            return 0
+        stopped = 0
+        for p in reversed(st.procs):
+            if not _alive(p):
+                continue
+            stopped += 1
+            # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients to leave.
+            sig = signal.SIGINT if p.name == "postgres" else signal.SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+            deadline = time.monotonic() + 15
+            while _alive(p) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            # Reap our own children so they do not linger as zombies.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p.pid, os.WNOHANG)
+        self._kill_node_leftovers()
+        if st.pg_datadir and Path(st.pg_datadir).name.startswith("nightjar-pg-"):
+            shutil.rmtree(st.pg_datadir, ignore_errors=True)
+        for sub in ("pids",):
+            shutil.rmtree(self.dir / sub, ignore_errors=True)
+        (self.dir / "state.json").unlink(missing_ok=True)
+        (self.dir / "env").unlink(missing_ok=True)
+        if not quiet:
+            self.out(f"Stopped {stopped} processes of the stack in {self.dir}.")
+        return stopped
+
+    def _kill_node_leftovers(self) -> None:
+        """Container processes whose node died without cleaning up (it records each pid)."""
+        pids_dir = self.dir / "node" / "pids"
+        if not pids_dir.is_dir():
+            return
+        for f in pids_dir.iterdir():
+            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+                os.killpg(int(f.name), signal.SIGKILL)
+            f.unlink(missing_ok=True)
+
+    def usage(self) -> str:
+        rel = os.path.relpath(self.dir, Path.cwd())
+        return (
+            "\nNightjar's local stack is up. Use it with:\n"
+            f"  export KUBECONFIG=$PWD/{rel}/kubeconfig\n"
+            "  kubectl get nodes,crds\n"
+            "  kubectl get backups -A\n"
+            f"  source {rel}/env   # S3 endpoint and keys, PostgreSQL DSN\n"
+            f"Logs: {rel}/logs/ (operator: {rel}/logs/operator.log). Stop it with: make down\n"
+        )
+
+
+def parse_env(path: Path) -> dict[str, str]:
+    """Read back the ``export K=V`` lines of ``<state>/env``."""
+    import shlex
+
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("export "):
+            k, v = line[len("export "):].split("=", 1)
+            out[k] = shlex.split(v)[0] if v else ""
+    return out
+
+
+def describe(state: State | None, alive: list[Proc], dead: list[Proc]) -> str:
+    if state is None:
+        return "down"
+    rows = [f"  {p.name:<24} pid {p.pid:<8} {'running' if p in alive else 'NOT RUNNING'}" for p in state.procs]
+    return "\n".join(rows)
+
