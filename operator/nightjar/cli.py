@@ -16,7 +16,9 @@ def main() -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--all-namespaces", "-A", is_flag=True, help="Watch every namespace (the default).")
-@click.option("--namespace", "-n", "namespaces", multiple=True, help="Watch only these namespaces (repeatable).")
+@click.option(
+    "--namespace", "-n", "namespaces", multiple=True, help="Watch only these namespaces (repeatable)."
+)
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 def operator(all_namespaces: bool, namespaces: tuple[str, ...], verbose: bool) -> None:
     """Run the Kubernetes operator (uses KUBECONFIG, or the in-cluster service account)."""
@@ -28,4 +30,3 @@ def operator(all_namespaces: bool, namespaces: tuple[str, ...], verbose: bool) -
 @main.group()
 def agent() -> None:
     """What the operator's Jobs run inside the cluster (not meant to be run by hand)."""
-

@@ -16,8 +16,11 @@ from nightjar.devstack.stack import NODE_NAME, Stack, StackError, describe
 
 def _state_option(f: click.decorators.FC) -> click.decorators.FC:
     return click.option(
-        "--state", "state_dir", type=click.Path(file_okay=False, path_type=Path),
-        default=lambda: os.environ.get("NIGHTJAR_STATE_DIR", ".local"), show_default=".local",
+        "--state",
+        "state_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=lambda: os.environ.get("NIGHTJAR_STATE_DIR", ".local"),
+        show_default=".local",
         help="Directory holding the stack's state, logs and kubeconfig.",
     )(f)
 
@@ -74,9 +77,12 @@ def node(state_dir: Path, name: str) -> None:
     # The venv first, so containers find `nightjar` and the venv's python like an image's PATH.
     os.environ["PATH"] = f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     pn = ProcessNode(
-        client.CoreV1Api(api_client), name, state_dir / "node",
+        client.CoreV1Api(api_client),
+        name,
+        state_dir / "node",
         entrypoints={"nightjar": [str(venv_bin / "nightjar")]},
-        api_host=api_host, api_port=int(api_port),
+        api_host=api_host,
+        api_port=int(api_port),
     )
 
     def stop(signum: int, _frame: FrameType | None) -> None:

@@ -81,7 +81,11 @@ def resolve_env(pod: Mapping[str, Any], container: Mapping[str, Any], lookups: L
         if "secretRef" in src:
             ref, kind, data = src["secretRef"], "secret", lookups.secret(src["secretRef"]["name"])
         elif "configMapRef" in src:
-            ref, kind, data = src["configMapRef"], "configmap", lookups.config_map(src["configMapRef"]["name"])
+            ref, kind, data = (
+                src["configMapRef"],
+                "configmap",
+                lookups.config_map(src["configMapRef"]["name"]),
+            )
         else:
             continue
         if data is None:
@@ -108,16 +112,20 @@ def resolve_env(pod: Mapping[str, Any], container: Mapping[str, Any], lookups: L
             if ref["key"] not in data:
                 if ref.get("optional"):
                     continue
-                raise ContainerConfigError(f'couldn\'t find key {ref["key"]} in {kind} {ref["name"]}')
+                raise ContainerConfigError(f"couldn't find key {ref['key']} in {kind} {ref['name']}")
             env[name] = data[ref["key"]]
         elif "fieldRef" in vf:
             env[name] = _field_ref(pod, vf["fieldRef"]["fieldPath"])
         else:
-            raise ContainerConfigError(f"env {name}: only secretKeyRef, configMapKeyRef and fieldRef are supported")
+            raise ContainerConfigError(
+                f"env {name}: only secretKeyRef, configMapKeyRef and fieldRef are supported"
+            )
     return env
 
 
-def argv(container: Mapping[str, Any], env: Mapping[str, str], entrypoints: Mapping[str, list[str]]) -> list[str]:
+def argv(
+    container: Mapping[str, Any], env: Mapping[str, str], entrypoints: Mapping[str, list[str]]
+) -> list[str]:
     """The process's argv: ``command`` (or the image's known entrypoint) plus ``args``, expanded."""
     command = list(container.get("command") or [])
     args = list(container.get("args") or [])

@@ -97,7 +97,7 @@ class ProcessNode:
                     "type": "Ready",
                     "status": "True",
                     "reason": "ProcessNodeReady",
-                    "message": "Nightjar test/dev process node: runs containers as local processes (not a kubelet)",
+                    "message": "Nightjar test/dev process node: runs containers as local processes",
                     "lastHeartbeatTime": now,
                     "lastTransitionTime": now,
                 }
@@ -170,7 +170,10 @@ class ProcessNode:
                 threading.Thread(target=runner.kill, daemon=True).start()
             return
         if not spec.node_name:
-            if meta.deletion_timestamp is None and (spec.scheduler_name or "default-scheduler") == "default-scheduler":
+            if (
+                meta.deletion_timestamp is None
+                and (spec.scheduler_name or "default-scheduler") == "default-scheduler"
+            ):
                 self._bind(pod)
             return
         if spec.node_name != self.name:
@@ -195,13 +198,22 @@ class ProcessNode:
             if pod.status.phase in ("Succeeded", "Failed") or pod.metadata.deletion_timestamp:
                 continue
             if pod.status.phase == "Running" and pod.spec.restart_policy != "Always":
-                log.info("pod %s/%s lost its processes in a node restart", pod.metadata.namespace, pod.metadata.name)
+                log.info(
+                    "pod %s/%s lost its processes in a node restart",
+                    pod.metadata.namespace,
+                    pod.metadata.name,
+                )
                 with contextlib.suppress(ApiException):
                     self.api.patch_namespaced_pod_status(
                         pod.metadata.name,
                         pod.metadata.namespace,
-                        {"status": {"phase": "Failed", "reason": "NodeRestarted",
-                                    "message": "the process node restarted while the pod ran"}},
+                        {
+                            "status": {
+                                "phase": "Failed",
+                                "reason": "NodeRestarted",
+                                "message": "the process node restarted while the pod ran",
+                            }
+                        },
                     )
 
     def run(self) -> None:
@@ -218,14 +230,20 @@ class ProcessNode:
                         self.handle("ADDED", pod)
                 w = watch.Watch()
                 for ev in w.stream(
-                    self.api.list_pod_for_all_namespaces, resource_version=rv, timeout_seconds=60,
+                    self.api.list_pod_for_all_namespaces,
+                    resource_version=rv,
+                    timeout_seconds=60,
                     allow_watch_bookmarks=True,
                 ):
                     if self.stopping.is_set():
                         break
                     obj = ev["object"]
                     if ev["type"] == "BOOKMARK":
-                        rv = obj["metadata"]["resourceVersion"] if isinstance(obj, dict) else obj.metadata.resource_version
+                        rv = (
+                            obj["metadata"]["resourceVersion"]
+                            if isinstance(obj, dict)
+                            else obj.metadata.resource_version
+                        )
                         continue
                     if ev["type"] == "ERROR":
                         rv = ""
@@ -276,7 +294,9 @@ class PodRunner:
         self.done = threading.Event()
         self.start_time = _now()
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"pod-{self.namespace}/{self.name}")
+        self.thread = threading.Thread(
+            target=self._run, daemon=True, name=f"pod-{self.namespace}/{self.name}"
+        )
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -288,15 +308,19 @@ class PodRunner:
             return
         self.deleting.set()
         grace = pod.metadata.deletion_grace_period_seconds
-        threading.Thread(target=self._finalize_deletion, args=(30.0 if grace is None else float(grace),),
-                         daemon=True).start()
+        threading.Thread(
+            target=self._finalize_deletion, args=(30.0 if grace is None else float(grace),), daemon=True
+        ).start()
 
     def _finalize_deletion(self, grace: float) -> None:
         self.kill(grace=grace, report=True)
         with contextlib.suppress(ApiException):
             self.api.delete_namespaced_pod(
-                self.name, self.namespace,
-                body=client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=self.uid)),
+                self.name,
+                self.namespace,
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=self.uid)
+                ),
             )
         with self.node.lock:
             self.node.runners.pop(self.uid, None)
@@ -312,10 +336,8 @@ class PodRunner:
         deadline = time.monotonic() + grace
         for _, p in procs:
             remaining = max(0.0, deadline - time.monotonic())
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                pass
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -335,7 +357,9 @@ class PodRunner:
                 if e.status == 404:
                     return None
                 raise
-            return {k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in (s.data or {}).items()}
+            return {
+                k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in (s.data or {}).items()
+            }
 
         def config_map(name: str) -> dict[str, str] | None:
             try:
@@ -418,7 +442,9 @@ class PodRunner:
 
     # --- running ------------------------------------------------------------------------
 
-    def _prepare(self, container: dict[str, Any], volumes: Mapping[str, Path]) -> tuple[list[str], dict[str, str], str, Path]:
+    def _prepare(
+        self, container: dict[str, Any], volumes: Mapping[str, Path]
+    ) -> tuple[list[str], dict[str, str], str, Path]:
         cname = container["name"]
         cdir = self.dir / "containers" / cname
         cdir.mkdir(parents=True, exist_ok=True)
@@ -451,20 +477,32 @@ class PodRunner:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         return argv, {**base, **env}, workdir, term_local
 
-    def _spawn(self, container: dict[str, Any], volumes: Mapping[str, Path]) -> tuple[subprocess.Popen[bytes] | None, Path]:
+    def _spawn(
+        self, container: dict[str, Any], volumes: Mapping[str, Path]
+    ) -> tuple[subprocess.Popen[bytes] | None, Path]:
         cname = container["name"]
         argv, env, workdir, term_local = self._prepare(container, volumes)
         logfile = self.node.work_dir / "logs" / f"{self.namespace}_{self.name}_{cname}.log"
         exe = shutil.which(argv[0], path=env["PATH"]) if "/" not in argv[0] else argv[0]
         started = _now()
         if exe is None or not os.access(exe, os.X_OK):
-            self._set_terminated(container, 128, "StartError",
-                                 f'exec: "{argv[0]}": executable file not found in $PATH', started)
+            self._set_terminated(
+                container,
+                128,
+                "StartError",
+                f'exec: "{argv[0]}": executable file not found in $PATH',
+                started,
+            )
             return None, term_local
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(
-                [exe, *argv[1:]], env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [exe, *argv[1:]],
+                env=env,
+                cwd=workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         (self.node.work_dir / "pids" / str(proc.pid)).write_text(f"{self.namespace}/{self.name}/{cname}\n")
         with self.lock:
@@ -472,7 +510,9 @@ class PodRunner:
         log.info("started %s/%s[%s] pid %d: %s", self.namespace, self.name, cname, proc.pid, argv[0])
         return proc, term_local
 
-    def _wait(self, container: dict[str, Any], proc: subprocess.Popen[bytes], term_local: Path, started: str) -> int:
+    def _wait(
+        self, container: dict[str, Any], proc: subprocess.Popen[bytes], term_local: Path, started: str
+    ) -> int:
         code = proc.wait()
         (self.node.work_dir / "pids" / str(proc.pid)).unlink(missing_ok=True)
         if code < 0:
@@ -483,11 +523,15 @@ class PodRunner:
         if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             logfile = self.node.work_dir / "logs" / f"{self.namespace}_{self.name}_{container['name']}.log"
             with contextlib.suppress(OSError):
-                message = podspec.termination_message(logfile.read_bytes()[-podspec.TERMINATION_MESSAGE_LIMIT:])
+                message = podspec.termination_message(
+                    logfile.read_bytes()[-podspec.TERMINATION_MESSAGE_LIMIT :]
+                )
         self._set_terminated(container, code, "Completed" if code == 0 else "Error", message, started)
         return code
 
-    def _status_entry(self, container: dict[str, Any], state: dict[str, Any], ready: bool = False) -> dict[str, Any]:
+    def _status_entry(
+        self, container: dict[str, Any], state: dict[str, Any], ready: bool = False
+    ) -> dict[str, Any]:
         name = container["name"]
         return {
             "name": name,
@@ -500,8 +544,15 @@ class PodRunner:
             "state": state,
         }
 
-    def _set_terminated(self, container: dict[str, Any], code: int, reason: str, message: str, started: str) -> None:
-        term: dict[str, Any] = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": _now()}
+    def _set_terminated(
+        self, container: dict[str, Any], code: int, reason: str, message: str, started: str
+    ) -> None:
+        term: dict[str, Any] = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": started,
+            "finishedAt": _now(),
+        }
         if message:
             term["message"] = message
         target = self.init_statuses if container.get("_init") else self.statuses
@@ -535,7 +586,9 @@ class PodRunner:
             ],
             "containerStatuses": [
                 self.statuses.get(c["name"])
-                or self._status_entry(c, {"waiting": {"reason": "PodInitializing" if not initialized else "ContainerCreating"}})
+                or self._status_entry(
+                    c, {"waiting": {"reason": "PodInitializing" if not initialized else "ContainerCreating"}}
+                )
                 for c in containers
             ],
         }
@@ -561,7 +614,10 @@ class PodRunner:
                 )
         self._report("Pending")
         for c in self.pod["spec"]["containers"]:
-            if self.statuses[c["name"]]["state"].get("waiting", {}).get("reason") == "CreateContainerConfigError":
+            if (
+                self.statuses[c["name"]]["state"].get("waiting", {}).get("reason")
+                == "CreateContainerConfigError"
+            ):
                 del self.statuses[c["name"]]
 
     def _run(self) -> None:
@@ -594,8 +650,8 @@ class PodRunner:
                 if self.killed.wait(2.0):
                     return
 
-        for c in spec.get("initContainers") or []:
-            c = {**c, "_init": True}
+        for init in spec.get("initContainers") or []:
+            c = {**init, "_init": True}
             while True:
                 if self.killed.is_set():
                     return
@@ -622,8 +678,11 @@ class PodRunner:
             while any(t.is_alive() for t in threads):
                 if time.monotonic() >= deadline_at:
                     self.kill(grace=5.0)
-                    self._report("Failed", reason="DeadlineExceeded",
-                                 message="Pod was active on the node longer than the specified deadline")
+                    self._report(
+                        "Failed",
+                        reason="DeadlineExceeded",
+                        message="Pod was active on the node longer than the specified deadline",
+                    )
                     return
                 time.sleep(0.5)
         for t in threads:
@@ -635,7 +694,7 @@ class PodRunner:
 
     def _backoff(self, name: str) -> float:
         n = self.restarts.get(name, 1)
-        return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * 2 ** max(0, n - 1))
+        return float(min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * 2.0 ** max(0, n - 1)))
 
     def _supervise(self, c: dict[str, Any], volumes: Mapping[str, Path], policy: str) -> None:
         while not self.killed.is_set():
@@ -646,7 +705,9 @@ class PodRunner:
                 self._set_terminated(c, 128, "CreateContainerConfigError", str(e), started)
                 proc, term = None, Path("/nonexistent")
             if proc is not None:
-                self.statuses[c["name"]] = self._status_entry(c, {"running": {"startedAt": started}}, ready=True)
+                self.statuses[c["name"]] = self._status_entry(
+                    c, {"running": {"startedAt": started}}, ready=True
+                )
                 self._report("Running")
                 code = self._wait(c, proc, term, started)
             else:

@@ -14,11 +14,13 @@ non-root user (the server refuses to run as root).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -31,7 +33,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONTROLLERS = ",".join(
@@ -49,7 +50,7 @@ CONTROLLERS = ",".join(
         "pod-garbage-collector-controller",
     ]
 )
-ADMIN_TOKEN_USER = "nightjar-admin"
+ADMIN_TOKEN_USER = "nightjar-admin"  # noqa: S105 - a user name, not a secret
 BUCKET_LOCKED = "nightjar-locked"
 BUCKET_PLAIN = "nightjar-plain"
 NODE_NAME = "nightjar-process-node"
@@ -62,8 +63,8 @@ class StackError(Exception):
 def versions() -> dict[str, str]:
     """The pinned versions, from hack/versions.env (the one place they are set)."""
     out: dict[str, str] = {}
-    for line in (REPO_ROOT / "hack" / "versions.env").read_text(encoding="utf-8").splitlines():
-        line = line.strip()
+    for raw in (REPO_ROOT / "hack" / "versions.env").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
         if line and not line.startswith("#") and "=" in line:
             k, v = line.split("=", 1)
             out[k] = v
@@ -88,8 +89,10 @@ def binary(component: str, name: str) -> Path:
 
 def postgres_bindir() -> Path:
     base = Path("/usr/lib/postgresql")
-    found = sorted((p for p in base.glob("*/bin") if (p / "postgres").is_file()),
-                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    found = sorted(
+        (p for p in base.glob("*/bin") if (p / "postgres").is_file()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
     if not found:
         raise StackError("PostgreSQL server is not installed: apt-get install postgresql (make deps does it)")
     return found[-1]
@@ -150,8 +153,9 @@ def _alive(p: Proc) -> bool:
     return os.path.realpath(exe.removesuffix(" (deleted)")) == os.path.realpath(p.exe)
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None,
-              logfile: Path) -> None:
+def _wait_for(
+    what: str, check: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None, logfile: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -187,14 +191,27 @@ class Stack:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _spawn(self, st: State, name: str, argv: list[str], env: dict[str, str] | None = None,
-               user: str | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self,
+        st: State,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
         logfile = self.dir / "logs" / f"{name}.log"
         exe = os.path.realpath(argv[0])
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True, user=user, cwd=cwd,
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+                user=user,
+                cwd=cwd,
             )
         st.procs.append(Proc(name=name, pid=proc.pid, exe=exe))
         (self.dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
@@ -214,14 +231,23 @@ class Stack:
     def up(self, with_operator: bool = True) -> State:
         st, alive, dead = self.status()
         if st is not None and alive and not dead:
-            wanted = {"etcd", "kube-apiserver", "kube-controller-manager", "process-node", "postgres", "minio"}
+            wanted = {
+                "etcd",
+                "kube-apiserver",
+                "kube-controller-manager",
+                "process-node",
+                "postgres",
+                "minio",
+            }
             if with_operator:
                 wanted.add("operator")
             if wanted <= {p.name for p in alive}:
                 self.out(f"The stack in {self.dir} is already up ({len(alive)} processes); nothing changed.")
                 return st
         if st is not None:
-            self.out(f"Stopping the remains of an earlier stack in {self.dir} ({len(alive)} alive, {len(dead)} dead).")
+            self.out(
+                f"Stopping the rest of an earlier stack in {self.dir} ({len(alive)} alive, {len(dead)} dead)."
+            )
             self.down(quiet=True)
         # Every `up` starts from empty data: the stack is for development and tests, and its
         # credentials are new each time.
@@ -253,9 +279,14 @@ class Stack:
         pki = self.dir / "pki"
         if shutil.which("openssl") is None:
             raise StackError("openssl is not installed: apt-get install openssl")
-        subprocess.run(["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True)
-        subprocess.run(["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["openssl", "genrsa", "-out", str(pki / "sa.key"), "2048"], check=True, capture_output=True
+        )
+        subprocess.run(
+            ["openssl", "rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub")],
+            check=True,
+            capture_output=True,
+        )
         token = secrets.token_hex(24)
         (pki / "token").write_text(token)
         (pki / "tokens.csv").write_text(f"{token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},system:masters\n")
@@ -266,12 +297,22 @@ class Stack:
         client_port, peer_port = free_port(), free_port()
         st.ports.update(etcd=client_port, etcd_peer=peer_port)
         url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
-        proc = self._spawn(st, "etcd", [
-            str(binary("etcd", "etcd")), "--name=default", f"--data-dir={self.dir / 'etcd'}",
-            f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=default={peer}", "--unsafe-no-fsync=true", "--log-level=warn",
-        ])
+        proc = self._spawn(
+            st,
+            "etcd",
+            [
+                str(binary("etcd", "etcd")),
+                "--name=default",
+                f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls={url}",
+                f"--advertise-client-urls={url}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=default={peer}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+        )
         _wait_for("etcd", lambda: _http_ok(f"{url}/health"), 30, proc, self.dir / "logs" / "etcd.log")
         self.out(f"  etcd                     {url}")
 
@@ -279,19 +320,27 @@ class Stack:
         port = free_port()
         st.ports["apiserver"] = port
         pki = self.dir / "pki"
-        proc = self._spawn(st, "kube-apiserver", [
-            str(binary("kubernetes", "kube-apiserver")),
-            f"--etcd-servers=http://127.0.0.1:{st.ports['etcd']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
-            f"--cert-dir={pki / 'apiserver'}", f"--token-auth-file={pki / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--disable-admission-plugins=ServiceAccount",
-            "--allow-privileged=true", "--endpoint-reconciler-type=none",
-        ])
+        proc = self._spawn(
+            st,
+            "kube-apiserver",
+            [
+                str(binary("kubernetes", "kube-apiserver")),
+                f"--etcd-servers=http://127.0.0.1:{st.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--cert-dir={pki / 'apiserver'}",
+                f"--token-auth-file={pki / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+            ],
+        )
         token = (pki / "token").read_text()
         ca = pki / "apiserver" / "apiserver.crt"
         base = f"https://127.0.0.1:{port}"
@@ -307,18 +356,29 @@ class Stack:
         self.out(f"  kube-apiserver           {base}")
 
     def _write_kubeconfig(self, server: str, ca: Path, token: str) -> None:
-        import base64
-
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "nightjar-local", "cluster": {
-                "server": server,
-                "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
-            }}],
+            "clusters": [
+                {
+                    "name": "nightjar-local",
+                    "cluster": {
+                        "server": server,
+                        "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
+                    },
+                }
+            ],
             "users": [{"name": ADMIN_TOKEN_USER, "user": {"token": token}}],
-            "contexts": [{"name": "nightjar-local", "context": {
-                "cluster": "nightjar-local", "user": ADMIN_TOKEN_USER, "namespace": "default"}}],
+            "contexts": [
+                {
+                    "name": "nightjar-local",
+                    "context": {
+                        "cluster": "nightjar-local",
+                        "user": ADMIN_TOKEN_USER,
+                        "namespace": "default",
+                    },
+                }
+            ],
             "current-context": "nightjar-local",
         }
         path = self.dir / "kubeconfig"
@@ -328,19 +388,30 @@ class Stack:
     def _controller_manager(self, st: State) -> None:
         port = free_port()
         st.ports["controller_manager"] = port
-        proc = self._spawn(st, "kube-controller-manager", [
-            str(binary("kubernetes", "kube-controller-manager")),
-            f"--kubeconfig={self.dir / 'kubeconfig'}", "--leader-elect=false",
-            "--bind-address=127.0.0.1", f"--secure-port={port}",
-            f"--controllers={CONTROLLERS}",
-            f"--service-account-private-key-file={self.dir / 'pki' / 'sa.key'}",
-            "--cluster-name=nightjar-local",
-        ])
+        proc = self._spawn(
+            st,
+            "kube-controller-manager",
+            [
+                str(binary("kubernetes", "kube-controller-manager")),
+                f"--kubeconfig={self.dir / 'kubeconfig'}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--controllers={CONTROLLERS}",
+                f"--service-account-private-key-file={self.dir / 'pki' / 'sa.key'}",
+                "--cluster-name=nightjar-local",
+            ],
+        )
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # its self-signed health endpoint on loopback
-        _wait_for("kube-controller-manager", lambda: _http_ok(f"https://127.0.0.1:{port}/healthz", ctx),
-                  60, proc, self.dir / "logs" / "kube-controller-manager.log")
+        _wait_for(
+            "kube-controller-manager",
+            lambda: _http_ok(f"https://127.0.0.1:{port}/healthz", ctx),
+            60,
+            proc,
+            self.dir / "logs" / "kube-controller-manager.log",
+        )
         self.out("  kube-controller-manager  " + CONTROLLERS.replace(",", " "))
 
     def _postgres(self, st: State) -> None:
@@ -351,7 +422,9 @@ class Stack:
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError as e:
-                raise StackError("running as root needs the `postgres` user (apt-get install postgresql)") from e
+                raise StackError(
+                    "running as root needs the `postgres` user (apt-get install postgresql)"
+                ) from e
             user = "postgres"
             datadir = Path(tempfile.mkdtemp(prefix="nightjar-pg-"))
             os.chown(datadir, pw.pw_uid, pw.pw_gid)
@@ -366,24 +439,61 @@ class Stack:
             shutil.chown(pwfile, user)
         pgdata = datadir / "data"
         res = subprocess.run(
-            [str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", f"--pwfile={pwfile}",
-             "--auth-host=scram-sha-256", "--auth-local=peer", "-E", "UTF8", "--locale=C.UTF-8"],
-            capture_output=True, user=user, check=False,
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256",
+                "--auth-local=peer",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+            capture_output=True,
+            user=user,
+            check=False,
         )
         pwfile.unlink()
         if res.returncode != 0:
             raise StackError(f"initdb failed: {res.stderr.decode(errors='replace')}")
         port = free_port()
         st.ports["postgres"] = port
-        proc = self._spawn(st, "postgres", [
-            str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", str(datadir),
-            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
-            "-c", "max_connections=200",
-        ], user=user, cwd=datadir)
+        proc = self._spawn(
+            st,
+            "postgres",
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(pgdata),
+                "-p",
+                str(port),
+                "-k",
+                str(datadir),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
+            user=user,
+            cwd=datadir,
+        )
 
         def ready() -> bool:
-            return subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                                  capture_output=True, check=False).returncode == 0
+            return (
+                subprocess.run(
+                    [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                    capture_output=True,
+                    check=False,
+                ).returncode
+                == 0
+            )
 
         _wait_for("postgres", ready, 60, proc, self.dir / "logs" / "postgres.log")
         self.out(f"  postgres                 127.0.0.1:{port} ({bindir.parent.name}, data in {datadir})")
@@ -394,19 +504,40 @@ class Stack:
         st.s3_access_key = "nightjar" + secrets.token_hex(4)
         st.s3_secret_key = secrets.token_hex(20)
         st.save()
-        proc = self._spawn(st, "minio", [
-            str(binary("minio", "minio")), "server", "--quiet", "--address", f"127.0.0.1:{port}",
-            str(self.dir / "s3"),
-        ], env={"MINIO_ROOT_USER": st.s3_access_key, "MINIO_ROOT_PASSWORD": st.s3_secret_key,
-                "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_CI_CD": "1"})
+        proc = self._spawn(
+            st,
+            "minio",
+            [
+                str(binary("minio", "minio")),
+                "server",
+                "--quiet",
+                "--address",
+                f"127.0.0.1:{port}",
+                str(self.dir / "s3"),
+            ],
+            env={
+                "MINIO_ROOT_USER": st.s3_access_key,
+                "MINIO_ROOT_PASSWORD": st.s3_secret_key,
+                "MINIO_BROWSER": "off",
+                "MINIO_UPDATE": "off",
+                "MINIO_CI_CD": "1",
+            },
+        )
         url = f"http://127.0.0.1:{port}"
-        _wait_for("minio", lambda: _http_ok(f"{url}/minio/health/ready"), 60, proc, self.dir / "logs" / "minio.log")
+        _wait_for(
+            "minio", lambda: _http_ok(f"{url}/minio/health/ready"), 60, proc, self.dir / "logs" / "minio.log"
+        )
         import boto3
         from botocore.config import Config
 
-        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=st.s3_access_key,
-                          aws_secret_access_key=st.s3_secret_key, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=st.s3_access_key,
+            aws_secret_access_key=st.s3_secret_key,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}),
+        )
         s3.create_bucket(Bucket=BUCKET_LOCKED, ObjectLockEnabledForBucket=True)
         s3.create_bucket(Bucket=BUCKET_PLAIN)
         self.out(f"  minio (S3, Object Lock)  {url} buckets {BUCKET_LOCKED} (Object Lock), {BUCKET_PLAIN}")
@@ -431,17 +562,24 @@ class Stack:
             "NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
             "NIGHTJAR_KUBECTL": str(binary("kubernetes", "kubectl")),
         }
-        import shlex
-
         text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in lines.items())
         envf = self.dir / "env"
         envf.write_text(text)
         envf.chmod(0o600)
 
     def _process_node(self, st: State) -> None:
-        proc = self._spawn(st, "process-node", [
-            sys.executable, "-m", "nightjar.devstack", "node", "--state", str(self.dir),
-        ])
+        proc = self._spawn(
+            st,
+            "process-node",
+            [
+                sys.executable,
+                "-m",
+                "nightjar.devstack",
+                "node",
+                "--state",
+                str(self.dir),
+            ],
+        )
         from kubernetes import client, config
 
         api = client.CoreV1Api(config.new_client_from_config(str(self.dir / "kubeconfig")))
@@ -461,11 +599,16 @@ class Stack:
 
     def _operator(self, st: State) -> None:
         exe = Path(sys.executable).with_name("nightjar")
-        proc = self._spawn(st, "operator", [str(exe), "operator", "--all-namespaces"],
-                           env={"KUBECONFIG": str(self.dir / "kubeconfig")})
+        proc = self._spawn(
+            st,
+            "operator",
+            [str(exe), "operator", "--all-namespaces"],
+            env={"KUBECONFIG": str(self.dir / "kubeconfig")},
+        )
         log = self.dir / "logs" / "operator.log"
-        _wait_for("operator", lambda: "nightjar operator ready" in log.read_text(errors="replace"),
-                  60, proc, log)
+        _wait_for(
+            "operator", lambda: "nightjar operator ready" in log.read_text(errors="replace"), 60, proc, log
+        )
         self.out(f"  operator                 log at {log}")
 
     # --- down ---------------------------------------------------------------------------
@@ -530,12 +673,10 @@ class Stack:
 
 def parse_env(path: Path) -> dict[str, str]:
     """Read back the ``export K=V`` lines of ``<state>/env``."""
-    import shlex
-
     out: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("export "):
-            k, v = line[len("export "):].split("=", 1)
+            k, v = line[len("export ") :].split("=", 1)
             out[k] = shlex.split(v)[0] if v else ""
     return out
 
@@ -543,6 +684,7 @@ def parse_env(path: Path) -> dict[str, str]:
 def describe(state: State | None, alive: list[Proc], dead: list[Proc]) -> str:
     if state is None:
         return "down"
-    rows = [f"  {p.name:<24} pid {p.pid:<8} {'running' if p in alive else 'NOT RUNNING'}" for p in state.procs]
+    rows = [
+        f"  {p.name:<24} pid {p.pid:<8} {'running' if p in alive else 'NOT RUNNING'}" for p in state.procs
+    ]
     return "\n".join(rows)
-

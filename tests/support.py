@@ -1,0 +1,42 @@
+"""Shared helpers for the integration and e2e tiers: the local stack's endpoints and polling."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from nightjar.devstack.stack import parse_env
+
+T = TypeVar("T")
+
+
+def stack_env() -> dict[str, str]:
+    """The `export` lines of the running stack (``make test`` brings one up in .local/test)."""
+    state = Path(os.environ.get("NIGHTJAR_STATE_DIR", ".local"))
+    envf = state / "env"
+    if not envf.is_file():
+        raise RuntimeError(
+            f"no local stack at {state} (no {envf}): run the tests with `make test`, or `make up` first"
+        )
+    return parse_env(envf)
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.25) -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            got = fn()
+            if got:
+                return got
+        except Exception as e:  # the object may not exist yet
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}"
+        + (f" (last error: {last_exc})" if last_exc else "")
+    )
