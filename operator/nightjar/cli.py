@@ -30,3 +30,12 @@ def operator(all_namespaces: bool, namespaces: tuple[str, ...], verbose: bool) -
 @main.group()
 def agent() -> None:
     """What the operator's Jobs run inside the cluster (not meant to be run by hand)."""
+
+
+def _register_agent_commands() -> None:
+    from nightjar.agent.cli import register
+
+    register(agent)
+
+
+_register_agent_commands()

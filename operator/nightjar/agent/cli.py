@@ -1,0 +1,98 @@
+"""``nightjar agent`` subcommands. Secrets come from the environment (set by the Job through
+``secretKeyRef``), never from arguments; the result goes to the termination message file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nightjar.domain.retention import parse_time
+from nightjar.storage.s3 import S3Target
+
+#: A termination message is cut at 4096 bytes by the kubelet.
+RESULT_LIMIT = 4000
+
+
+def write_result(path: str, result: dict[str, Any]) -> None:
+    text = json.dumps(result, separators=(",", ":"))
+    if len(text) > RESULT_LIMIT and "error" in result:
+        text = json.dumps({"error": str(result["error"])[: RESULT_LIMIT - 20]})
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        click.echo(f"could not write the result to {path}: {e}", err=True)
+    click.echo(text)
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "")
+
+
+@click.command("backup")
+@click.option("--endpoint", required=True, help="S3 endpoint of the BackupStorage.")
+@click.option("--bucket", required=True)
+@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--prefix", default="")
+@click.option("--ca-file", default=None, help="PEM CA bundle for the endpoint.")
+@click.option("--insecure", is_flag=True, help="Do not verify the endpoint's certificate.")
+@click.option("--lock-mode", type=click.Choice(["None", "Governance", "Compliance"]), default="None")
+@click.option("--namespace", required=True)
+@click.option("--backup-name", required=True)
+@click.option("--backup-uid", required=True)
+@click.option("--type", "backup_type", default="OnDemand")
+@click.option("--source-id", required=True)
+@click.option("--attempt", required=True, help="Unique id of this attempt (the Pod's uid).")
+@click.option("--contents", type=click.Choice(["Full", "DatabaseOnly"]), default="Full")
+@click.option("--expires", required=True, help="RFC 3339 expiry (Object Lock retention).")
+@click.option("--files-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--files-s3-endpoint", default=None)
+@click.option("--files-s3-bucket", default=None)
+@click.option("--files-s3-prefix", default="")
+@click.option("--files-s3-region", default="us-east-1")
+@click.option("--previous-manifest", default="")
+@click.option("--model-version", default="")
+@click.option("--result-file", default="/dev/termination-log", show_default=True)
+def backup_cmd(**o: Any) -> None:
+    """Take one snapshot: pg_dump plus files, into the bucket; result to --result-file."""
+    from nightjar.agent.backup import BackupFailed, BackupRequest, DatabaseConn, run_backup
+
+    started = time.monotonic()
+    try:
+        storage = S3Target(endpoint=o["endpoint"], bucket=o["bucket"], region=o["region"],
+                           access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
+                           secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
+                           prefix=o["prefix"], ca_bundle=o["ca_file"], insecure=o["insecure"])
+        if not storage.access_key or not storage.secret_key:
+            raise BackupFailed("storage: the credentials Secret gave no access key pair")
+        files_s3 = None
+        if o["files_s3_bucket"]:
+            files_s3 = S3Target(endpoint=o["files_s3_endpoint"], bucket=o["files_s3_bucket"],
+                                region=o["files_s3_region"], prefix=o["files_s3_prefix"],
+                                access_key=_env("NIGHTJAR_FILES_S3_ACCESS_KEY_ID"),
+                                secret_key=_env("NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY"))
+        req = BackupRequest(
+            storage=storage, namespace=o["namespace"], backup_name=o["backup_name"], backup_uid=o["backup_uid"],
+            backup_type=o["backup_type"], source=o["source_id"], attempt=o["attempt"], contents=o["contents"],
+            expires=parse_time(o["expires"]), lock_mode=o["lock_mode"], db=DatabaseConn.from_env(dict(os.environ)),
+            files_dir=o["files_dir"], files_s3=files_s3, previous_manifest=o["previous_manifest"],
+            model_version=o["model_version"], pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
+        )
+        result = run_backup(req)
+    except BackupFailed as e:
+        write_result(o["result_file"], {"error": str(e)})
+        sys.exit(1)
+    except Exception as e:  # an unexpected failure still ends with a message, not a traceback only
+        write_result(o["result_file"], {"error": f"unexpected {type(e).__name__}: {e}"})
+        raise
+    result["durationSeconds"] = round(time.monotonic() - started, 3)
+    write_result(o["result_file"], result)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(backup_cmd)

@@ -1,0 +1,224 @@
+"""Back up a tree of files: walk it in a fixed order, pack small files, reuse unchanged content.
+
+Designed for a million files: memory does not grow with the file count. The tree is walked
+depth-first with each directory's entries sorted by name, which is the order of the path
+component tuples; the previous snapshot's index is streamed in the same order, so deciding
+whether a file is unchanged is a merge join, not a lookup table. A file whose path, size and
+modification time match the previous snapshot reuses that snapshot's stored bytes without
+being read (as restic does). Other files are read once: small ones are appended to a pack of
+up to ``PACK_TARGET`` bytes (one S3 request per pack, not per file), large ones stream into a
+pack of their own.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+PACK_TARGET = 16 * 1024 * 1024
+LARGE_FILE = 4 * 1024 * 1024
+READ_CHUNK = 1024 * 1024
+
+
+def sort_key(path: str) -> list[str]:
+    """The order of the walk and of the index: by path components."""
+    return path.split("/")
+
+
+@dataclass
+class Entry:
+    """One line of ``files.jsonl.gz``."""
+
+    path: str
+    type: str  # "f" file, "d" directory, "l" symlink
+    mode: int
+    size: int = 0
+    mtime_ns: int = 0
+    sha256: str = ""
+    pack: str = ""
+    offset: int = 0
+    target: str = ""
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {"p": self.path, "t": self.type, "m": self.mode}
+        if self.type == "f":
+            d.update(s=self.size, mt=self.mtime_ns, h=self.sha256, k=self.pack, o=self.offset)
+        elif self.type == "l":
+            d["l"] = self.target
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> Entry:
+        d = json.loads(line)
+        return cls(path=d["p"], type=d["t"], mode=d["m"], size=d.get("s", 0), mtime_ns=d.get("mt", 0),
+                   sha256=d.get("h", ""), pack=d.get("k", ""), offset=d.get("o", 0), target=d.get("l", ""))
+
+
+def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of everything under ``root``, in :func:`sort_key` order."""
+    stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = []
+
+    def entries(rel: str, path: str) -> Iterator[os.DirEntry[str]]:
+        with os.scandir(path) as it:
+            items = sorted(it, key=lambda e: e.name)
+        # Only this directory's names are held, never the whole tree.
+        return iter(items)
+
+    stack.append(("", entries("", str(root))))
+    while stack:
+        rel, it = stack[-1]
+        entry = next(it, None)
+        if entry is None:
+            stack.pop()
+            continue
+        child = f"{rel}/{entry.name}" if rel else entry.name
+        st = entry.stat(follow_symlinks=False)
+        yield child, st
+        if stat.S_ISDIR(st.st_mode):
+            stack.append((child, entries(child, entry.path)))
+
+
+def read_index(stream: IO[bytes]) -> Iterator[Entry]:
+    with gzip.GzipFile(fileobj=stream, mode="rb") as gz:
+        for raw in io.TextIOWrapper(gz, encoding="utf-8"):
+            if raw.strip():
+                yield Entry.from_json(raw)
+
+
+class PreviousIndex:
+    """Cursor over the previous snapshot's index for the merge join."""
+
+    def __init__(self, entries: Iterator[Entry] | None) -> None:
+        self.it = entries
+        self.cur: Entry | None = None
+        self._advance()
+
+    def _advance(self) -> None:
+        self.cur = next(self.it, None) if self.it is not None else None
+
+    def find(self, path: str) -> Entry | None:
+        key = sort_key(path)
+        while self.cur is not None and sort_key(self.cur.path) < key:
+            self._advance()
+        if self.cur is not None and self.cur.path == path:
+            return self.cur
+        return None
+
+
+@dataclass
+class PackStats:
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+    reused_files: int = 0
+    reused_bytes: int = 0
+    uploaded_bytes: int = 0
+
+
+@dataclass
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class Packer:
+    """Turns file contents into pack objects through ``open_object``.
+
+    ``open_object(n)`` returns (key, writer): a writable object with ``sha256`` and ``size`` after
+    ``close()``. Returned objects are reported through ``on_object``.
+    """
+
+    open_object: Callable[[int], tuple[str, Any]]
+    on_object: Callable[[StoredObject], None]
+    n: int = 0
+    key: str = ""
+    writer: Any = None
+    fill: int = 0
+    stats: PackStats = field(default_factory=PackStats)
+
+    def _new(self) -> None:
+        self.n += 1
+        self.key, self.writer = self.open_object(self.n)
+        self.fill = 0
+
+    def _finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.on_object(StoredObject(self.key, self.writer.size, self.writer.sha256))
+            self.writer = None
+
+    def add_file(self, path: Path, size: int) -> tuple[str, int, str, int]:
+        """Store one file; returns (pack key, offset, sha256, bytes read)."""
+        with open(path, "rb") as f:
+            return self.add_stream(f, size)
+
+    def add_stream(self, stream: IO[bytes], size: int) -> tuple[str, int, str, int]:
+        """Store one file's bytes read from ``stream`` (``size`` as listed; the bytes read win)."""
+        if size >= LARGE_FILE:
+            self._finish()  # a large file gets a pack of its own
+        elif self.writer is not None and self.fill + size > PACK_TARGET:
+            self._finish()
+        if self.writer is None:
+            self._new()
+        offset = self.fill
+        h = hashlib.sha256()
+        n = 0
+        while chunk := stream.read(READ_CHUNK):
+            h.update(chunk)
+            self.writer.write(chunk)
+            n += len(chunk)
+        self.fill += n
+        self.stats.uploaded_bytes += n
+        if size >= LARGE_FILE:
+            self._finish()
+        return self.key, offset, h.hexdigest(), n
+
+    def close(self) -> None:
+        self._finish()
+
+
+def back_up_tree(
+    root: Path,
+    index_out: IO[bytes],
+    packer: Packer,
+    previous: PreviousIndex,
+    reused: Callable[[Entry], None],
+) -> PackStats:
+    """Write the index of ``root`` to ``index_out`` (gzip JSON lines), packing what changed."""
+    stats = packer.stats
+    with gzip.GzipFile(fileobj=index_out, mode="wb", compresslevel=6) as gz:
+        for rel, st in walk(root):
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISDIR(st.st_mode):
+                entry = Entry(rel, "d", mode)
+                stats.dirs += 1
+            elif stat.S_ISLNK(st.st_mode):
+                entry = Entry(rel, "l", mode, target=os.readlink(root / rel))
+            elif stat.S_ISREG(st.st_mode):
+                prev = previous.find(rel)
+                if (prev is not None and prev.type == "f" and prev.size == st.st_size
+                        and prev.mtime_ns == st.st_mtime_ns and prev.pack):
+                    entry = Entry(rel, "f", mode, prev.size, prev.mtime_ns, prev.sha256, prev.pack, prev.offset)
+                    stats.reused_files += 1
+                    stats.reused_bytes += prev.size
+                    reused(prev)
+                else:
+                    key, offset, digest, n = packer.add_file(root / rel, st.st_size)
+                    entry = Entry(rel, "f", mode, n, st.st_mtime_ns, digest, key, offset)
+                stats.files += 1
+                stats.bytes += entry.size
+            else:
+                continue  # sockets, fifos and devices are not app documents
+            gz.write(entry.to_json().encode() + b"\n")
+    packer.close()
+    return stats

@@ -1,0 +1,1 @@
+"""Object storage: the key layout, manifests, and streaming S3 helpers."""

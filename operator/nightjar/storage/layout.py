@@ -1,0 +1,94 @@
+"""Where everything lives in a bucket: the one module that knows the key layout.
+
+    <prefix>nightjar/v1/<namespace>/<source>/<backup-uid>/<attempt>/
+        manifest.json       written last: a snapshot exists only once this does
+        db.dump             pg_dump custom format (-Fc -O -x)
+        files.jsonl.gz      one line per file, sorted (path, size, mode, mtime, sha256, where)
+        packs/000001.pack   file contents, many small files per object; a large file alone
+
+* ``<namespace>`` keeps tenants apart (a bucket policy can grant one prefix per tenant).
+* ``<source>`` is a stable hash of the Backup's ``spec.source``: snapshots of the same data share
+  content, and only they are consulted to decide whether content is still referenced.
+* ``<backup-uid>/<attempt>``: each attempt writes under its own prefix, so nothing is ever
+  overwritten (Object Lock) and a failed attempt's objects are found by listing the Backup's
+  prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+ROOT = "nightjar/v1"
+MANIFEST = "manifest.json"
+DB_DUMP = "db.dump"
+FILES_INDEX = "files.jsonl.gz"
+PACKS = "packs"
+
+_SNAPSHOT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def source_id(source: dict[str, Any]) -> str:
+    """Stable 16-hex id of a Backup's ``spec.source`` (key order does not matter)."""
+    canonical = json.dumps(source, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def normalize_prefix(prefix: str) -> str:
+    p = prefix.strip("/")
+    return f"{p}/" if p else ""
+
+
+@dataclass(frozen=True)
+class SnapshotLocation:
+    """The keys of one snapshot attempt."""
+
+    prefix: str
+    namespace: str
+    source: str
+    backup_uid: str
+    attempt: str
+
+    def __post_init__(self) -> None:
+        if not _SNAPSHOT_ID.match(self.attempt):
+            raise ValueError(f"invalid attempt id {self.attempt!r}")
+
+    @property
+    def backup_prefix(self) -> str:
+        """Everything any attempt of this Backup wrote lives under this prefix."""
+        return backup_prefix(self.prefix, self.namespace, self.source, self.backup_uid)
+
+    @property
+    def base(self) -> str:
+        return f"{self.backup_prefix}{self.attempt}/"
+
+    @property
+    def manifest(self) -> str:
+        return self.base + MANIFEST
+
+    @property
+    def db_dump(self) -> str:
+        return self.base + DB_DUMP
+
+    @property
+    def files_index(self) -> str:
+        return self.base + FILES_INDEX
+
+    def pack(self, n: int) -> str:
+        return f"{self.base}{PACKS}/{n:06d}.pack"
+
+
+def backup_prefix(prefix: str, namespace: str, source: str, backup_uid: str) -> str:
+    return f"{normalize_prefix(prefix)}{ROOT}/{namespace}/{source}/{backup_uid}/"
+
+
+def source_prefix(prefix: str, namespace: str, source: str) -> str:
+    """All snapshots of one source: the ones that may share content."""
+    return f"{normalize_prefix(prefix)}{ROOT}/{namespace}/{source}/"
+
+
+def is_manifest(key: str) -> bool:
+    return key.endswith("/" + MANIFEST)
