@@ -1,16 +1,37 @@
-"""kopf registration only: each handler is a guard and one call into ``nightjar.reconcile``."""
+"""kopf registration only: each handler is a guard and one call into ``nightjar.reconcile``.
+
+Handlers are synchronous on purpose: kopf runs them in worker threads, so the blocking
+Kubernetes and S3 clients never stall its event loop.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
 import kopf
 
 from nightjar import __version__
-from nightjar.constants import FINALIZER, KOPF_PERSISTENCE_PREFIX
+from nightjar.config import OperatorConfig
+from nightjar.constants import FINALIZER, GROUP, KOPF_PERSISTENCE_PREFIX, LABEL_BACKUP, VERSION
+from nightjar.kube import Kube, load_client
+from nightjar.reconcile import storage as storage_rec
+from nightjar.reconcile.backup import PLURAL as BACKUPS
+from nightjar.reconcile.backup import BackupReconciler, Retry
 
 log = logging.getLogger("nightjar")
+
+
+class _State:
+    """Built once at startup (kopf calls startup handlers before any other)."""
+
+    kube: Kube
+    backups: BackupReconciler
+
+
+STATE = _State()
+DELETE_TRIES = 3
 
 
 @kopf.on.startup()
@@ -18,6 +39,73 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PERSISTENCE_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PERSISTENCE_PREFIX)
-    settings.posting.level = logging.INFO
+    settings.posting.level = logging.WARNING  # our reconcilers post their own Events
     settings.watching.server_timeout = 300
-    log.info("nightjar operator ready (version %s)", __version__)
+    settings.execution.max_workers = 8
+    config = OperatorConfig.from_env()
+    STATE.kube = Kube(load_client())
+    STATE.backups = BackupReconciler(STATE.kube, config)
+    log.info("nightjar operator ready (version %s, agent image %s)", __version__, config.agent_image)
+
+
+# --- BackupStorage -----------------------------------------------------------------------------
+
+
+@kopf.on.create(GROUP, VERSION, storage_rec.PLURAL)
+@kopf.on.update(GROUP, VERSION, storage_rec.PLURAL, field="spec")
+@kopf.on.resume(GROUP, VERSION, storage_rec.PLURAL)
+def storage_check(body: kopf.Body, **_: Any) -> None:
+    storage_rec.reconcile_storage(STATE.kube, dict(body), dt.datetime.now(dt.UTC))
+
+
+# --- Backup --------------------------------------------------------------------------------------
+
+
+@kopf.on.create(GROUP, VERSION, BACKUPS)
+@kopf.on.resume(GROUP, VERSION, BACKUPS)
+def backup_reconcile(body: kopf.Body, **_: Any) -> None:
+    try:
+        STATE.backups.reconcile(_plain(body))
+    except Retry as e:
+        raise kopf.TemporaryError(str(e), delay=e.delay) from e
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_BACKUP: kopf.PRESENT})
+def backup_job_changed(
+    body: kopf.Body, type: str | None, **_: Any
+) -> None:  # kopf passes the event type as `type`
+    if type == "DELETED":
+        return
+    owner = next((o for o in body.metadata.get("ownerReferences") or [] if o.get("kind") == "Backup"), None)
+    if owner is None:
+        return
+    backup = STATE.kube.get(BACKUPS, body.metadata.namespace or "", owner["name"])
+    if backup is None or backup["metadata"]["uid"] != owner["uid"]:
+        return
+    STATE.backups.sync_from_job(backup, _plain(body))
+
+
+@kopf.on.delete(GROUP, VERSION, BACKUPS, retries=DELETE_TRIES)
+def backup_delete(body: kopf.Body, retry: int, **_: Any) -> None:
+    backup = _plain(body)
+    try:
+        summary = STATE.backups.delete_stored(backup)
+    except Retry as e:
+        if retry + 1 >= DELETE_TRIES:
+            # Never block deletion forever on a lost bucket: say what was left, and let go.
+            STATE.kube.event(
+                backup,
+                "Warning",
+                "StorageUnreachable",
+                f"stored objects were not deleted after {DELETE_TRIES} tries: {e}",
+            )
+            return
+        raise kopf.TemporaryError(str(e), delay=e.delay) from e
+    log.info("backup %s/%s deleted: %s", body.metadata.namespace, body.metadata.name, summary)
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """A deep, mutable copy of a kopf body."""
+    import copy
+
+    return copy.deepcopy(dict(body))

@@ -81,19 +81,29 @@ class DatabaseConn:
             u = urllib.parse.urlsplit(self.uri)
             if u.scheme not in ("postgres", "postgresql"):
                 raise BackupFailed("database Secret: uri must start with postgresql://")
-            env.update(PGHOST=u.hostname or "", PGPORT=str(u.port or 5432),
-                       PGDATABASE=urllib.parse.unquote(u.path.lstrip("/")),
-                       PGUSER=urllib.parse.unquote(u.username or ""),
-                       PGPASSWORD=urllib.parse.unquote(u.password or ""))
+            env.update(
+                PGHOST=u.hostname or "",
+                PGPORT=str(u.port or 5432),
+                PGDATABASE=urllib.parse.unquote(u.path.lstrip("/")),
+                PGUSER=urllib.parse.unquote(u.username or ""),
+                PGPASSWORD=urllib.parse.unquote(u.password or ""),
+            )
             for k, v in urllib.parse.parse_qsl(u.query):
                 if k == "sslmode":
                     env["PGSSLMODE"] = v
         else:
             missing = [k for k in ("host", "dbname", "user") if not getattr(self, k)]
             if missing:
-                raise BackupFailed(f"database Secret: missing key(s) {', '.join(missing)} (or give one key uri)")
-            env.update(PGHOST=self.host, PGPORT=self.port or "5432", PGDATABASE=self.dbname, PGUSER=self.user,
-                       PGPASSWORD=self.password)
+                raise BackupFailed(
+                    f"database Secret: missing key(s) {', '.join(missing)} (or give one key uri)"
+                )
+            env.update(
+                PGHOST=self.host,
+                PGPORT=self.port or "5432",
+                PGDATABASE=self.dbname,
+                PGUSER=self.user,
+                PGPASSWORD=self.password,
+            )
         env["PGCONNECT_TIMEOUT"] = "15"
         return env, f"{env['PGDATABASE']} on {env['PGHOST']}:{env['PGPORT']} as {env['PGUSER']}"
 
@@ -130,18 +140,23 @@ def _pg_tool(bindir: str, name: str) -> str:
 def _dump_database(req: BackupRequest, s3: Any, bucket: str, key: str) -> dict[str, Any]:
     env, display = req.db.libpq_env()
     pg_dump = _pg_tool(req.pg_bindir, "pg_dump")
-    version = subprocess.run([pg_dump, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    version = subprocess.run(
+        [pg_dump, "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     proc = subprocess.Popen(
         [pg_dump, "-Fc", "-O", "-x", "--no-password"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "."), **env},
     )
-    assert proc.stdout is not None and proc.stderr is not None
+    stdout, stderr = proc.stdout, proc.stderr
+    if stdout is None or stderr is None:
+        raise RuntimeError("pg_dump pipes are missing")
     err_lines: list[str] = []
 
     def drain_stderr() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
+        for raw in stderr:
             err_lines.append(raw.decode(errors="replace").rstrip())
             del err_lines[:-20]
 
@@ -150,7 +165,7 @@ def _dump_database(req: BackupRequest, s3: Any, bucket: str, key: str) -> dict[s
     head = b""
     try:
         with MultipartWriter(s3, bucket, key) as w:
-            while chunk := proc.stdout.read(1024 * 1024):
+            while chunk := stdout.read(1024 * 1024):
                 if len(head) < 4096:
                     head += chunk[: 4096 - len(head)]
                 w.write(chunk)
@@ -177,7 +192,9 @@ def _dump_database(req: BackupRequest, s3: Any, bucket: str, key: str) -> dict[s
     }
 
 
-def _previous_index(s3: Any, bucket: str, manifest_key: str) -> tuple[Iterator[filesmod.Entry] | None, dict[str, Any]]:
+def _previous_index(
+    s3: Any, bucket: str, manifest_key: str
+) -> tuple[Iterator[filesmod.Entry] | None, dict[str, Any]]:
     """The previous snapshot's file index (streamed) and its objects by key."""
     if not manifest_key:
         return None, {}
@@ -207,7 +224,7 @@ class _S3Source:
         paginator = self.s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.target.bucket, Prefix=prefix):
             for o in page.get("Contents", []):
-                rel = o["Key"][len(prefix):]
+                rel = o["Key"][len(prefix) :]
                 if rel and not rel.endswith("/"):
                     yield rel, o["Size"], int(o["LastModified"].timestamp() * 1e9), o["Key"]
 
@@ -216,8 +233,13 @@ class _S3Source:
         return body
 
 
-def _back_up_s3_files(src: _S3Source, index_out: IO[bytes], packer: filesmod.Packer,
-                      previous: Iterator[filesmod.Entry] | None, reused: Any) -> filesmod.PackStats:
+def _back_up_s3_files(
+    src: _S3Source,
+    index_out: filesmod.Sink,
+    packer: filesmod.Packer,
+    previous: Iterator[filesmod.Entry] | None,
+    reused: Any,
+) -> filesmod.PackStats:
     """Like files.back_up_tree for an S3 prefix; key order is the index order here."""
     stats = packer.stats
     prev_it = previous
@@ -226,7 +248,13 @@ def _back_up_s3_files(src: _S3Source, index_out: IO[bytes], packer: filesmod.Pac
         for rel, size, mtime_ns, key in src.entries():
             while cur is not None and cur.path.encode() < rel.encode():
                 cur = next(prev_it, None) if prev_it else None
-            if cur is not None and cur.path == rel and cur.size == size and cur.mtime_ns == mtime_ns and cur.pack:
+            if (
+                cur is not None
+                and cur.path == rel
+                and cur.size == size
+                and cur.mtime_ns == mtime_ns
+                and cur.pack
+            ):
                 entry = filesmod.Entry(rel, "f", 0o644, size, mtime_ns, cur.sha256, cur.pack, cur.offset)
                 stats.reused_files += 1
                 stats.reused_bytes += size
@@ -243,8 +271,13 @@ def _back_up_s3_files(src: _S3Source, index_out: IO[bytes], packer: filesmod.Pac
 
 def run_backup(req: BackupRequest) -> dict[str, Any]:
     """Take the snapshot; returns the result for the termination message."""
-    loc = layout.SnapshotLocation(prefix=req.storage.prefix, namespace=req.namespace, source=req.source,
-                                  backup_uid=req.backup_uid, attempt=req.attempt)
+    loc = layout.SnapshotLocation(
+        prefix=req.storage.prefix,
+        namespace=req.namespace,
+        source=req.source,
+        backup_uid=req.backup_uid,
+        attempt=req.attempt,
+    )
     s3 = req.storage.client()
     bucket = req.storage.bucket
     try:
@@ -255,7 +288,11 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     objects: dict[str, dict[str, Any]] = {}
     database = _dump_database(req, s3, bucket, loc.db_dump)
-    objects[database["key"]] = {"key": database["key"], "bytes": database["bytes"], "sha256": database["sha256"]}
+    objects[database["key"]] = {
+        "key": database["key"],
+        "bytes": database["bytes"],
+        "sha256": database["sha256"],
+    }
 
     files_summary: dict[str, Any] | None = None
     reused_keys: set[str] = set()
@@ -282,10 +319,10 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
                 if req.files_dir is not None:
                     if not req.files_dir.is_dir():
                         raise BackupFailed(f"files: {req.files_dir} is not a directory in the volume")
-                    stats = filesmod.back_up_tree(req.files_dir, idx, packer, filesmod.PreviousIndex(prev_entries),
-                                                  reused)
-                else:
-                    assert req.files_s3 is not None
+                    stats = filesmod.back_up_tree(
+                        req.files_dir, idx, packer, filesmod.PreviousIndex(prev_entries), reused
+                    )
+                elif req.files_s3 is not None:
                     stats = _back_up_s3_files(_S3Source(req.files_s3), idx, packer, prev_entries, reused)
         except PermissionError as e:
             raise BackupFailed(f"files: permission denied reading {e.filename}") from e
@@ -308,14 +345,20 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
             try:
                 extend_retention(s3, bucket, key, req.lock_mode, req.expires)
             except ClientError as e:
-                raise BackupFailed(describe_error(e, f"storage: setting Object Lock retention on {key}")) from e
+                raise BackupFailed(
+                    describe_error(e, f"storage: setting Object Lock retention on {key}")
+                ) from e
 
     size = database["bytes"] + (files_summary["bytes"] if files_summary else 0)
     manifest = {
         "formatVersion": MANIFEST_FORMAT,
         "snapshotId": req.attempt,
-        "backup": {"namespace": req.namespace, "name": req.backup_name, "uid": req.backup_uid,
-                   "type": req.backup_type},
+        "backup": {
+            "namespace": req.namespace,
+            "name": req.backup_name,
+            "uid": req.backup_uid,
+            "type": req.backup_type,
+        },
         "source": req.source,
         "contents": req.contents,
         "createdOn": format_time(created),
@@ -344,8 +387,13 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
         "createdOn": manifest["createdOn"],
         "sizeUncompressedBytes": size,
         "database": {k: database[k] for k in ("bytes", "pgDumpVersion", "serverVersion")},
-        "files": {"count": files_summary["count"], "bytes": files_summary["bytes"],
-                  "reusedFiles": files_summary["reusedFiles"]} if files_summary else None,
+        "files": {
+            "count": files_summary["count"],
+            "bytes": files_summary["bytes"],
+            "reusedFiles": files_summary["reusedFiles"],
+        }
+        if files_summary
+        else None,
         "objects": len(objects),
     }
 
@@ -361,4 +409,6 @@ def _verify(s3: Any, bucket: str, manifest_key: str, digest: str, objects: list[
         except ClientError as e:
             raise BackupFailed(f"verification: {o['key']} is missing") from e
         if head["ContentLength"] != o["bytes"]:
-            raise BackupFailed(f"verification: {o['key']} has {head['ContentLength']} bytes, expected {o['bytes']}")
+            raise BackupFailed(
+                f"verification: {o['key']} has {head['ContentLength']} bytes, expected {o['bytes']}"
+            )

@@ -64,24 +64,45 @@ def backup_cmd(**o: Any) -> None:
 
     started = time.monotonic()
     try:
-        storage = S3Target(endpoint=o["endpoint"], bucket=o["bucket"], region=o["region"],
-                           access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
-                           secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
-                           prefix=o["prefix"], ca_bundle=o["ca_file"], insecure=o["insecure"])
+        storage = S3Target(
+            endpoint=o["endpoint"],
+            bucket=o["bucket"],
+            region=o["region"],
+            access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
+            secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
+            prefix=o["prefix"],
+            ca_bundle=o["ca_file"],
+            insecure=o["insecure"],
+        )
         if not storage.access_key or not storage.secret_key:
             raise BackupFailed("storage: the credentials Secret gave no access key pair")
         files_s3 = None
         if o["files_s3_bucket"]:
-            files_s3 = S3Target(endpoint=o["files_s3_endpoint"], bucket=o["files_s3_bucket"],
-                                region=o["files_s3_region"], prefix=o["files_s3_prefix"],
-                                access_key=_env("NIGHTJAR_FILES_S3_ACCESS_KEY_ID"),
-                                secret_key=_env("NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY"))
+            files_s3 = S3Target(
+                endpoint=o["files_s3_endpoint"],
+                bucket=o["files_s3_bucket"],
+                region=o["files_s3_region"],
+                prefix=o["files_s3_prefix"],
+                access_key=_env("NIGHTJAR_FILES_S3_ACCESS_KEY_ID"),
+                secret_key=_env("NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY"),
+            )
         req = BackupRequest(
-            storage=storage, namespace=o["namespace"], backup_name=o["backup_name"], backup_uid=o["backup_uid"],
-            backup_type=o["backup_type"], source=o["source_id"], attempt=o["attempt"], contents=o["contents"],
-            expires=parse_time(o["expires"]), lock_mode=o["lock_mode"], db=DatabaseConn.from_env(dict(os.environ)),
-            files_dir=o["files_dir"], files_s3=files_s3, previous_manifest=o["previous_manifest"],
-            model_version=o["model_version"], pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
+            storage=storage,
+            namespace=o["namespace"],
+            backup_name=o["backup_name"],
+            backup_uid=o["backup_uid"],
+            backup_type=o["backup_type"],
+            source=o["source_id"],
+            attempt=o["attempt"],
+            contents=o["contents"],
+            expires=parse_time(o["expires"]),
+            lock_mode=o["lock_mode"],
+            db=DatabaseConn.from_env(dict(os.environ)),
+            files_dir=o["files_dir"],
+            files_s3=files_s3,
+            previous_manifest=o["previous_manifest"],
+            model_version=o["model_version"],
+            pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
         )
         result = run_backup(req)
     except BackupFailed as e:

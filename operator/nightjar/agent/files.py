@@ -21,11 +21,19 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 PACK_TARGET = 16 * 1024 * 1024
 LARGE_FILE = 4 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+
+
+class Sink(Protocol):
+    """Where the index goes: a file, or a streaming S3 upload."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 def sort_key(path: str) -> list[str]:
@@ -58,8 +66,17 @@ class Entry:
     @classmethod
     def from_json(cls, line: str) -> Entry:
         d = json.loads(line)
-        return cls(path=d["p"], type=d["t"], mode=d["m"], size=d.get("s", 0), mtime_ns=d.get("mt", 0),
-                   sha256=d.get("h", ""), pack=d.get("k", ""), offset=d.get("o", 0), target=d.get("l", ""))
+        return cls(
+            path=d["p"],
+            type=d["t"],
+            mode=d["m"],
+            size=d.get("s", 0),
+            mtime_ns=d.get("mt", 0),
+            sha256=d.get("h", ""),
+            pack=d.get("k", ""),
+            offset=d.get("o", 0),
+            target=d.get("l", ""),
+        )
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -189,7 +206,7 @@ class Packer:
 
 def back_up_tree(
     root: Path,
-    index_out: IO[bytes],
+    index_out: Sink,
     packer: Packer,
     previous: PreviousIndex,
     reused: Callable[[Entry], None],
@@ -206,9 +223,16 @@ def back_up_tree(
                 entry = Entry(rel, "l", mode, target=os.readlink(root / rel))
             elif stat.S_ISREG(st.st_mode):
                 prev = previous.find(rel)
-                if (prev is not None and prev.type == "f" and prev.size == st.st_size
-                        and prev.mtime_ns == st.st_mtime_ns and prev.pack):
-                    entry = Entry(rel, "f", mode, prev.size, prev.mtime_ns, prev.sha256, prev.pack, prev.offset)
+                if (
+                    prev is not None
+                    and prev.type == "f"
+                    and prev.size == st.st_size
+                    and prev.mtime_ns == st.st_mtime_ns
+                    and prev.pack
+                ):
+                    entry = Entry(
+                        rel, "f", mode, prev.size, prev.mtime_ns, prev.sha256, prev.pack, prev.offset
+                    )
                     stats.reused_files += 1
                     stats.reused_bytes += prev.size
                     reused(prev)

@@ -599,17 +599,41 @@ class Stack:
 
     def _operator(self, st: State) -> None:
         exe = Path(sys.executable).with_name("nightjar")
+        log = self.dir / "logs" / "operator.log"
+        start = log.stat().st_size if log.exists() else 0
         proc = self._spawn(
             st,
             "operator",
             [str(exe), "operator", "--all-namespaces"],
-            env={"KUBECONFIG": str(self.dir / "kubeconfig")},
+            env={
+                "KUBECONFIG": str(self.dir / "kubeconfig"),
+                # The process node runs agents on this host: tell them where pg_dump is.
+                "NIGHTJAR_AGENT_ENV_NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
+            },
         )
-        log = self.dir / "logs" / "operator.log"
-        _wait_for(
-            "operator", lambda: "nightjar operator ready" in log.read_text(errors="replace"), 60, proc, log
-        )
+
+        def ready() -> bool:
+            with open(log, "rb") as f:
+                f.seek(start)
+                return b"nightjar operator ready" in f.read()
+
+        _wait_for("operator", ready, 60, proc, log)
         self.out(f"  operator                 log at {log}")
+
+    def restart_operator(self) -> None:
+        """Stop the operator (if it runs) and start a new one: what a crash and a restart look like."""
+        st = State.load(self.dir)
+        if st is None:
+            raise StackError(f"no stack in {self.dir}")
+        for p in [p for p in st.procs if p.name == "operator"]:
+            if _alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p.pid, 0)
+            st.procs.remove(p)
+        st.save()
+        self._operator(st)
 
     # --- down ---------------------------------------------------------------------------
 

@@ -29,7 +29,9 @@ def parse_period(text: str) -> relativedelta:
     """``"14d"``, ``"2w"``, ``"3mo"``, ``"1y"`` → a calendar period."""
     m = _PERIOD.match(text)
     if not m:
-        raise ValueError(f"invalid retention period {text!r}: use a number and d, w, mo or y (e.g. 2w, 3mo, 1y)")
+        raise ValueError(
+            f"invalid retention period {text!r}: use a number and d, w, mo or y (e.g. 2w, 3mo, 1y)"
+        )
     n, unit = int(m.group(1)), m.group(2)
     if n <= 0:
         raise ValueError(f"invalid retention period {text!r}: must be positive")

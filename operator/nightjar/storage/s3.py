@@ -3,6 +3,7 @@ writes with a running sha256, Object Lock retention, and deletion of every versi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 from collections.abc import Iterator
@@ -85,8 +86,9 @@ class MultipartWriter:
     an exception aborts the upload, so no partial object is ever visible.
     """
 
-    def __init__(self, s3: Any, bucket: str, key: str, extra: dict[str, Any] | None = None,
-                 part_size: int = PART_SIZE) -> None:
+    def __init__(
+        self, s3: Any, bucket: str, key: str, extra: dict[str, Any] | None = None, part_size: int = PART_SIZE
+    ) -> None:
         self.s3 = s3
         self.bucket = bucket
         self.key = key
@@ -121,8 +123,9 @@ class MultipartWriter:
             resp = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra)
             self.upload_id = resp["UploadId"]
         n = len(self.parts) + 1
-        resp = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n,
-                                   Body=data)
+        resp = self.s3.upload_part(
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n, Body=data
+        )
         self.parts.append({"PartNumber": n, "ETag": resp["ETag"]})
 
     def close(self) -> None:
@@ -134,18 +137,20 @@ class MultipartWriter:
         else:
             if self.buf:
                 self._flush_part(bytes(self.buf))
-            self.s3.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                              MultipartUpload={"Parts": self.parts})
+            self.s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
+            )
         self.buf = bytearray()
 
     def abort(self) -> None:
         self.closed = True
         self.buf = bytearray()
         if self.upload_id is not None:
-            try:
+            with contextlib.suppress(ClientError):
                 self.s3.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-            except ClientError:
-                pass
 
     @property
     def sha256(self) -> str:
@@ -154,8 +159,9 @@ class MultipartWriter:
     def __enter__(self) -> MultipartWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -174,8 +180,9 @@ def extend_retention(s3: Any, bucket: str, key: str, mode: str, until: dt.dateti
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") not in ("NoSuchObjectLockConfiguration", "InvalidRequest"):
             raise
-    s3.put_object_retention(Bucket=bucket, Key=key,
-                            Retention={"Mode": LOCK_MODES[mode], "RetainUntilDate": until})
+    s3.put_object_retention(
+        Bucket=bucket, Key=key, Retention={"Mode": LOCK_MODES[mode], "RetainUntilDate": until}
+    )
 
 
 def iter_versions(s3: Any, bucket: str, prefix: str) -> Iterator[tuple[str, str | None]]:

@@ -1,0 +1,62 @@
+"""Operator configuration, read once from the environment. Each attribute says what it does."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from nightjar import __version__
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError as e:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from e
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    #: Image the backup and restore Jobs run (`nightjar agent ...`).
+    agent_image: str = f"ghcr.io/nightjar-dev/nightjar:{__version__}"
+    agent_image_pull_policy: str = "IfNotPresent"
+    #: Resources of the agent container.
+    agent_cpu_request: str = "100m"
+    agent_memory_request: str = "256Mi"
+    agent_memory_limit: str = "1Gi"
+    #: UID/GID the agent runs as (non-root).
+    agent_run_as_user: int = 65532
+    #: A backup Job that runs longer than this is stopped and counts as failed.
+    job_active_deadline_seconds: int = 6 * 3600
+    #: Finished Jobs are removed after this long (the Backup keeps the result).
+    job_ttl_seconds_after_finished: int = 24 * 3600
+    #: Attempts per backup: Mendix retries a failed nightly two more times.
+    attempts: int = 3
+    #: Environment passed to every agent container (e.g. NIGHTJAR_PG_BINDIR on the dev stack).
+    agent_extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        extra = {
+            k.removeprefix("NIGHTJAR_AGENT_ENV_"): v
+            for k, v in os.environ.items()
+            if k.startswith("NIGHTJAR_AGENT_ENV_")
+        }
+        return cls(
+            agent_image=os.environ.get("NIGHTJAR_AGENT_IMAGE", cls.agent_image),
+            agent_image_pull_policy=os.environ.get(
+                "NIGHTJAR_AGENT_IMAGE_PULL_POLICY", cls.agent_image_pull_policy
+            ),
+            agent_cpu_request=os.environ.get("NIGHTJAR_AGENT_CPU_REQUEST", cls.agent_cpu_request),
+            agent_memory_request=os.environ.get("NIGHTJAR_AGENT_MEMORY_REQUEST", cls.agent_memory_request),
+            agent_memory_limit=os.environ.get("NIGHTJAR_AGENT_MEMORY_LIMIT", cls.agent_memory_limit),
+            agent_run_as_user=_int("NIGHTJAR_AGENT_RUN_AS_USER", cls.agent_run_as_user),
+            job_active_deadline_seconds=_int(
+                "NIGHTJAR_JOB_ACTIVE_DEADLINE_SECONDS", cls.job_active_deadline_seconds
+            ),
+            job_ttl_seconds_after_finished=_int(
+                "NIGHTJAR_JOB_TTL_SECONDS", cls.job_ttl_seconds_after_finished
+            ),
+            agent_extra_env=extra,
+        )

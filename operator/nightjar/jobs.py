@@ -1,0 +1,257 @@
+"""Pure builders for the Jobs the operator runs. No API calls: objects in, a Job manifest out.
+
+Every Job goes through :func:`stamp`, the one place that sets labels, the owner reference,
+attempts, deadline, TTL, restart policy and the non-root security context. Credentials reach the
+agent only through ``secretKeyRef`` env; user values are separate argv entries, never a shell line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from nightjar.config import OperatorConfig
+from nightjar.constants import API_VERSION, LABEL_BACKUP, LABEL_MANAGED_BY, MANAGED_BY
+
+FILES_MOUNT = "/nightjar/files"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TMP_MOUNT = "/tmp"  # noqa: S108 - an emptyDir, the agent's only writable path
+DB_KEYS = {
+    "uri": "NIGHTJAR_DB_URI",
+    "host": "NIGHTJAR_DB_HOST",
+    "port": "NIGHTJAR_DB_PORT",
+    "dbname": "NIGHTJAR_DB_NAME",
+    "user": "NIGHTJAR_DB_USER",
+    "password": "NIGHTJAR_DB_PASSWORD",
+}
+
+
+def job_name(kind: str, name: str) -> str:
+    """Deterministic, so a retry or a restarted operator finds the Job instead of making another."""
+    full = f"nightjar-{kind}-{name}"
+    if len(full) <= 63:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{full[:54].rstrip('-')}-{digest}"
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """What the agent needs of a BackupStorage (its spec, resolved)."""
+
+    endpoint: str
+    bucket: str
+    region: str
+    prefix: str
+    secret_name: str
+    access_key_key: str
+    secret_key_key: str
+    lock_mode: str
+    insecure: bool = False
+    ca_secret: str = ""
+    ca_key: str = ""
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> StorageRef:
+        creds = spec["credentials"]
+        tls = spec.get("tls") or {}
+        ca = tls.get("caSecret") or {}
+        return cls(
+            endpoint=spec["endpoint"],
+            bucket=spec["bucket"],
+            region=spec.get("region") or "us-east-1",
+            prefix=spec.get("prefix") or "",
+            secret_name=creds["secretName"],
+            access_key_key=creds.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
+            secret_key_key=creds.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
+            lock_mode=(spec.get("objectLock") or {}).get("mode") or "None",
+            insecure=bool(tls.get("insecureSkipVerify")),
+            ca_secret=ca.get("name", ""),
+            ca_key=ca.get("key") or "ca.crt",
+        )
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    """Everything resolved for one backup's Job."""
+
+    name: str
+    namespace: str
+    uid: str
+    backup_type: str
+    contents: str
+    source: dict[str, Any]
+    source_id: str
+    expires: str
+    storage: StorageRef
+    db_secret: str
+    db_keys: tuple[str, ...]
+    previous_manifest: str = ""
+    model_version: str = ""
+
+
+def _secret_env(env_name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def stamp(
+    job: dict[str, Any], *, owner: dict[str, Any], labels: dict[str, str], config: OperatorConfig
+) -> dict[str, Any]:
+    """Apply what every Nightjar Job has in common."""
+    meta = job.setdefault("metadata", {})
+    meta.setdefault("labels", {}).update({LABEL_MANAGED_BY: MANAGED_BY, **labels})
+    meta["ownerReferences"] = [{**owner, "controller": True, "blockOwnerDeletion": True}]
+    spec = job.setdefault("spec", {})
+    spec["backoffLimit"] = config.attempts - 1
+    spec["activeDeadlineSeconds"] = config.job_active_deadline_seconds
+    spec["ttlSecondsAfterFinished"] = config.job_ttl_seconds_after_finished
+    tmpl = spec.setdefault("template", {})
+    tmpl.setdefault("metadata", {}).setdefault("labels", {}).update({LABEL_MANAGED_BY: MANAGED_BY, **labels})
+    pod = tmpl.setdefault("spec", {})
+    pod["restartPolicy"] = "Never"
+    pod["automountServiceAccountToken"] = False
+    pod["enableServiceLinks"] = False
+    uid = config.agent_run_as_user
+    pod["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    pod.setdefault("volumes", []).append({"name": "tmp", "emptyDir": {}})
+    for c in pod["containers"]:
+        c["image"] = config.agent_image
+        c["imagePullPolicy"] = config.agent_image_pull_policy
+        c["securityContext"] = {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        c["resources"] = {
+            "requests": {"cpu": config.agent_cpu_request, "memory": config.agent_memory_request},
+            "limits": {"memory": config.agent_memory_limit},
+        }
+        c["terminationMessagePolicy"] = "FallbackToLogsOnError"
+        c["terminationMessagePath"] = TERMINATION_MESSAGE_PATH
+        c.setdefault("volumeMounts", []).append({"name": "tmp", "mountPath": TMP_MOUNT})
+        c.setdefault("env", []).extend(
+            [{"name": k, "value": v} for k, v in sorted(config.agent_extra_env.items())]
+            + [{"name": "HOME", "value": TMP_MOUNT}]
+        )
+    return job
+
+
+def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]:
+    """The Job that runs ``nightjar agent backup`` for one Backup."""
+    st = plan.storage
+    args = [
+        "agent",
+        "backup",
+        "--endpoint",
+        st.endpoint,
+        "--bucket",
+        st.bucket,
+        "--region",
+        st.region,
+        "--prefix",
+        st.prefix,
+        "--lock-mode",
+        st.lock_mode,
+        "--namespace",
+        plan.namespace,
+        "--backup-name",
+        plan.name,
+        "--backup-uid",
+        plan.uid,
+        "--type",
+        plan.backup_type,
+        "--source-id",
+        plan.source_id,
+        "--contents",
+        plan.contents,
+        "--expires",
+        plan.expires,
+        # Each attempt (Pod) writes under its own prefix: nothing is ever overwritten.
+        "--attempt",
+        "$(NIGHTJAR_POD_UID)",
+        "--result-file",
+        TERMINATION_MESSAGE_PATH,
+    ]
+    if st.insecure:
+        args.append("--insecure")
+    if plan.previous_manifest:
+        args += ["--previous-manifest", plan.previous_manifest]
+    if plan.model_version:
+        args += ["--model-version", plan.model_version]
+    env: list[dict[str, Any]] = [
+        {"name": "NIGHTJAR_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        _secret_env("NIGHTJAR_S3_ACCESS_KEY_ID", st.secret_name, st.access_key_key),
+        _secret_env("NIGHTJAR_S3_SECRET_ACCESS_KEY", st.secret_name, st.secret_key_key),
+    ]
+    env += [_secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS]
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if st.ca_secret:
+        volumes.append(
+            {
+                "name": "storage-ca",
+                "secret": {"secretName": st.ca_secret, "items": [{"key": st.ca_key, "path": "ca.crt"}]},
+            }
+        )
+        mounts.append({"name": "storage-ca", "mountPath": "/nightjar/storage-ca", "readOnly": True})
+        args += ["--ca-file", "/nightjar/storage-ca/ca.crt"]
+    files = plan.source.get("files") or {}
+    if plan.contents == "Full" and "persistentVolumeClaim" in files:
+        pvc = files["persistentVolumeClaim"]
+        volumes.append(
+            {"name": "files", "persistentVolumeClaim": {"claimName": pvc["claimName"], "readOnly": True}}
+        )
+        mounts.append({"name": "files", "mountPath": FILES_MOUNT, "readOnly": True})
+        sub = (pvc.get("path") or "").strip("/")
+        args += ["--files-dir", f"{FILES_MOUNT}/{sub}" if sub else FILES_MOUNT]
+    elif plan.contents == "Full" and "s3" in files:
+        s3 = files["s3"]
+        creds = s3["credentials"]
+        args += [
+            "--files-s3-endpoint",
+            s3["endpoint"],
+            "--files-s3-bucket",
+            s3["bucket"],
+            "--files-s3-prefix",
+            s3.get("prefix") or "",
+            "--files-s3-region",
+            s3.get("region") or "us-east-1",
+        ]
+        env += [
+            _secret_env(
+                "NIGHTJAR_FILES_S3_ACCESS_KEY_ID",
+                creds["secretName"],
+                creds.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
+            ),
+            _secret_env(
+                "NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY",
+                creds["secretName"],
+                creds.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
+            ),
+        ]
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name("backup", plan.name),
+            "namespace": plan.namespace,
+            "annotations": {"nightjar.dev/expires-at": plan.expires},
+        },
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "agent", "args": args, "env": env, "volumeMounts": mounts}],
+                    "volumes": volumes,
+                }
+            }
+        },
+    }
+    owner = {"apiVersion": API_VERSION, "kind": "Backup", "name": plan.name, "uid": plan.uid}
+    return stamp(job, owner=owner, labels={LABEL_BACKUP: plan.name}, config=config)

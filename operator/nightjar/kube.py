@@ -1,0 +1,165 @@
+"""Thin access to the Kubernetes API for the reconcilers (official client, synchronous: kopf runs
+sync handlers in worker threads, so these calls never block its event loop)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from nightjar.constants import GROUP, VERSION
+
+log = logging.getLogger("nightjar")
+
+
+def load_client() -> Any:
+    """In-cluster service account when inside a Pod, else $KUBECONFIG / ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class SecretMissing(Exception):
+    """A Secret or one of its keys is missing; the message names which (never a value)."""
+
+
+@dataclass
+class Kube:
+    api: Any
+
+    @property
+    def core(self) -> Any:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def batch(self) -> Any:
+        return client.BatchV1Api(self.api)
+
+    @property
+    def apps(self) -> Any:
+        return client.AppsV1Api(self.api)
+
+    @property
+    def custom(self) -> Any:
+        return client.CustomObjectsApi(self.api)
+
+    # --- custom objects ------------------------------------------------------------------
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return obj
+
+    def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural
+        )["items"]
+        return items
+
+    def patch_status(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        out: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, body
+        )
+        return out
+
+    def patch_meta(self, plural: str, namespace: str, name: str, meta: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name, {"metadata": meta}
+        )
+        return out
+
+    # --- core objects --------------------------------------------------------------------
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        try:
+            s = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise SecretMissing(f'Secret "{name}" not found in namespace {namespace}') from e
+            raise
+        return {k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in (s.data or {}).items()}
+
+    def secret_keys(self, namespace: str, name: str, keys: list[str]) -> dict[str, str]:
+        data = self.secret_data(namespace, name)
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise SecretMissing(f'Secret "{name}" has no key {", ".join(missing)}')
+        return {k: data[k] for k in keys}
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Job as a dict in API form (camelCase), like the bodies kopf passes to handlers."""
+        try:
+            job = self.batch.read_namespaced_job(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        out: dict[str, Any] = self.api.sanitize_for_serialization(job)
+        return out
+
+    def create_job(self, namespace: str, job: dict[str, Any]) -> bool:
+        """Create; False when it already exists (a retry or a restarted operator)."""
+        try:
+            self.batch.create_namespaced_job(namespace, job)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    def job_pods(self, namespace: str, job: str) -> list[Any]:
+        return list(self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items)
+
+    def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
+        """Post a Kubernetes Event about ``obj``; failures are logged, never raised."""
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.UTC)
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": etype,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "nightjar-operator"},
+            "reportingComponent": "nightjar.dev/operator",
+            "reportingInstance": f"nightjar-{uuid.getnode():x}",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as e:
+            log.warning(
+                "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason
+            )

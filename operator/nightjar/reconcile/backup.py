@@ -1,0 +1,472 @@
+"""Backup: Queued → Running → Completed | Failed, driven by its one Job.
+
+Status is derived from what exists (the Job, its Pods' termination messages, the manifest in
+the bucket), so a restarted operator converges instead of duplicating: the Job has a
+deterministic name, and a terminal phase is never changed again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from typing import Any
+
+from botocore.exceptions import ClientError
+from kubernetes.client.rest import ApiException
+
+from nightjar.config import OperatorConfig
+from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_MODEL_VERSION
+from nightjar.domain.retention import default_expiry, format_time, parse_time
+from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
+from nightjar.kube import Kube, SecretMissing
+from nightjar.reconcile import storage as storage_rec
+from nightjar.storage import layout
+from nightjar.storage.s3 import delete_all_versions, describe_error
+
+log = logging.getLogger("nightjar.backup")
+
+PLURAL = "backups"
+TERMINAL = ("Completed", "Failed")
+
+
+class Retry(Exception):
+    """A precondition does not hold yet; try again after ``delay`` seconds."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class PreflightFailed(Exception):
+    """What the Backup needs is missing; the message names it."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _cond(ctype: str, ok: bool, reason: str, message: str, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "type": ctype,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message[:1024],
+        "lastTransitionTime": format_time(now),
+    }
+
+
+class BackupReconciler:
+    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+        self.kube = kube
+        self.config = config
+
+    # --- status --------------------------------------------------------------------------
+
+    def _set(
+        self, backup: dict[str, Any], status: dict[str, Any], event: tuple[str, str, str] | None = None
+    ) -> bool:
+        """Patch status unless the Backup reached a terminal phase meanwhile (then nothing changes)."""
+        meta = backup["metadata"]
+        for _ in range(5):
+            fresh = self.kube.get(PLURAL, meta["namespace"], meta["name"])
+            if fresh is None:
+                return False
+            cur = (fresh.get("status") or {}).get("phase")
+            if cur in TERMINAL:
+                return False
+            try:
+                self.kube.patch_status(
+                    PLURAL,
+                    meta["namespace"],
+                    meta["name"],
+                    status,
+                    resource_version=fresh["metadata"]["resourceVersion"],
+                )
+            except ApiException as e:
+                if e.status == 409:
+                    continue
+                raise
+            if event is not None and (status.get("phase") != cur or event[1] in ("Retrying",)):
+                self.kube.event(fresh, *event)
+            return True
+        return False
+
+    # --- entry points ----------------------------------------------------------------------
+
+    def reconcile(self, backup: dict[str, Any]) -> None:
+        """Drive one Backup one step further; idempotent. Raises Retry to be called again later."""
+        status = backup.get("status") or {}
+        if status.get("phase") in TERMINAL:
+            return
+        meta = backup["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        backup = self._ensure_expiry(backup)
+        if not status.get("phase"):
+            expires = backup["metadata"]["annotations"][ANNOTATION_EXPIRES_AT]
+            self._set(
+                backup,
+                {
+                    "phase": "Queued",
+                    "attempts": 0,
+                    "expiresOn": expires,
+                    "sourceId": layout.source_id(backup["spec"]["source"]),
+                    "message": "waiting for the backup Job to start",
+                },
+                ("Normal", "Queued", "backup queued"),
+            )
+        job = self.kube.read_job(ns, job_name("backup", name))
+        if job is None:
+            self._start(backup)
+        else:
+            self.sync_from_job(backup, job)
+
+    def _ensure_expiry(self, backup: dict[str, Any]) -> dict[str, Any]:
+        meta = backup["metadata"]
+        ann = meta.get("annotations") or {}
+        if ANNOTATION_EXPIRES_AT in ann:
+            return backup
+        created = parse_time(meta["creationTimestamp"])
+        expires = format_time(default_expiry(created, backup["spec"].get("type") or "OnDemand"))
+        return self.kube.patch_meta(
+            PLURAL, meta["namespace"], meta["name"], {"annotations": {ANNOTATION_EXPIRES_AT: expires}}
+        )
+
+    def _start(self, backup: dict[str, Any]) -> None:
+        status = backup.get("status") or {}
+        attempts = int(status.get("attempts") or 0)
+        try:
+            plan = self.plan(backup)
+        except PreflightFailed as e:
+            attempts += 1
+            if attempts >= self.config.attempts:
+                self._fail(backup, str(e), attempts, reason="PreflightFailed")
+                return
+            delay = 10.0 * 2 ** (attempts - 1)
+            self._set(
+                backup,
+                {"attempts": attempts, "message": f"attempt {attempts} of {self.config.attempts}: {e}"},
+                ("Warning", "Retrying", f"{e} (attempt {attempts} of {self.config.attempts}, retrying)"),
+            )
+            raise Retry(str(e), delay) from e
+        job = build_backup_job(plan, self.config)
+        created = self.kube.create_job(plan.namespace, job)
+        if created:
+            log.info("created Job %s/%s", plan.namespace, job["metadata"]["name"])
+        self._set(
+            backup,
+            {
+                "jobName": job["metadata"]["name"],
+                "modelVersion": plan.model_version,
+                "message": "backup Job created",
+                "storage": {
+                    "storageName": backup["spec"]["storageRef"]["name"],
+                    "endpoint": plan.storage.endpoint,
+                    "bucket": plan.storage.bucket,
+                },
+            },
+        )
+
+    # --- preflight ---------------------------------------------------------------------------
+
+    def plan(self, backup: dict[str, Any]) -> BackupPlan:
+        """Resolve everything the Job needs, or say what is missing."""
+        meta, spec = backup["metadata"], backup["spec"]
+        ns = meta["namespace"]
+        storage_name = spec["storageRef"]["name"]
+        storage = self.kube.get(storage_rec.PLURAL, ns, storage_name)
+        if storage is None:
+            raise PreflightFailed(f'BackupStorage "{storage_name}" not found in namespace {ns}')
+        ref = StorageRef.from_spec(storage["spec"])
+        try:
+            self.kube.secret_keys(ns, ref.secret_name, [ref.access_key_key, ref.secret_key_key])
+        except SecretMissing as e:
+            raise PreflightFailed(f"BackupStorage {storage_name} credentials: {e}") from e
+        db_secret = spec["source"]["database"]["secretRef"]["name"]
+        try:
+            data = self.kube.secret_data(ns, db_secret)
+        except SecretMissing as e:
+            raise PreflightFailed(f"database: {e}") from e
+        if "uri" in data:
+            db_keys: tuple[str, ...] = ("uri",)
+        else:
+            missing = [k for k in ("host", "dbname", "user") if k not in data]
+            if missing:
+                raise PreflightFailed(
+                    f'database: Secret "{db_secret}" has no key uri, nor the key(s) {", ".join(missing)}'
+                )
+            db_keys = tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
+        files = spec["source"].get("files") or {}
+        if (spec.get("contents") or "Full") == "Full":
+            if "persistentVolumeClaim" in files:
+                claim = files["persistentVolumeClaim"]["claimName"]
+                try:
+                    self.kube.core.read_namespaced_persistent_volume_claim(claim, ns)
+                except ApiException as e:
+                    if e.status == 404:
+                        raise PreflightFailed(f'files: PersistentVolumeClaim "{claim}" not found') from e
+                    raise
+            elif "s3" in files:
+                c = files["s3"]["credentials"]
+                try:
+                    self.kube.secret_keys(
+                        ns,
+                        c["secretName"],
+                        [
+                            c.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
+                            c.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
+                        ],
+                    )
+                except SecretMissing as e:
+                    raise PreflightFailed(f"files: {e}") from e
+        model_version = self._model_version(ns, spec["source"].get("app"))
+        return BackupPlan(
+            name=meta["name"],
+            namespace=ns,
+            uid=meta["uid"],
+            backup_type=spec.get("type") or "OnDemand",
+            contents=spec.get("contents") or "Full",
+            source=spec["source"],
+            source_id=layout.source_id(spec["source"]),
+            expires=meta["annotations"][ANNOTATION_EXPIRES_AT],
+            storage=ref,
+            db_secret=db_secret,
+            db_keys=db_keys,
+            previous_manifest=self._previous_manifest(backup, storage_name),
+            model_version=model_version,
+        )
+
+    def _model_version(self, ns: str, app: dict[str, Any] | None) -> str:
+        if not app:
+            return ""
+        kind, name = app.get("kind") or "Deployment", app["name"]
+        try:
+            if kind == "StatefulSet":
+                obj = self.kube.apps.read_namespaced_stateful_set(name, ns)
+            else:
+                obj = self.kube.apps.read_namespaced_deployment(name, ns)
+        except ApiException as e:
+            if e.status == 404:
+                raise PreflightFailed(f'app: {kind} "{name}" not found in namespace {ns}') from e
+            raise
+        ann = obj.metadata.annotations or {}
+        labels = obj.metadata.labels or {}
+        return str(ann.get(ANNOTATION_MODEL_VERSION) or labels.get("app.kubernetes.io/version") or "")
+
+    def _previous_manifest(self, backup: dict[str, Any], storage_name: str) -> str:
+        """The newest Completed snapshot of the same source in the same storage (content to reuse)."""
+        sid = layout.source_id(backup["spec"]["source"])
+        best: tuple[str, str] | None = None
+        for other in self.kube.list_objects(PLURAL, backup["metadata"]["namespace"]):
+            st = other.get("status") or {}
+            if (
+                st.get("phase") == "Completed"
+                and st.get("sourceId") == sid
+                and other["spec"]["storageRef"]["name"] == storage_name
+                and (st.get("storage") or {}).get("manifestKey")
+            ):
+                cand = (st.get("createdOn") or "", st["storage"]["manifestKey"])
+                if best is None or cand > best:
+                    best = cand
+        return best[1] if best else ""
+
+    # --- following the Job ------------------------------------------------------------------
+
+    def sync_from_job(self, backup: dict[str, Any], job: dict[str, Any]) -> None:
+        """Follow the Job (a dict as the API serves it): Running, then Completed or Failed."""
+        status = backup.get("status") or {}
+        if status.get("phase") in TERMINAL:
+            return
+        js = job.get("status") or {}
+        conds = {c["type"]: c for c in js.get("conditions") or [] if c.get("status") == "True"}
+        failed = int(js.get("failed") or 0)
+        name = job["metadata"]["name"]
+        if "Complete" in conds:
+            self._complete(backup, name, attempts=failed + 1)
+        elif "Failed" in conds:
+            reason = conds["Failed"].get("reason") or "JobFailed"
+            message = (
+                self._last_failure(backup, name) or conds["Failed"].get("message") or "the backup Job failed"
+            )
+            if reason == "DeadlineExceeded":
+                message = f"the backup ran longer than {self.config.job_active_deadline_seconds}s: {message}"
+            self._fail(backup, message, attempts=max(failed, 1), reason=reason)
+        elif (
+            int(js.get("active") or 0) > 0
+            and "FailureTarget" not in conds
+            and "SuccessCriteriaMet" not in conds
+        ):
+            attempt = failed + 1
+            if status.get("phase") != "Running" or status.get("attempts") != attempt:
+                msg = f"attempt {attempt} of {self.config.attempts} running"
+                if failed:
+                    last = self._last_failure(backup, name)
+                    msg += f" (attempt {failed} failed: {last})" if last else ""
+                self._set(
+                    backup,
+                    {"phase": "Running", "attempts": attempt, "message": msg},
+                    ("Normal", "Running", msg),
+                )
+
+    def _pod_results(self, backup: dict[str, Any], job: str) -> list[tuple[Any, dict[str, Any]]]:
+        out = []
+        for pod in self.kube.job_pods(backup["metadata"]["namespace"], job):
+            for cs in pod.status.container_statuses or []:
+                term = cs.state.terminated if cs.state else None
+                if term is None:
+                    continue
+                try:
+                    result = json.loads(term.message or "")
+                    if not isinstance(result, dict):
+                        raise ValueError
+                except ValueError:
+                    result = {"error": (term.message or f"exit code {term.exit_code}").strip()[-500:]}
+                out.append((pod, result))
+        out.sort(key=lambda pr: pr[0].metadata.creation_timestamp)
+        return out
+
+    def _last_failure(self, backup: dict[str, Any], job: str) -> str:
+        msgs = [r.get("error") for _, r in self._pod_results(backup, job) if r.get("error")]
+        return str(msgs[-1]) if msgs else ""
+
+    def _complete(self, backup: dict[str, Any], job: str, attempts: int) -> None:
+        results = [r for _, r in self._pod_results(backup, job) if "manifestKey" in r]
+        if not results:
+            self._fail(
+                backup, "the backup Job succeeded but reported no snapshot", attempts, reason="NoResult"
+            )
+            return
+        result = results[-1]
+        try:
+            self._verify_manifest(backup, result)
+        except Exception as e:
+            self._fail(backup, f"snapshot verification failed: {e}", attempts, reason="VerificationFailed")
+            return
+        now = _now()
+        size = int(result.get("sizeUncompressedBytes") or 0)
+        files = result.get("files")
+        status: dict[str, Any] = {
+            "phase": "Completed",
+            "snapshotId": result["snapshotId"],
+            "createdOn": result["createdOn"],
+            "completedOn": format_time(now),
+            "sizeUncompressedBytes": size,
+            "sizeUncompressedMB": f"{size / 1e6:.2f}",
+            "database": result.get("database") or {},
+            "files": {"count": files["count"], "bytes": files["bytes"]}
+            if files
+            else {"count": 0, "bytes": 0},
+            "attempts": attempts,
+            "message": f"snapshot {result['snapshotId']} stored and verified "
+            f"({result.get('objects', 0)} objects)",
+            "storage": {
+                **((backup.get("status") or {}).get("storage") or {}),
+                "manifestKey": result["manifestKey"],
+            },
+            "conditions": [_cond("Completed", True, "SnapshotVerified", "snapshot stored and verified", now)],
+        }
+        self._set(
+            backup,
+            status,
+            (
+                "Normal",
+                "Completed",
+                f"snapshot {result['snapshotId']} completed, {status['sizeUncompressedMB']} MB",
+            ),
+        )
+
+    def _verify_manifest(self, backup: dict[str, Any], result: dict[str, Any]) -> None:
+        """The manifest the agent reported is in the bucket with the digest it reported."""
+        ns = backup["metadata"]["namespace"]
+        storage = self.kube.get(storage_rec.PLURAL, ns, backup["spec"]["storageRef"]["name"])
+        if storage is None:
+            raise RuntimeError("its BackupStorage is gone")
+        target = storage_rec.target_for(self.kube, ns, storage["spec"])
+        body = target.client().get_object(Bucket=target.bucket, Key=result["manifestKey"])["Body"].read()
+        if hashlib.sha256(body).hexdigest() != result.get("manifestSha256"):
+            raise RuntimeError(f"manifest {result['manifestKey']} does not match what the agent wrote")
+
+    def _fail(self, backup: dict[str, Any], message: str, attempts: int, reason: str) -> None:
+        now = _now()
+        self._set(
+            backup,
+            {
+                "phase": "Failed",
+                "attempts": attempts,
+                "message": message,
+                "conditions": [_cond("Failed", True, reason, message, now)],
+            },
+            ("Warning", "Failed", message),
+        )
+
+    # --- deletion ------------------------------------------------------------------------------
+
+    def delete_stored(self, backup: dict[str, Any]) -> str:
+        """Delete the Backup's objects; content other live snapshots still use stays.
+
+        Returns a summary. Raises Retry when the storage cannot be reached (the caller gives up
+        after a few tries, so a lost bucket never blocks deletion forever).
+        """
+        meta, spec = backup["metadata"], backup["spec"]
+        ns = meta["namespace"]
+        storage = self.kube.get(storage_rec.PLURAL, ns, spec["storageRef"]["name"])
+        if storage is None:
+            return f'BackupStorage "{spec["storageRef"]["name"]}" is gone; nothing to delete'
+        try:
+            target = storage_rec.target_for(self.kube, ns, storage["spec"])
+        except SecretMissing as e:
+            raise Retry(f"cannot delete stored objects: {e}", 30) from e
+        s3 = target.client()
+        sid = layout.source_id(spec["source"])
+        mine = layout.backup_prefix(target.prefix, ns, sid, meta["uid"])
+        try:
+            own = {k for k, _ in _list_versions(s3, target.bucket, mine)}
+            referenced: set[str] = set()
+            keep: set[str] = set()
+            for key in _list_keys(s3, target.bucket, layout.source_prefix(target.prefix, ns, sid)):
+                if not layout.is_manifest(key):
+                    continue
+                objs = {
+                    o["key"]
+                    for o in json.loads(s3.get_object(Bucket=target.bucket, Key=key)["Body"].read()).get(
+                        "objects", []
+                    )
+                }
+                if key.startswith(mine):
+                    referenced |= objs
+                else:
+                    keep |= objs
+            doomed = sorted((own | referenced) - keep)
+            deleted, locked = delete_all_versions(s3, target.bucket, doomed)
+        except ClientError as e:
+            raise Retry(describe_error(e, "deleting stored objects"), 30) from e
+        except Exception as e:
+            raise Retry(f"deleting stored objects: {type(e).__name__}: {e}", 30) from e
+        msg = f"deleted {deleted} object versions of {len(doomed)} objects"
+        if locked:
+            expires = (backup.get("metadata", {}).get("annotations") or {}).get(
+                ANNOTATION_EXPIRES_AT, "its expiry"
+            )
+            self.kube.event(
+                backup,
+                "Warning",
+                "ObjectsLocked",
+                f"{len(locked)} objects are under Object Lock and stay until their retention ends "
+                f"({expires}); {msg}",
+            )
+            msg += f"; {len(locked)} locked objects left to expire"
+        return msg
+
+
+def _list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def _list_versions(s3: Any, bucket: str, prefix: str) -> list[tuple[str, str | None]]:
+    from nightjar.storage.s3 import iter_versions
+
+    return list(iter_versions(s3, bucket, prefix))

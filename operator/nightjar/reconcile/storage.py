@@ -1,0 +1,109 @@
+"""BackupStorage: check the bucket is reachable and its Object Lock is what the spec asks for."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from nightjar.domain.retention import format_time
+from nightjar.jobs import StorageRef
+from nightjar.kube import Kube, SecretMissing
+from nightjar.storage.s3 import S3Target, describe_error
+
+PLURAL = "backupstorages"
+
+
+class StorageUnavailable(Exception):
+    """The storage cannot be used now; the message says why."""
+
+
+def target_for(kube: Kube, namespace: str, spec: dict[str, Any]) -> S3Target:
+    """An S3 client target for a BackupStorage spec, with its credentials read from the Secret."""
+    ref = StorageRef.from_spec(spec)
+    creds = kube.secret_keys(namespace, ref.secret_name, [ref.access_key_key, ref.secret_key_key])
+    ca_bundle = None
+    if ref.ca_secret:
+        pem = kube.secret_keys(namespace, ref.ca_secret, [ref.ca_key])[ref.ca_key]
+        fd, ca_bundle = tempfile.mkstemp(prefix="nightjar-ca-", suffix=".pem")
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+    return S3Target(
+        endpoint=ref.endpoint,
+        bucket=ref.bucket,
+        region=ref.region,
+        prefix=ref.prefix,
+        access_key=creds[ref.access_key_key],
+        secret_key=creds[ref.secret_key_key],
+        ca_bundle=ca_bundle,
+        insecure=ref.insecure,
+    )
+
+
+def check(kube: Kube, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, bool]:
+    """(ready, message, object lock enabled on the bucket)."""
+    try:
+        target = target_for(kube, namespace, spec)
+    except SecretMissing as e:
+        return False, f"credentials: {e}", False
+    s3 = target.client()
+    try:
+        s3.head_bucket(Bucket=target.bucket)
+    except Exception as e:
+        return False, describe_error(e, f"bucket {target.bucket} at {target.endpoint}"), False
+    lock_enabled = False
+    try:
+        cfg = s3.get_object_lock_configuration(Bucket=target.bucket)["ObjectLockConfiguration"]
+        lock_enabled = cfg.get("ObjectLockEnabled") == "Enabled"
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code not in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"):
+            return (
+                False,
+                describe_error(e, f"bucket {target.bucket}: reading its Object Lock configuration"),
+                False,
+            )
+    mode = (spec.get("objectLock") or {}).get("mode") or "None"
+    if mode != "None" and not lock_enabled:
+        return (
+            False,
+            f"objectLock.mode is {mode} but bucket {target.bucket} does not have Object Lock enabled "
+            "(it can only be enabled when the bucket is created)",
+            False,
+        )
+    lock_text = f"Object Lock {mode}" if mode != "None" else "no Object Lock"
+    return True, f"bucket {target.bucket} reachable, {lock_text}", lock_enabled
+
+
+def reconcile_storage(kube: Kube, body: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """Check the storage and write its status; returns the status written."""
+    meta = body["metadata"]
+    ready, message, lock = check(kube, meta["namespace"], body["spec"])
+    previous = (body.get("status") or {}).get("phase")
+    phase = "Ready" if ready else "Unavailable"
+    cond = {
+        "type": "Ready",
+        "status": "True" if ready else "False",
+        "reason": "BucketReachable" if ready else "CheckFailed",
+        "message": message,
+        "lastTransitionTime": format_time(now),
+        "observedGeneration": meta.get("generation", 0),
+    }
+    old_conds = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
+    if old_conds.get("Ready", {}).get("status") == cond["status"]:
+        cond["lastTransitionTime"] = old_conds["Ready"].get("lastTransitionTime", cond["lastTransitionTime"])
+    status = {
+        "phase": phase,
+        "message": message,
+        "lastCheckedAt": format_time(now),
+        "objectLockEnabled": lock,
+        "observedGeneration": meta.get("generation", 0),
+        "conditions": [cond],
+    }
+    kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
+    if previous != phase:
+        kube.event(body, "Normal" if ready else "Warning", phase, message)
+    return status
