@@ -604,7 +604,8 @@ class Stack:
         proc = self._spawn(
             st,
             "operator",
-            [str(exe), "operator", "--all-namespaces"],
+            # Through the interpreter, so the recorded binary is what /proc/<pid>/exe shows.
+            [sys.executable, str(exe), "operator", "--all-namespaces"],
             env={
                 "KUBECONFIG": str(self.dir / "kubeconfig"),
                 # The process node runs agents on this host: tell them where pg_dump is.
