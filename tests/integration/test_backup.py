@@ -535,3 +535,130 @@ def test_invalid_or_changed_specs_are_rejected_with_readable_messages(
         G, V, namespace, "backups", "fixed", {"spec": {"comment": "ok to change"}}
     )
     assert get_backup(custom, namespace, "fixed")["spec"]["comment"] == "ok to change"
+
+
+def test_files_from_an_s3_prefix_are_backed_up(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    s3: Any,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    bucket = env["NIGHTJAR_S3_BUCKET_PLAIN"]
+    src_prefix = f"appfiles/{namespace}/"
+    contents = {f"0d/3e/{uuid.uuid4()}": os.urandom(100 + i) for i in range(25)}
+    for key, data in contents.items():
+        s3.put_object(Bucket=bucket, Key=src_prefix + key, Body=data)
+    body = backup_body("from-s3", files=False)
+    body["spec"]["source"]["files"] = {
+        "s3": {
+            "endpoint": env["NIGHTJAR_S3_ENDPOINT"],
+            "bucket": bucket,
+            "prefix": src_prefix,
+            "credentials": {"secretName": "s3-creds"},
+        }
+    }
+    custom.create_namespaced_custom_object(G, V, namespace, "backups", body)
+    st = wait_terminal(custom, namespace, "from-s3")["status"]
+    assert st["phase"] == "Completed", st.get("message")
+    assert st["files"] == {"count": 25, "bytes": sum(len(d) for d in contents.values())}
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=st["storage"]["manifestKey"])["Body"].read())
+    index = gzip.decompress(
+        s3.get_object(Bucket=bucket, Key=manifest["files"]["index"]["key"])["Body"].read()
+    )
+    for line in index.decode().splitlines():
+        e = json.loads(line)
+        pack = s3.get_object(Bucket=bucket, Key=e["k"], Range=f"bytes={e['o']}-{e['o'] + e['s'] - 1}")[
+            "Body"
+        ].read()
+        assert pack == contents[e["p"]]
+
+
+def test_deleting_a_locked_backup_says_its_objects_stay_until_retention_ends(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    s3: Any,
+) -> None:
+    make_storage(
+        custom, core, env, namespace, name="locked", bucket_key="NIGHTJAR_S3_BUCKET_LOCKED", lock="Governance"
+    )
+    custom.create_namespaced_custom_object(
+        G, V, namespace, "backups", backup_body("kept", files=False, storage="locked")
+    )
+    st = wait_terminal(custom, namespace, "kept")["status"]
+    assert st["phase"] == "Completed", st.get("message")
+    custom.delete_namespaced_custom_object(G, V, namespace, "backups", "kept")
+
+    def gone() -> bool:
+        try:
+            get_backup(custom, namespace, "kept")
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for("locked backup deleted (the finalizer never blocks forever)", gone, 60)
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=kept").items
+    (locked,) = [e for e in events if e.reason == "ObjectsLocked"]
+    assert "under Object Lock" in locked.message
+    assert s3.head_object(Bucket=env["NIGHTJAR_S3_BUCKET_LOCKED"], Key=st["storage"]["manifestKey"])
+
+
+def test_storage_whose_bucket_lacks_object_lock_or_does_not_exist_is_unavailable(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+) -> None:
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "s3-creds"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": env["NIGHTJAR_S3_ACCESS_KEY"],
+                "AWS_SECRET_ACCESS_KEY": env["NIGHTJAR_S3_SECRET_KEY"],
+            },
+        },
+    )
+    cases = {
+        "nolock": (
+            env["NIGHTJAR_S3_BUCKET_PLAIN"],
+            "Compliance",
+            f"objectLock.mode is Compliance but bucket {env['NIGHTJAR_S3_BUCKET_PLAIN']} does not have "
+            "Object Lock enabled",
+        ),
+        "nobucket": ("no-such-bucket", "None", "bucket no-such-bucket at "),
+    }
+    for name, (bucket, mode, _) in cases.items():
+        custom.create_namespaced_custom_object(
+            G,
+            V,
+            namespace,
+            "backupstorages",
+            {
+                "apiVersion": f"{G}/{V}",
+                "kind": "BackupStorage",
+                "metadata": {"name": name},
+                "spec": {
+                    "endpoint": env["NIGHTJAR_S3_ENDPOINT"],
+                    "bucket": bucket,
+                    "credentials": {"secretName": "s3-creds"},
+                    "objectLock": {"mode": mode},
+                    "jurisdiction": "EU",
+                },
+            },
+        )
+    for name, (_, _, expected) in cases.items():
+
+        def phase(n: str = name) -> dict[str, Any] | None:
+            st = custom.get_namespaced_custom_object(G, V, namespace, "backupstorages", n).get("status") or {}
+            return st if st.get("phase") else None
+
+        st = wait_for(f"storage {name} checked", phase, 30)
+        assert st["phase"] == "Unavailable"
+        assert expected in st["message"]
+        assert env["NIGHTJAR_S3_SECRET_KEY"] not in json.dumps(st)
