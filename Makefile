@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TEST_STATE := .local/test
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv binaries up down status test test-unit test-integration lint fmt crds clean
+.PHONY: help deps venv binaries up down status test test-unit test-integration lint fmt bench clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,9 +38,10 @@ status: ## Show the processes of the local stack.
 	@$(PY) -m nightjar.devstack status --state .local
 
 lint: venv ## ruff and mypy --strict.
-	@$(VENV)/bin/ruff check operator tests
-	@$(VENV)/bin/ruff format --check operator tests
+	@$(VENV)/bin/ruff check operator tests bench
+	@$(VENV)/bin/ruff format --check operator tests bench
 	@$(VENV)/bin/mypy
+	@$(VENV)/bin/lint-imports
 
 fmt: venv ## Format the code with ruff.
 	@$(VENV)/bin/ruff format operator tests
@@ -54,6 +55,9 @@ test: deps venv binaries lint ## Everything CI runs: lint, then unit and integra
 
 test-integration: deps venv binaries ## Integration tests on a fresh stack in .local/test.
 	@hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
+
+bench: deps venv binaries ## Benchmarks on a private stack (BENCH_COUNTS=10000,100000 by default).
+	@hack/run-bench.sh
 
 clean: down ## Stop the stack and remove .local and .venv (the binary cache stays).
 	@rm -rf .local $(VENV)

@@ -80,27 +80,24 @@ class Entry:
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything under ``root``, in :func:`sort_key` order."""
-    stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = []
+    """(relative path, lstat) of everything under ``root``, in :func:`sort_key` order.
 
-    def entries(rel: str, path: str) -> Iterator[os.DirEntry[str]]:
-        with os.scandir(path) as it:
-            items = sorted(it, key=lambda e: e.name)
-        # Only this directory's names are held, never the whole tree.
-        return iter(items)
-
-    stack.append(("", entries("", str(root))))
+    Holds only the names of the directories on the current path (a directory's names must be
+    sorted), never DirEntry or stat objects, and never the whole tree.
+    """
+    stack: list[tuple[str, Iterator[str]]] = [("", iter(sorted(os.listdir(root))))]
     while stack:
-        rel, it = stack[-1]
-        entry = next(it, None)
-        if entry is None:
+        rel, names = stack[-1]
+        name = next(names, None)
+        if name is None:
             stack.pop()
             continue
-        child = f"{rel}/{entry.name}" if rel else entry.name
-        st = entry.stat(follow_symlinks=False)
+        child = f"{rel}/{name}" if rel else name
+        full = os.path.join(root, child)
+        st = os.lstat(full)
         yield child, st
         if stat.S_ISDIR(st.st_mode):
-            stack.append((child, entries(child, entry.path)))
+            stack.append((child, iter(sorted(os.listdir(full)))))
 
 
 def read_index(stream: IO[bytes]) -> Iterator[Entry]:
