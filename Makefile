@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TEST_STATE := .local/test
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv binaries up down status test test-unit test-integration lint fmt bench clean
+.PHONY: help deps venv binaries up down status test test-unit test-integration lint fmt bench crds clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +58,9 @@ test-integration: deps venv binaries ## Integration tests on a fresh stack in .l
 
 bench: deps venv binaries ## Benchmarks on a private stack (BENCH_COUNTS=10000,100000 by default).
 	@hack/run-bench.sh
+
+crds: venv ## Copy the shared schema parts between CRDs (a unit test fails when they drift).
+	@$(PY) hack/sync-crd-schemas.py
 
 clean: down ## Stop the stack and remove .local and .venv (the binary cache stays).
 	@rm -rf .local $(VENV)
