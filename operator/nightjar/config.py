@@ -33,6 +33,10 @@ class OperatorConfig:
     job_ttl_seconds_after_finished: int = 24 * 3600
     #: Attempts per backup: Mendix retries a failed nightly two more times.
     attempts: int = 3
+    #: Seconds between scheduler ticks (one sweep over all schedules, not a timer each).
+    scheduler_interval_seconds: int = 30
+    #: Seconds between garbage-collection sweeps over all Backups.
+    gc_interval_seconds: int = 300
     #: Environment passed to every agent container (e.g. NIGHTJAR_PG_BINDIR on the dev stack).
     agent_extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -58,5 +62,9 @@ class OperatorConfig:
             job_ttl_seconds_after_finished=_int(
                 "NIGHTJAR_JOB_TTL_SECONDS", cls.job_ttl_seconds_after_finished
             ),
+            scheduler_interval_seconds=_int(
+                "NIGHTJAR_SCHEDULER_INTERVAL_SECONDS", cls.scheduler_interval_seconds
+            ),
+            gc_interval_seconds=_int("NIGHTJAR_GC_INTERVAL_SECONDS", cls.gc_interval_seconds),
             agent_extra_env=extra,
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
+import time
 from typing import Any
 
 import kopf
@@ -19,6 +21,8 @@ from nightjar.kube import Kube, load_client
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import BackupReconciler, Retry
+from nightjar.reconcile.schedule import PLURAL as SCHEDULES
+from nightjar.reconcile.schedule import Scheduler, gc_sweep
 
 log = logging.getLogger("nightjar")
 
@@ -28,6 +32,9 @@ class _State:
 
     kube: Kube
     backups: BackupReconciler
+    scheduler: Scheduler
+    config: OperatorConfig
+    stop: threading.Event
 
 
 STATE = _State()
@@ -45,7 +52,58 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     config = OperatorConfig.from_env()
     STATE.kube = Kube(load_client())
     STATE.backups = BackupReconciler(STATE.kube, config)
+    STATE.scheduler = Scheduler(STATE.kube)
+    STATE.config = config
+    STATE.stop = threading.Event()
+    threading.Thread(target=_periodic, name="nightjar-sweeps", daemon=True).start()
     log.info("nightjar operator ready (version %s, agent image %s)", __version__, config.agent_image)
+
+
+@kopf.on.cleanup()
+def shutdown(**_: Any) -> None:
+    STATE.stop.set()
+
+
+def _periodic() -> None:
+    """The operator's only clock: a scheduler tick and a GC sweep, each over all objects."""
+    next_gc = time.monotonic() + 10
+    while not STATE.stop.is_set():
+        now = dt.datetime.now(dt.UTC)
+        try:
+            report = STATE.scheduler.tick(now)
+            if report.created or report.skipped or report.missed:
+                log.info(
+                    "scheduler: %d schedules, created %s, skipped %s, missed %s",
+                    report.schedules,
+                    report.created,
+                    report.skipped,
+                    report.missed,
+                )
+        except Exception:
+            log.exception("scheduler tick failed; next tick retries")
+        if time.monotonic() >= next_gc:
+            try:
+                sweep = gc_sweep(STATE.kube, now)
+                log.info(
+                    "gc: examined %d backups, deleted %d, deferred %d",
+                    sweep.examined,
+                    len(sweep.deleted),
+                    len(sweep.deferred),
+                )
+            except Exception:
+                log.exception("gc sweep failed; the next sweep retries")
+            next_gc = time.monotonic() + STATE.config.gc_interval_seconds
+        STATE.stop.wait(STATE.config.scheduler_interval_seconds)
+
+
+# --- BackupSchedule ------------------------------------------------------------------------------
+
+
+@kopf.on.create(GROUP, VERSION, SCHEDULES)
+@kopf.on.update(GROUP, VERSION, SCHEDULES, field="spec")
+@kopf.on.resume(GROUP, VERSION, SCHEDULES)
+def schedule_changed(body: kopf.Body, **_: Any) -> None:
+    STATE.scheduler.reconcile_one(_plain(body), dt.datetime.now(dt.UTC))
 
 
 # --- BackupStorage -----------------------------------------------------------------------------

@@ -75,11 +75,13 @@ def test_slots_are_window_start_plus_offset_once_a_night_named_by_date() -> None
     p = plan("23:00", "3h")
     slots = list(zip(range(3), p.slots(t(2026, 11, 24)), strict=False))
     times = [s.time for _, s in slots]
-    assert all(b - a == dt.timedelta(days=1) for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a == dt.timedelta(days=1) for a, b in itertools.pairwise(times))
     for _, s in slots:
         assert t(2026, 1, 1).replace(year=s.time.year) <= s.time
-        start = dt.datetime.combine(s.time.date() if s.time.hour >= 23 else s.time.date() - dt.timedelta(days=1),
-                                    dt.time(23, 0, tzinfo=UTC))
+        start = dt.datetime.combine(
+            s.time.date() if s.time.hour >= 23 else s.time.date() - dt.timedelta(days=1),
+            dt.time(23, 0, tzinfo=UTC),
+        )
         assert start <= s.time < start + dt.timedelta(hours=3)
         assert s.window_end == start + dt.timedelta(hours=3)
         assert s.name == f"shop-{s.time:%Y%m%d}"
@@ -125,7 +127,11 @@ def test_a_schedule_created_inside_an_open_window_backs_up_tonight() -> None:
 def test_cron_schedules_name_by_minute_and_have_a_one_hour_window() -> None:
     p = sch.Plan.from_spec("ns", "db", {"schedule": "30 */6 * * *"})
     slots = [s for _, s in zip(range(3), p.slots(t(2026, 11, 24, 1)), strict=False)]
-    assert [s.time for s in slots] == [t(2026, 11, 24, 6, 30), t(2026, 11, 24, 12, 30), t(2026, 11, 24, 18, 30)]
+    assert [s.time for s in slots] == [
+        t(2026, 11, 24, 6, 30),
+        t(2026, 11, 24, 12, 30),
+        t(2026, 11, 24, 18, 30),
+    ]
     assert slots[0].name == "db-202611240630"
     assert slots[0].window_end == t(2026, 11, 24, 7, 30)
     assert sch.decide(p, t(2026, 11, 24, 7, 0), t(2026, 11, 1), set()).action == "create"
@@ -148,5 +154,9 @@ def test_invalid_specs_say_what_to_write(spec: dict[str, object], message: str) 
 
 def test_slot_json_has_time_tier_expiry_and_name() -> None:
     s = plan()._slot(t(2026, 12, 6, 3, 10))
-    assert json.loads(json.dumps(s.as_dict())) == {"time": "2026-12-06T03:10:00Z", "tier": "Monthly",
-                                                   "expiresAt": "2027-12-06T03:10:00Z", "name": "shop-20261206"}
+    assert json.loads(json.dumps(s.as_dict())) == {
+        "time": "2026-12-06T03:10:00Z",
+        "tier": "Monthly",
+        "expiresAt": "2027-12-06T03:10:00Z",
+        "name": "shop-20261206",
+    }

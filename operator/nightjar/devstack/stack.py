@@ -610,6 +610,11 @@ class Stack:
                 "KUBECONFIG": str(self.dir / "kubeconfig"),
                 # The process node runs agents on this host: tell them where pg_dump is.
                 "NIGHTJAR_AGENT_ENV_NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
+                # Short sweeps so a developer (and the tests) see schedules and GC act quickly.
+                "NIGHTJAR_SCHEDULER_INTERVAL_SECONDS": os.environ.get(
+                    "NIGHTJAR_SCHEDULER_INTERVAL_SECONDS", "3"
+                ),
+                "NIGHTJAR_GC_INTERVAL_SECONDS": os.environ.get("NIGHTJAR_GC_INTERVAL_SECONDS", "5"),
             },
         )
 

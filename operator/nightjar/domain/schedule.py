@@ -75,8 +75,12 @@ class Slot:
 
     def as_dict(self) -> dict[str, Any]:
         fmt = "%Y-%m-%dT%H:%M:%SZ"
-        return {"time": self.time.strftime(fmt), "tier": self.tier, "expiresAt": self.expires.strftime(fmt),
-                "name": self.name}
+        return {
+            "time": self.time.strftime(fmt),
+            "tier": self.tier,
+            "expiresAt": self.expires.strftime(fmt),
+            "name": self.name,
+        }
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,18 @@ class Plan:
         retention = {**DEFAULT_RETENTION, **(spec.get("retention") or {})}
         if spec.get("schedule"):
             if not croniter.is_valid(spec["schedule"]) or len(spec["schedule"].split()) != 5:
-                raise ValueError(f"invalid cron schedule {spec['schedule']!r}: use five fields, e.g. '30 2 * * *'")
+                raise ValueError(
+                    f"invalid cron schedule {spec['schedule']!r}: use five fields, e.g. '30 2 * * *'"
+                )
             return cls(namespace, name, retention, cron=spec["schedule"])
         window = spec.get("window") or {}
-        return cls(namespace, name, retention, start=parse_start(window.get("start", "")),
-                   duration=parse_duration(window.get("duration") or "1h"))
+        return cls(
+            namespace,
+            name,
+            retention,
+            start=parse_start(window.get("start", "")),
+            duration=parse_duration(window.get("duration") or "1h"),
+        )
 
     @property
     def offset(self) -> dt.timedelta:

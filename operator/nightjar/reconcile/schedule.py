@@ -1,0 +1,348 @@
+"""BackupSchedules and garbage collection: one periodic sweep each, never a timer per object.
+
+The scheduler lists the schedules and their Backups (label ``nightjar.dev/schedule``, paged)
+once per tick and lets :func:`nightjar.domain.schedule.decide` say what each needs. Backups get
+deterministic names (``<schedule>-<yyyymmdd>``), so a restarted operator, or a second replica,
+can never take the same night twice: the API server refuses the second create.
+
+Garbage collection is split as Velero does: this sweep *decides* (expired, not pinned, not in
+flight, storage reachable) and deletes the Backup; the Backup's finalizer deletes the stored
+objects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from nightjar.constants import (
+    ANNOTATION_EXPIRES_AT,
+    ANNOTATION_KEEP,
+    API_VERSION,
+    GROUP,
+    LABEL_MANAGED_BY,
+    LABEL_SCHEDULE,
+    MANAGED_BY,
+    VERSION,
+)
+from nightjar.domain import schedule as sch
+from nightjar.domain.retention import format_time, parse_time
+from nightjar.kube import Kube, SecretMissing
+from nightjar.reconcile import storage as storage_rec
+from nightjar.storage import layout
+
+log = logging.getLogger("nightjar.schedule")
+
+PLURAL = "backupschedules"
+BACKUPS = "backups"
+LABEL_TIER = f"{GROUP}/tier"
+PAGE = 500
+
+
+def list_all(kube: Kube, plural: str, label_selector: str = "") -> Iterator[dict[str, Any]]:
+    """Every object of a kind, cluster-wide, a page at a time (memory stays bounded)."""
+    cont = None
+    while True:
+        resp = kube.custom.list_cluster_custom_object(
+            GROUP, VERSION, plural, label_selector=label_selector, limit=PAGE, _continue=cont
+        )
+        yield from resp["items"]
+        cont = resp["metadata"].get("continue")
+        if not cont:
+            return
+
+
+@dataclass
+class BackupInfo:
+    name: str
+    tier: str
+    phase: str
+    created: str
+
+
+@dataclass
+class TickReport:
+    schedules: int = 0
+    created: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+
+    # --- the scheduler tick ----------------------------------------------------------------
+
+    def tick(self, now: dt.datetime) -> TickReport:
+        by_schedule: dict[tuple[str, str], list[BackupInfo]] = defaultdict(list)
+        for b in list_all(self.kube, BACKUPS, label_selector=LABEL_SCHEDULE):
+            meta = b["metadata"]
+            labels = meta.get("labels") or {}
+            by_schedule[(meta["namespace"], labels[LABEL_SCHEDULE])].append(
+                BackupInfo(
+                    name=meta["name"],
+                    tier=labels.get(LABEL_TIER, ""),
+                    phase=(b.get("status") or {}).get("phase") or "Queued",
+                    created=meta.get("creationTimestamp", ""),
+                )
+            )
+        report = TickReport()
+        for s in list_all(self.kube, PLURAL):
+            report.schedules += 1
+            key = (s["metadata"]["namespace"], s["metadata"]["name"])
+            try:
+                self.reconcile(s, by_schedule.get(key, []), now, report)
+            except Exception:
+                log.exception("schedule %s/%s", *key)
+        return report
+
+    def reconcile_one(self, schedule: dict[str, Any], now: dt.datetime) -> None:
+        """One schedule right away (on create/update), with its Backups listed by label."""
+        meta = schedule["metadata"]
+        sel = f"{LABEL_SCHEDULE}={meta['name']}"
+        items = self.kube.custom.list_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], BACKUPS, label_selector=sel
+        )["items"]
+        mine = [
+            BackupInfo(
+                b["metadata"]["name"],
+                (b["metadata"].get("labels") or {}).get(LABEL_TIER, ""),
+                (b.get("status") or {}).get("phase") or "Queued",
+                b["metadata"].get("creationTimestamp", ""),
+            )
+            for b in items
+        ]
+        self.reconcile(schedule, mine, now, TickReport())
+
+    def reconcile(
+        self, s: dict[str, Any], mine: list[BackupInfo], now: dt.datetime, report: TickReport
+    ) -> None:
+        meta, spec = s["metadata"], s["spec"]
+        ns, name = meta["namespace"], meta["name"]
+        old = s.get("status") or {}
+        status: dict[str, Any] = {"observedGeneration": meta.get("generation", 0)}
+        try:
+            plan = sch.Plan.from_spec(ns, name, spec)
+        except ValueError as e:
+            status["conditions"] = [_cond("Ready", False, "InvalidSpec", str(e), now, old)]
+            self._write(s, old, status)
+            return
+        created = parse_time(meta["creationTimestamp"])
+        decision = sch.decide(plan, now, created, {b.name for b in mine})
+        status.update(
+            window=plan.window_text,
+            offsetSeconds=int(plan.offset.total_seconds()),
+            nextBackupTime=format_time(decision.next.time),
+            nextTier=decision.next.tier,
+        )
+        ready_msg = f"next backup {format_time(decision.next.time)} ({decision.next.tier})"
+        slot = decision.slot
+        if spec.get("suspend"):
+            ready_msg = "suspended: no backups are taken"
+        elif decision.action == "create" and slot is not None:
+            skipped = (old.get("lastSkipped") or {}).get("time") == format_time(slot.time)
+            if not skipped:
+                reason = self._skip_reason(ns, spec)
+                if reason:
+                    status["lastSkipped"] = {"time": format_time(slot.time), "reason": reason}
+                    self.kube.event(
+                        s, "Normal", "Skipped", f"slot {format_time(slot.time)} skipped: {reason}"
+                    )
+                    report.skipped.append(f"{ns}/{slot.name}")
+                elif not self._source_busy(ns, spec) and self._create_backup(s, plan, slot):
+                    report.created.append(f"{ns}/{slot.name}")
+                    mine = [*mine, BackupInfo(slot.name, slot.tier, "Queued", format_time(now))]
+        elif decision.action == "missed" and slot is not None:
+            t = format_time(slot.time)
+            last = max((b.name for b in mine), default="")
+            already = t in (
+                (old.get("lastMissed") or {}).get("time"),
+                (old.get("lastSkipped") or {}).get("time"),
+            )
+            if not already and last < slot.name:
+                reason = "the window closed before the backup could start (was the operator down?)"
+                status["lastMissed"] = {"time": t, "reason": reason}
+                self.kube.event(s, "Warning", "Missed", f"slot {t} missed: {reason}")
+                report.missed.append(f"{ns}/{slot.name}")
+        if mine:
+            newest = max(mine, key=lambda b: (b.created, b.name))
+            status["lastBackup"], status["lastBackupStatus"] = newest.name, newest.phase
+            done = [b for b in mine if b.phase == "Completed"]
+            if done:
+                status["lastSuccessfulBackup"] = max(done, key=lambda b: (b.created, b.name)).name
+        counts = {"nightly": 0, "weekly": 0, "monthly": 0}
+        for b in mine:
+            if b.tier.lower() in counts:
+                counts[b.tier.lower()] += 1
+        status["backups"] = counts
+        status["conditions"] = [_cond("Ready", True, "Scheduled", ready_msg, now, old)]
+        self._write(s, old, status)
+
+    def _write(self, s: dict[str, Any], old: dict[str, Any], status: dict[str, Any]) -> None:
+        """Write only what changed: 1,000 schedules must not mean 1,000 writes a tick."""
+        changed = {k: v for k, v in status.items() if old.get(k) != v}
+        if changed:
+            meta = s["metadata"]
+            self.kube.patch_status(PLURAL, meta["namespace"], meta["name"], changed)
+
+    def _skip_reason(self, ns: str, spec: dict[str, Any]) -> str:
+        app = spec["source"].get("app")
+        only = spec.get("onlyWhenAppRunning")
+        if not app or only is False:
+            return ""
+        kind, name = app.get("kind") or "Deployment", app["name"]
+        try:
+            if kind == "StatefulSet":
+                obj = self.kube.apps.read_namespaced_stateful_set(name, ns)
+            else:
+                obj = self.kube.apps.read_namespaced_deployment(name, ns)
+        except ApiException as e:
+            if e.status == 404:
+                return f"the app's {kind} {name} does not exist"
+            raise
+        ready = int(obj.status.ready_replicas or 0) if obj.status else 0
+        return "" if ready > 0 else f"the app is not running ({kind} {name} has no ready replica)"
+
+    def _source_busy(self, ns: str, spec: dict[str, Any]) -> bool:
+        """Never two backups of the same source at once: wait while one is in flight."""
+        sid = layout.source_id(spec["source"])
+        for b in self.kube.list_objects(BACKUPS, ns):
+            st = b.get("status") or {}
+            if st.get("sourceId") == sid and st.get("phase") in (None, "Queued", "Running"):
+                return True
+        return False
+
+    def _create_backup(self, s: dict[str, Any], plan: sch.Plan, slot: sch.Slot) -> bool:
+        meta, spec = s["metadata"], s["spec"]
+        body: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": "Backup",
+            "metadata": {
+                "name": slot.name,
+                "namespace": meta["namespace"],
+                # No owner reference: deleting a schedule keeps its Backups, as Mendix does.
+                "labels": {LABEL_SCHEDULE: meta["name"], LABEL_TIER: slot.tier, LABEL_MANAGED_BY: MANAGED_BY},
+                "annotations": {
+                    ANNOTATION_EXPIRES_AT: format_time(slot.expires),
+                    f"{GROUP}/slot": format_time(slot.time),
+                },
+            },
+            "spec": {
+                "storageRef": spec["storageRef"],
+                "source": spec["source"],
+                "type": slot.tier,
+                "contents": spec.get("contents") or "Full",
+            },
+        }
+        if spec.get("comment"):
+            body["spec"]["comment"] = spec["comment"]
+        try:
+            self.kube.custom.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], BACKUPS, body)
+        except ApiException as e:
+            if e.status == 409:
+                return False  # already taken (a restart, or another replica): never twice
+            msg = f"creating Backup {slot.name} failed: {e.reason}"
+            self.kube.event(s, "Warning", "CreateFailed", msg)
+            raise
+        log.info(
+            "schedule %s/%s: created %s (%s, expires %s)",
+            meta["namespace"],
+            meta["name"],
+            slot.name,
+            slot.tier,
+            format_time(slot.expires),
+        )
+        self.kube.event(
+            s,
+            "Normal",
+            "BackupCreated",
+            f"{slot.tier} backup {slot.name}, expires {format_time(slot.expires)}",
+        )
+        return True
+
+
+def _cond(
+    ctype: str, ok: bool, reason: str, message: str, now: dt.datetime, old: dict[str, Any]
+) -> dict[str, Any]:
+    prev: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == ctype), {})
+    status = "True" if ok else "False"
+    since = prev.get("lastTransitionTime") if prev.get("status") == status else format_time(now)
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+    }
+
+
+# --- garbage collection -------------------------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    examined: int = 0
+    deleted: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)
+
+
+def gc_sweep(kube: Kube, now: dt.datetime) -> SweepReport:
+    """Delete every Backup whose ``nightjar.dev/expires-at`` has passed, unless pinned.
+
+    In-flight Backups wait for their end. A Backup whose storage cannot be reached now is left for
+    a later sweep (its finalizer could not delete the objects), so nothing is lost.
+    """
+    report = SweepReport()
+    reachable: dict[tuple[str, str], bool] = {}
+    for b in list_all(kube, BACKUPS):
+        report.examined += 1
+        meta = b["metadata"]
+        ann = meta.get("annotations") or {}
+        if meta.get("deletionTimestamp") or (ann.get(ANNOTATION_KEEP) or "").lower() == "true":
+            continue
+        try:
+            expires = parse_time(ann[ANNOTATION_EXPIRES_AT])
+        except (KeyError, ValueError):
+            continue
+        if expires > now or (b.get("status") or {}).get("phase") not in ("Completed", "Failed"):
+            continue
+        ns, storage_name = meta["namespace"], b["spec"]["storageRef"]["name"]
+        key = (ns, storage_name)
+        if key not in reachable:
+            reachable[key] = _storage_reachable(kube, ns, storage_name)
+        if not reachable[key]:
+            report.deferred.append(f"{ns}/{meta['name']}")
+            continue
+        try:
+            kube.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, BACKUPS, meta["name"])
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("gc: deleting %s/%s failed: %s", ns, meta["name"], e.reason)
+            continue
+        kube.event(
+            b, "Normal", "Expired", f"expired at {format_time(expires)}; deleting it and its stored objects"
+        )
+        log.info("gc: deleted expired backup %s/%s (expired %s)", ns, meta["name"], format_time(expires))
+        report.deleted.append(f"{ns}/{meta['name']}")
+    if report.deferred:
+        log.warning("gc: %d expired backups wait for their storage to be reachable", len(report.deferred))
+    return report
+
+
+def _storage_reachable(kube: Kube, ns: str, name: str) -> bool:
+    storage = kube.get(storage_rec.PLURAL, ns, name)
+    if storage is None:
+        return True  # nothing stored anywhere we could reach: the Backup can go
+    try:
+        target = storage_rec.target_for(kube, ns, storage["spec"])
+        target.client().head_bucket(Bucket=target.bucket)
+    except (SecretMissing, Exception):
+        return False
+    return True
