@@ -5,8 +5,12 @@ Nothing here is mocked. Each test gets a fresh namespace, deleted afterwards.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -14,7 +18,8 @@ import pytest
 from botocore.config import Config
 from kubernetes import client, config
 
-from tests.support import stack_env
+from tests.integration.helpers import psql
+from tests.support import stack_env, wait_for
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -70,3 +75,109 @@ def s3(env: dict[str, str]) -> Any:
         region_name=env["NIGHTJAR_S3_REGION"],
         config=Config(s3={"addressing_style": "path"}),
     )
+
+
+@pytest.fixture
+def app_db(env: dict[str, str], namespace: str, core: client.CoreV1Api) -> Iterator[str]:
+    """A database with known rows and a role whose password is in the Secret "db"."""
+    db = f"app_{namespace.replace('-', '_')}"
+    password = uuid.uuid4().hex
+    psql(env, "postgres", f"create role {db} login password '{password}'")
+    psql(env, "postgres", f"create database {db} owner {db}")
+    psql(
+        env,
+        db,
+        f"""
+        set role {db};
+        create table customers (id int primary key, name text, note text);
+        create table orders (id bigserial primary key, customer int references customers, total numeric(10,2),
+                             placed timestamptz, tags text[]);
+        insert into customers
+          select g, 'customer ' || g, case when g % 7 = 0 then null else repeat('x', g % 50) end
+          from generate_series(1, 500) g;
+        insert into orders (customer, total, placed, tags)
+          select 1 + g % 500, (g * 1.37)::numeric(10,2), '2026-01-01'::timestamptz + g * interval '1 hour',
+                 array['a' || g % 3, 'b'] from generate_series(1, 5000) g;
+    """,
+    )
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "db"},
+            "stringData": {
+                "host": "127.0.0.1",
+                "port": env["NIGHTJAR_PG_PORT"],
+                "dbname": db,
+                "user": db,
+                "password": password,
+            },
+        },
+    )
+    yield db
+    subprocess.run(
+        [
+            os.path.join(env["NIGHTJAR_PG_BINDIR"], "psql"),
+            env["NIGHTJAR_PG_DSN"],
+            "-qc",
+            f"drop database if exists {db} with (force)",
+        ],
+        capture_output=True,
+        check=False,
+    )
+
+
+@pytest.fixture
+def files_pvc(core: client.CoreV1Api, namespace: str, tmp_path: Path) -> Iterator[Path]:
+    """A PVC (hostPath PV) holding a few hundred files, nested dirs and odd names."""
+    root = tmp_path / "pv"
+    docs = root / "docs"
+    for i in range(300):
+        d = docs / f"{i % 10:02d}" / f"sub{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"file-{i}.bin").write_bytes(hashlib.sha256(str(i).encode()).digest() * (i % 40 + 1))
+    odd = docs / "odd names"
+    odd.mkdir()
+    for name in [
+        "with space.txt",
+        "quote'and\"double.txt",
+        "ünïcødé-файл.txt",
+        "semi;colon $(x) `y`.txt",
+        "-leading-dash",
+        ".hidden",
+    ]:
+        (odd / name).write_text(f"content of {name}\n")
+    (docs / "empty-dir").mkdir()
+    (docs / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    (docs / "link").symlink_to("odd names/with space.txt")
+    pv = f"pv-{namespace}"
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "manual",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(root)},
+                "claimRef": {"namespace": namespace, "name": "files"},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "files"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "manual",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    wait_for(
+        "PVC bound",
+        lambda: core.read_namespaced_persistent_volume_claim("files", namespace).status.phase == "Bound",
+        60,
+    )
+    yield docs
+    core.delete_persistent_volume(pv)

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,203 +19,17 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from nightjar.devstack.stack import Stack, State
-from tests.support import wait_for
-
-G, V = "nightjar.dev", "v1alpha1"
-
-
-def psql(env: dict[str, str], db: str, sql: str) -> str:
-    dsn = env["NIGHTJAR_PG_DSN"].rsplit("/", 1)[0] + f"/{db}"
-    return subprocess.run(
-        [os.path.join(env["NIGHTJAR_PG_BINDIR"], "psql"), dsn, "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-
-
-TABLE_CHECKSUMS = (
-    "select string_agg(t || ':' || c, ',' order by t) from ("
-    " select 'customers' t, md5(string_agg(c::text, '|' order by c.id)) c from customers c"
-    " union all select 'orders', md5(string_agg(o::text, '|' order by o.id)) from orders o) x"
+from tests.integration.helpers import (
+    TABLE_CHECKSUMS,
+    G,
+    V,
+    backup_body,
+    get_backup,
+    make_storage,
+    psql,
+    wait_terminal,
 )
-
-
-@pytest.fixture
-def app_db(env: dict[str, str], namespace: str, core: client.CoreV1Api) -> Iterator[str]:
-    """A database with known rows and a role whose password is in the Secret "db"."""
-    db = f"app_{namespace.replace('-', '_')}"
-    password = uuid.uuid4().hex
-    psql(env, "postgres", f"create role {db} login password '{password}'")
-    psql(env, "postgres", f"create database {db} owner {db}")
-    psql(
-        env,
-        db,
-        f"""
-        set role {db};
-        create table customers (id int primary key, name text, note text);
-        create table orders (id bigserial primary key, customer int references customers, total numeric(10,2),
-                             placed timestamptz, tags text[]);
-        insert into customers
-          select g, 'customer ' || g, case when g % 7 = 0 then null else repeat('x', g % 50) end
-          from generate_series(1, 500) g;
-        insert into orders (customer, total, placed, tags)
-          select 1 + g % 500, (g * 1.37)::numeric(10,2), '2026-01-01'::timestamptz + g * interval '1 hour',
-                 array['a' || g % 3, 'b'] from generate_series(1, 5000) g;
-    """,
-    )
-    core.create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": "db"},
-            "stringData": {
-                "host": "127.0.0.1",
-                "port": env["NIGHTJAR_PG_PORT"],
-                "dbname": db,
-                "user": db,
-                "password": password,
-            },
-        },
-    )
-    yield db
-    subprocess.run(
-        [
-            os.path.join(env["NIGHTJAR_PG_BINDIR"], "psql"),
-            env["NIGHTJAR_PG_DSN"],
-            "-qc",
-            f"drop database if exists {db} with (force)",
-        ],
-        capture_output=True,
-        check=False,
-    )
-
-
-def make_storage(
-    custom: client.CustomObjectsApi,
-    core: client.CoreV1Api,
-    env: dict[str, str],
-    ns: str,
-    name: str = "s3",
-    bucket_key: str = "NIGHTJAR_S3_BUCKET_PLAIN",
-    lock: str = "None",
-) -> dict[str, Any]:
-    try:
-        core.create_namespaced_secret(
-            ns,
-            {
-                "metadata": {"name": "s3-creds"},
-                "stringData": {
-                    "AWS_ACCESS_KEY_ID": env["NIGHTJAR_S3_ACCESS_KEY"],
-                    "AWS_SECRET_ACCESS_KEY": env["NIGHTJAR_S3_SECRET_KEY"],
-                },
-            },
-        )
-    except ApiException as e:
-        if e.status != 409:
-            raise
-    body = {
-        "apiVersion": f"{G}/{V}",
-        "kind": "BackupStorage",
-        "metadata": {"name": name},
-        "spec": {
-            "endpoint": env["NIGHTJAR_S3_ENDPOINT"],
-            "bucket": env[bucket_key],
-            "region": "us-east-1",
-            "prefix": f"tests/{ns}",
-            "credentials": {"secretName": "s3-creds"},
-            "objectLock": {"mode": lock},
-            "jurisdiction": "EU",
-        },
-    }
-    custom.create_namespaced_custom_object(G, V, ns, "backupstorages", body)
-    return wait_for(f"BackupStorage {name} Ready", lambda: _ready(custom, ns, name), 30)
-
-
-def _ready(custom: client.CustomObjectsApi, ns: str, name: str) -> dict[str, Any] | None:
-    obj = custom.get_namespaced_custom_object(G, V, ns, "backupstorages", name)
-    return obj if (obj.get("status") or {}).get("phase") == "Ready" else None
-
-
-@pytest.fixture
-def files_pvc(core: client.CoreV1Api, namespace: str, tmp_path: Path) -> Iterator[Path]:
-    """A PVC (hostPath PV) holding a few hundred files, nested dirs and odd names."""
-    root = tmp_path / "pv"
-    docs = root / "docs"
-    for i in range(300):
-        d = docs / f"{i % 10:02d}" / f"sub{i % 3}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"file-{i}.bin").write_bytes(hashlib.sha256(str(i).encode()).digest() * (i % 40 + 1))
-    odd = docs / "odd names"
-    odd.mkdir()
-    for name in [
-        "with space.txt",
-        "quote'and\"double.txt",
-        "ünïcødé-файл.txt",
-        "semi;colon $(x) `y`.txt",
-        "-leading-dash",
-        ".hidden",
-    ]:
-        (odd / name).write_text(f"content of {name}\n")
-    (docs / "empty-dir").mkdir()
-    (docs / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
-    (docs / "link").symlink_to("odd names/with space.txt")
-    pv = f"pv-{namespace}"
-    core.create_persistent_volume(
-        {
-            "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "manual",
-                "persistentVolumeReclaimPolicy": "Retain",
-                "hostPath": {"path": str(root)},
-                "claimRef": {"namespace": namespace, "name": "files"},
-            },
-        }
-    )
-    core.create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "metadata": {"name": "files"},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "manual",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
-    wait_for(
-        "PVC bound",
-        lambda: core.read_namespaced_persistent_volume_claim("files", namespace).status.phase == "Bound",
-        60,
-    )
-    yield docs
-    core.delete_persistent_volume(pv)
-
-
-def backup_body(name: str, *, files: bool = True, comment: str = "", storage: str = "s3") -> dict[str, Any]:
-    source: dict[str, Any] = {"database": {"secretRef": {"name": "db"}}}
-    if files:
-        source["files"] = {"persistentVolumeClaim": {"claimName": "files", "path": "docs"}}
-    spec: dict[str, Any] = {"storageRef": {"name": storage}, "source": source}
-    if comment:
-        spec["comment"] = comment
-    return {"apiVersion": f"{G}/{V}", "kind": "Backup", "metadata": {"name": name}, "spec": spec}
-
-
-def get_backup(custom: client.CustomObjectsApi, ns: str, name: str) -> dict[str, Any]:
-    obj: dict[str, Any] = custom.get_namespaced_custom_object(G, V, ns, "backups", name)
-    return obj
-
-
-def wait_terminal(
-    custom: client.CustomObjectsApi, ns: str, name: str, timeout: float = 180
-) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        b = get_backup(custom, ns, name)
-        return b if (b.get("status") or {}).get("phase") in ("Completed", "Failed") else None
-
-    return wait_for(f"backup {name} to finish", done, timeout)
+from tests.support import wait_for
 
 
 def sha256_file(p: Path) -> str:
