@@ -56,8 +56,8 @@ test: deps venv binaries lint ## Everything CI runs: lint, then unit and integra
 test-integration: deps venv binaries ## Integration tests on a fresh stack in .local/test.
 	@hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
 
-bench: deps venv binaries ## Benchmarks on a private stack (BENCH_COUNTS=10000,100000 by default).
-	@hack/run-bench.sh
+bench: deps venv binaries ## Benchmarks on a private stack: BENCH=files,scale (both by default).
+	@BENCH=$${BENCH:-files,scale} hack/run-bench.sh
 
 crds: venv ## Copy the shared schema parts between CRDs (a unit test fails when they drift).
 	@$(PY) hack/sync-crd-schemas.py

@@ -83,13 +83,10 @@ def _periodic() -> None:
             log.exception("scheduler tick failed; next tick retries")
         if time.monotonic() >= next_gc:
             try:
+                started = time.monotonic()
                 sweep = gc_sweep(STATE.kube, now)
-                log.info(
-                    "gc: examined %d backups, deleted %d, deferred %d",
-                    sweep.examined,
-                    len(sweep.deleted),
-                    len(sweep.deferred),
-                )
+                log.info("gc: examined %d backups, deleted %d, deferred %d in %.1fs", sweep.examined,
+                         len(sweep.deleted), len(sweep.deferred), time.monotonic() - started)
             except Exception:
                 log.exception("gc sweep failed; the next sweep retries")
             next_gc = time.monotonic() + STATE.config.gc_interval_seconds
