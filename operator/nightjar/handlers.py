@@ -49,6 +49,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # our reconcilers post their own Events
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
+    # Bounded concurrency: a restart facing 20,000 Backups must not flood the API server.
+    settings.batching.worker_limit = 32
     config = OperatorConfig.from_env()
     STATE.kube = Kube(load_client())
     STATE.backups = BackupReconciler(STATE.kube, config)
@@ -85,8 +87,13 @@ def _periodic() -> None:
             try:
                 started = time.monotonic()
                 sweep = gc_sweep(STATE.kube, now)
-                log.info("gc: examined %d backups, deleted %d, deferred %d in %.1fs", sweep.examined,
-                         len(sweep.deleted), len(sweep.deferred), time.monotonic() - started)
+                log.info(
+                    "gc: examined %d backups, deleted %d, deferred %d in %.1fs",
+                    sweep.examined,
+                    len(sweep.deleted),
+                    len(sweep.deferred),
+                    time.monotonic() - started,
+                )
             except Exception:
                 log.exception("gc sweep failed; the next sweep retries")
             next_gc = time.monotonic() + STATE.config.gc_interval_seconds

@@ -81,30 +81,37 @@ class Scheduler:
     # --- the scheduler tick ----------------------------------------------------------------
 
     def tick(self, now: dt.datetime) -> TickReport:
+        """One pass over all Backups (paged) and all schedules: O(schedules + backups) a tick."""
         by_schedule: dict[tuple[str, str], list[BackupInfo]] = defaultdict(list)
-        for b in list_all(self.kube, BACKUPS, label_selector=LABEL_SCHEDULE):
+        busy: set[tuple[str, str]] = set()
+        for b in list_all(self.kube, BACKUPS):
             meta = b["metadata"]
             labels = meta.get("labels") or {}
-            by_schedule[(meta["namespace"], labels[LABEL_SCHEDULE])].append(
-                BackupInfo(
-                    name=meta["name"],
-                    tier=labels.get(LABEL_TIER, ""),
-                    phase=(b.get("status") or {}).get("phase") or "Queued",
-                    created=meta.get("creationTimestamp", ""),
+            st = b.get("status") or {}
+            if st.get("phase") in (None, "Queued", "Running"):
+                busy.add((meta["namespace"], st.get("sourceId") or layout.source_id(b["spec"]["source"])))
+            if LABEL_SCHEDULE in labels:
+                by_schedule[(meta["namespace"], labels[LABEL_SCHEDULE])].append(
+                    BackupInfo(
+                        name=meta["name"],
+                        tier=labels.get(LABEL_TIER, ""),
+                        phase=st.get("phase") or "Queued",
+                        created=meta.get("creationTimestamp", ""),
+                    )
                 )
-            )
         report = TickReport()
         for s in list_all(self.kube, PLURAL):
             report.schedules += 1
             key = (s["metadata"]["namespace"], s["metadata"]["name"])
             try:
-                self.reconcile(s, by_schedule.get(key, []), now, report)
+                self.reconcile(s, by_schedule.get(key, []), now, report, busy=busy)
             except Exception:
                 log.exception("schedule %s/%s", *key)
         return report
 
     def reconcile_one(self, schedule: dict[str, Any], now: dt.datetime) -> None:
-        """One schedule right away (on create/update), with its Backups listed by label."""
+        """One schedule's status right away (on create/update/resume). Only the tick creates
+        Backups: it knows which sources are busy without one list per schedule."""
         meta = schedule["metadata"]
         sel = f"{LABEL_SCHEDULE}={meta['name']}"
         items = self.kube.custom.list_namespaced_custom_object(
@@ -119,11 +126,17 @@ class Scheduler:
             )
             for b in items
         ]
-        self.reconcile(schedule, mine, now, TickReport())
+        self.reconcile(schedule, mine, now, TickReport(), busy=None)
 
     def reconcile(
-        self, s: dict[str, Any], mine: list[BackupInfo], now: dt.datetime, report: TickReport
+        self,
+        s: dict[str, Any],
+        mine: list[BackupInfo],
+        now: dt.datetime,
+        report: TickReport,
+        busy: set[tuple[str, str]] | None,
     ) -> None:
+        """``busy``: (namespace, sourceId) of in-flight Backups; None means do not create now."""
         meta, spec = s["metadata"], s["spec"]
         ns, name = meta["namespace"], meta["name"]
         old = s.get("status") or {}
@@ -146,7 +159,7 @@ class Scheduler:
         slot = decision.slot
         if spec.get("suspend"):
             ready_msg = "suspended: no backups are taken"
-        elif decision.action == "create" and slot is not None:
+        elif decision.action == "create" and slot is not None and busy is not None:
             skipped = (old.get("lastSkipped") or {}).get("time") == format_time(slot.time)
             if not skipped:
                 reason = self._skip_reason(ns, spec)
@@ -156,7 +169,10 @@ class Scheduler:
                         s, "Normal", "Skipped", f"slot {format_time(slot.time)} skipped: {reason}"
                     )
                     report.skipped.append(f"{ns}/{slot.name}")
-                elif not self._source_busy(ns, spec) and self._create_backup(s, plan, slot):
+                elif (ns, sid := layout.source_id(spec["source"])) not in busy and self._create_backup(
+                    s, plan, slot
+                ):
+                    busy.add((ns, sid))  # never two backups of the same source at once
                     report.created.append(f"{ns}/{slot.name}")
                     mine = [*mine, BackupInfo(slot.name, slot.tier, "Queued", format_time(now))]
         elif decision.action == "missed" and slot is not None:
@@ -209,15 +225,6 @@ class Scheduler:
             raise
         ready = int(obj.status.ready_replicas or 0) if obj.status else 0
         return "" if ready > 0 else f"the app is not running ({kind} {name} has no ready replica)"
-
-    def _source_busy(self, ns: str, spec: dict[str, Any]) -> bool:
-        """Never two backups of the same source at once: wait while one is in flight."""
-        sid = layout.source_id(spec["source"])
-        for b in self.kube.list_objects(BACKUPS, ns):
-            st = b.get("status") or {}
-            if st.get("sourceId") == sid and st.get("phase") in (None, "Queued", "Running"):
-                return True
-        return False
 
     def _create_backup(self, s: dict[str, Any], plan: sch.Plan, slot: sch.Slot) -> bool:
         meta, spec = s["metadata"], s["spec"]
