@@ -185,7 +185,9 @@ def main() -> None:
     with open(log, "rb") as f:
         f.seek(log_start)
         sweeps = re.findall(
-            rb"gc: examined (\d+) backups, deleted (\d+), deferred (\d+) in ([\d.]+)s", f.read()
+            rb"gc: examined (\d+) backups, deleted (\d+), deferred (\d+), finished \d+ stuck deletions"
+            rb" in ([\d.]+)s",
+            f.read(),
         )
     print(f"operator peak RSS: {rss:.0f} MiB (target <= 300)")
     for ex, de, dfr, secs in sweeps:

@@ -86,12 +86,13 @@ def _periodic() -> None:
         if time.monotonic() >= next_gc:
             try:
                 started = time.monotonic()
-                sweep = gc_sweep(STATE.kube, now)
+                sweep = gc_sweep(STATE.kube, now, finalize=STATE.backups.finish_deletion)
                 log.info(
-                    "gc: examined %d backups, deleted %d, deferred %d in %.1fs",
+                    "gc: examined %d backups, deleted %d, deferred %d, finished %d stuck deletions in %.1fs",
                     sweep.examined,
                     len(sweep.deleted),
                     len(sweep.deferred),
+                    len(sweep.finalized),
                     time.monotonic() - started,
                 )
             except Exception:

@@ -48,11 +48,30 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
     tmp_path: Path,
 ) -> None:
     make_storage(custom, core, env, namespace)
-    custom.create_namespaced_custom_object(
-        G, V, namespace, "backups", backup_body("first", comment="before upgrade")
+    client.AppsV1Api(core.api_client).create_namespaced_deployment(
+        namespace,
+        {
+            "metadata": {
+                "name": "shop",
+                "annotations": {"nightjar.dev/model-version": "10.4.1.33"},
+                "labels": {"app.kubernetes.io/version": "ignored-when-annotated"},
+            },
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": "shop"}},
+                "template": {
+                    "metadata": {"labels": {"app": "shop"}},
+                    "spec": {"containers": [{"name": "app", "image": "shop", "command": ["true"]}]},
+                },
+            },
+        },
     )
+    first = backup_body("first", comment="before upgrade")
+    first["spec"]["source"]["app"] = {"kind": "Deployment", "name": "shop"}
+    custom.create_namespaced_custom_object(G, V, namespace, "backups", first)
     b = wait_terminal(custom, namespace, "first")
     st = b["status"]
+    assert st["modelVersion"] == "10.4.1.33"
     assert st["phase"] == "Completed", st.get("message")
     assert st["attempts"] == 1
     assert st["snapshotId"] and st["createdOn"] and st["completedOn"]
@@ -158,6 +177,7 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
     ]
     assert "Completed" in row and "OnDemand" in row and "before upgrade" in row and st["snapshotId"] in row
     assert st["sizeUncompressedMB"] in row
+    assert "10.4.1.33" in row
 
 
 def test_wrong_database_password_fails_after_exactly_three_attempts(

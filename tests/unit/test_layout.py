@@ -13,6 +13,7 @@ def test_source_id_is_stable_and_ignores_key_order() -> None:
     assert layout.source_id(a) == layout.source_id(b)
     assert len(layout.source_id(a)) == 16
     assert layout.source_id(a) != layout.source_id({"database": {"secretRef": {"name": "other"}}})
+    assert layout.source_id(a) == layout.source_id({**a, "app": {"kind": "Deployment", "name": "shop"}})
 
 
 def test_snapshot_keys_live_under_namespace_source_backup_and_attempt() -> None:

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from kubernetes.client.rest import ApiException
 
 from nightjar.config import OperatorConfig
-from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_MODEL_VERSION
+from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_MODEL_VERSION, FINALIZER, GROUP, VERSION
 from nightjar.domain.retention import default_expiry, format_time, parse_time
 from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
 from nightjar.kube import Kube, SecretMissing
@@ -399,6 +399,33 @@ class BackupReconciler:
             },
             ("Warning", "Failed", message),
         )
+
+    def finish_deletion(self, backup: dict[str, Any]) -> bool:
+        """Delete the stored objects and drop our finalizer (used when kopf's turn never came)."""
+        try:
+            summary = self.delete_stored(backup)
+        except Retry as e:
+            log.warning(
+                "stuck deletion of %s/%s: %s", backup["metadata"]["namespace"], backup["metadata"]["name"], e
+            )
+            return False
+        meta = backup["metadata"]
+        finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+        try:
+            self.kube.custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                meta["namespace"],
+                PLURAL,
+                meta["name"],
+                {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}},
+            )
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False  # gone, or changed under us: the next sweep looks again
+            raise
+        log.info("finished the stuck deletion of %s/%s: %s", meta["namespace"], meta["name"], summary)
+        return True
 
     # --- deletion ------------------------------------------------------------------------------
 

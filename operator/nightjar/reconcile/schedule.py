@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from nightjar.constants import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_KEEP,
     API_VERSION,
+    FINALIZER,
     GROUP,
     LABEL_MANAGED_BY,
     LABEL_SCHEDULE,
@@ -298,13 +299,22 @@ class SweepReport:
     examined: int = 0
     deleted: list[str] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)
+    finalized: list[str] = field(default_factory=list)
 
 
-def gc_sweep(kube: Kube, now: dt.datetime) -> SweepReport:
+#: A Backup still being deleted after this long had its finalizer event lost or stuck.
+STUCK_DELETION = dt.timedelta(minutes=5)
+
+
+def gc_sweep(
+    kube: Kube, now: dt.datetime, finalize: Callable[[dict[str, Any]], bool] | None = None
+) -> SweepReport:
     """Delete every Backup whose ``nightjar.dev/expires-at`` has passed, unless pinned.
 
     In-flight Backups wait for their end. A Backup whose storage cannot be reached now is left for
-    a later sweep (its finalizer could not delete the objects), so nothing is lost.
+    a later sweep (its finalizer could not delete the objects), so nothing is lost. A Backup whose
+    deletion has hung on our finalizer for ``STUCK_DELETION`` is finished here by ``finalize``
+    (the same deletion path), so no Backup stays Terminating forever.
     """
     report = SweepReport()
     reachable: dict[tuple[str, str], bool] = {}
@@ -312,7 +322,13 @@ def gc_sweep(kube: Kube, now: dt.datetime) -> SweepReport:
         report.examined += 1
         meta = b["metadata"]
         ann = meta.get("annotations") or {}
-        if meta.get("deletionTimestamp") or (ann.get(ANNOTATION_KEEP) or "").lower() == "true":
+        if meta.get("deletionTimestamp"):
+            since = parse_time(meta["deletionTimestamp"])
+            stuck = now - since > STUCK_DELETION and FINALIZER in (meta.get("finalizers") or [])
+            if stuck and finalize is not None and finalize(b):
+                report.finalized.append(f"{meta['namespace']}/{meta['name']}")
+            continue
+        if (ann.get(ANNOTATION_KEEP) or "").lower() == "true":
             continue
         try:
             expires = parse_time(ann[ANNOTATION_EXPIRES_AT])

@@ -32,8 +32,13 @@ _SNAPSHOT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 def source_id(source: dict[str, Any]) -> str:
-    """Stable 16-hex id of a Backup's ``spec.source`` (key order does not matter)."""
-    canonical = json.dumps(source, sort_keys=True, separators=(",", ":"))
+    """Stable 16-hex id of the data a ``spec.source`` names: its database and files.
+
+    Key order does not matter, and neither does ``app`` (it only says where the model version
+    comes from), so backups with and without it share content.
+    """
+    data = {k: v for k, v in source.items() if k in ("database", "files")}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
