@@ -110,6 +110,21 @@ class Kube:
             raise SecretMissing(f'Secret "{name}" has no key {", ".join(missing)}')
         return {k: data[k] for k in keys}
 
+    def read_workload(self, namespace: str, app: dict[str, Any]) -> Any:
+        """The app's Deployment or StatefulSet (``source.app``), or None when it does not exist."""
+        kind, name = app.get("kind") or "Deployment", app["name"]
+        read = (
+            self.apps.read_namespaced_stateful_set
+            if kind == "StatefulSet"
+            else self.apps.read_namespaced_deployment
+        )
+        try:
+            return read(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job as a dict in API form (camelCase), like the bodies kopf passes to handlers."""
         try:

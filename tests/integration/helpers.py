@@ -87,6 +87,14 @@ def backup_body(name: str, *, files: bool = True, comment: str = "", storage: st
     return {"apiVersion": f"{G}/{V}", "kind": "Backup", "metadata": {"name": name}, "spec": spec}
 
 
+def backup_gone(custom: client.CustomObjectsApi, ns: str, name: str) -> bool:
+    try:
+        custom.get_namespaced_custom_object(G, V, ns, "backups", name)
+    except ApiException as e:
+        return e.status == 404
+    return False
+
+
 def get_backup(custom: client.CustomObjectsApi, ns: str, name: str) -> dict[str, Any]:
     obj: dict[str, Any] = custom.get_namespaced_custom_object(G, V, ns, "backups", name)
     return obj

@@ -24,6 +24,7 @@ from tests.integration.helpers import (
     G,
     V,
     backup_body,
+    backup_gone,
     get_backup,
     make_storage,
     psql,
@@ -311,14 +312,7 @@ def test_deleting_a_backup_removes_its_stored_objects(
     assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0) >= 4
     custom.delete_namespaced_custom_object(G, V, namespace, "backups", "doomed")
 
-    def gone() -> bool:
-        try:
-            get_backup(custom, namespace, "doomed")
-        except ApiException as e:
-            return e.status == 404
-        return False
-
-    wait_for("backup deleted", gone, 60)
+    wait_for("backup deleted", lambda: backup_gone(custom, namespace, "doomed"), 60)
     assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0) == 0
 
 
@@ -427,14 +421,11 @@ def test_deleting_a_locked_backup_says_its_objects_stay_until_retention_ends(
     assert st["phase"] == "Completed", st.get("message")
     custom.delete_namespaced_custom_object(G, V, namespace, "backups", "kept")
 
-    def gone() -> bool:
-        try:
-            get_backup(custom, namespace, "kept")
-        except ApiException as e:
-            return e.status == 404
-        return False
-
-    wait_for("locked backup deleted (the finalizer never blocks forever)", gone, 60)
+    wait_for(
+        "locked backup deleted (the finalizer never blocks forever)",
+        lambda: backup_gone(custom, namespace, "kept"),
+        60,
+    )
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=kept").items
     (locked,) = [e for e in events if e.reason == "ObjectsLocked"]
     assert "under Object Lock" in locked.message

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from nightjar.devstack.stack import Stack, State
 from nightjar.domain import schedule as sch
 from nightjar.domain.retention import format_time
-from tests.integration.helpers import G, V, backup_body, get_backup, make_storage, wait_terminal
+from tests.integration.helpers import G, V, backup_body, backup_gone, get_backup, make_storage, wait_terminal
 from tests.support import wait_for
 
 
@@ -159,14 +158,6 @@ def _expire(custom: client.CustomObjectsApi, ns: str, name: str, keep: bool = Fa
     custom.patch_namespaced_custom_object(G, V, ns, "backups", name, {"metadata": {"annotations": ann}})
 
 
-def _gone(custom: client.CustomObjectsApi, ns: str, name: str) -> bool:
-    try:
-        get_backup(custom, ns, name)
-    except ApiException as e:
-        return e.status == 404
-    return False
-
-
 def test_gc_deletes_expired_backups_and_their_objects_keeps_pinned_ones_and_shared_content(
     custom: client.CustomObjectsApi,
     core: client.CoreV1Api,
@@ -200,7 +191,7 @@ def test_gc_deletes_expired_backups_and_their_objects_keeps_pinned_ones_and_shar
 
     _expire(custom, namespace, "old")
     _expire(custom, namespace, "pinned", keep=True)
-    wait_for("GC to delete the expired backup", lambda: _gone(custom, namespace, "old"), 60)
+    wait_for("GC to delete the expired backup", lambda: backup_gone(custom, namespace, "old"), 60)
     listed = {
         o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"tests/{namespace}/").get("Contents", [])
     }
@@ -211,7 +202,7 @@ def test_gc_deletes_expired_backups_and_their_objects_keeps_pinned_ones_and_shar
     assert "Expired" in {e.reason for e in events}
 
     _expire(custom, namespace, "new")
-    wait_for("GC to delete the second backup", lambda: _gone(custom, namespace, "new"), 60)
+    wait_for("GC to delete the second backup", lambda: backup_gone(custom, namespace, "new"), 60)
     listed = {
         o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"tests/{namespace}/").get("Contents", [])
     }

@@ -240,16 +240,10 @@ class BackupReconciler:
     def _model_version(self, ns: str, app: dict[str, Any] | None) -> str:
         if not app:
             return ""
-        kind, name = app.get("kind") or "Deployment", app["name"]
-        try:
-            if kind == "StatefulSet":
-                obj = self.kube.apps.read_namespaced_stateful_set(name, ns)
-            else:
-                obj = self.kube.apps.read_namespaced_deployment(name, ns)
-        except ApiException as e:
-            if e.status == 404:
-                raise PreflightFailed(f'app: {kind} "{name}" not found in namespace {ns}') from e
-            raise
+        obj = self.kube.read_workload(ns, app)
+        if obj is None:
+            kind = app.get("kind") or "Deployment"
+            raise PreflightFailed(f'app: {kind} "{app["name"]}" not found in namespace {ns}')
         ann = obj.metadata.annotations or {}
         labels = obj.metadata.labels or {}
         return str(ann.get(ANNOTATION_MODEL_VERSION) or labels.get("app.kubernetes.io/version") or "")

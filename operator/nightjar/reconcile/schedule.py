@@ -215,15 +215,9 @@ class Scheduler:
         if not app or only is False:
             return ""
         kind, name = app.get("kind") or "Deployment", app["name"]
-        try:
-            if kind == "StatefulSet":
-                obj = self.kube.apps.read_namespaced_stateful_set(name, ns)
-            else:
-                obj = self.kube.apps.read_namespaced_deployment(name, ns)
-        except ApiException as e:
-            if e.status == 404:
-                return f"the app's {kind} {name} does not exist"
-            raise
+        obj = self.kube.read_workload(ns, app)
+        if obj is None:
+            return f"the app's {kind} {name} does not exist"
         ready = int(obj.status.ready_replicas or 0) if obj.status else 0
         return "" if ready > 0 else f"the app is not running ({kind} {name} has no ready replica)"
 
