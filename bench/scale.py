@@ -88,7 +88,11 @@ def main() -> None:
                 "kind": "Backup",
                 "metadata": {
                     "name": bname,
-                    "labels": {"nightjar.dev/schedule": name, "nightjar.dev/tier": "Nightly"},
+                    "labels": {
+                        "nightjar.dev/schedule": name,
+                        "nightjar.dev/tier": "Nightly",
+                        "nightjar.dev/finished": "true",  # as the operator labels terminal Backups
+                    },
                     "annotations": {"nightjar.dev/expires-at": format_time(expires)},
                 },
                 "spec": {

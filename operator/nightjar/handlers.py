@@ -16,11 +16,18 @@ import kopf
 
 from nightjar import __version__
 from nightjar.config import OperatorConfig
-from nightjar.constants import FINALIZER, GROUP, KOPF_PERSISTENCE_PREFIX, LABEL_BACKUP, VERSION
+from nightjar.constants import (
+    FINALIZER,
+    GROUP,
+    KOPF_PERSISTENCE_PREFIX,
+    LABEL_BACKUP,
+    LABEL_FINISHED,
+    VERSION,
+)
 from nightjar.kube import Kube, load_client
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
-from nightjar.reconcile.backup import BackupReconciler, Retry
+from nightjar.reconcile.backup import BackupReconciler, Retry, watch_finished_deletions
 from nightjar.reconcile.schedule import PLURAL as SCHEDULES
 from nightjar.reconcile.schedule import Scheduler, gc_sweep
 
@@ -51,6 +58,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
     # Bounded concurrency: a restart facing 20,000 Backups must not flood the API server.
     settings.batching.worker_limit = 32
+    # Finished Backups are not kopf's business: it keeps no state for them (see LABEL_FINISHED).
+    settings.watching.label_selectors[(GROUP, BACKUPS)] = f"!{LABEL_FINISHED}"
     config = OperatorConfig.from_env()
     STATE.kube = Kube(load_client())
     STATE.backups = BackupReconciler(STATE.kube, config)
@@ -58,6 +67,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     STATE.config = config
     STATE.stop = threading.Event()
     threading.Thread(target=_periodic, name="nightjar-sweeps", daemon=True).start()
+    threading.Thread(
+        target=watch_finished_deletions,
+        args=(STATE.kube, STATE.backups, STATE.stop),
+        name="nightjar-finished-deletions",
+        daemon=True,
+    ).start()
     log.info("nightjar operator ready (version %s, agent image %s)", __version__, config.agent_image)
 
 

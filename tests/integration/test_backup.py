@@ -73,6 +73,15 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
     b = wait_terminal(custom, namespace, "first")
     st = b["status"]
     assert st["modelVersion"] == "10.4.1.33"
+    # Finished: the kopf layer stops watching it (server-side selector on this label).
+    assert wait_for(
+        "finished label",
+        lambda: (
+            get_backup(custom, namespace, "first")["metadata"].get("labels", {}).get("nightjar.dev/finished")
+            == "true"
+        ),
+        10,
+    )
     assert st["phase"] == "Completed", st.get("message")
     assert st["attempts"] == 1
     assert st["snapshotId"] and st["createdOn"] and st["completedOn"]

@@ -96,6 +96,14 @@ def test_path_map_rewrites_whole_components_and_prefers_the_longest_mount() -> N
     assert pm.rewrite("cat /data/a > /data/b") == "cat /local/d/a > /local/d/b"
 
 
+def test_the_image_entrypoint_is_never_rewritten_but_args_are() -> None:
+    pm = PathMap()
+    pm.add("/tmp", "/node/pod/volumes/tmp")
+    c = {"image": "nightjar:1", "args": ["--result-file", "/tmp/out"]}
+    got = podspec.argv(c, {}, {"nightjar": ["/tmp/checkout/.venv/bin/nightjar"]}, rewrite=pm.rewrite)
+    assert got == ["/tmp/checkout/.venv/bin/nightjar", "--result-file", "/node/pod/volumes/tmp/out"]
+
+
 def test_mount_at_root_is_refused() -> None:
     with pytest.raises(ContainerConfigError):
         PathMap().add("/", "/x")

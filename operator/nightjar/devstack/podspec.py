@@ -11,7 +11,7 @@ no I/O, so they are unit-tested directly.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,11 +124,18 @@ def resolve_env(pod: Mapping[str, Any], container: Mapping[str, Any], lookups: L
 
 
 def argv(
-    container: Mapping[str, Any], env: Mapping[str, str], entrypoints: Mapping[str, list[str]]
+    container: Mapping[str, Any],
+    env: Mapping[str, str],
+    entrypoints: Mapping[str, list[str]],
+    rewrite: Callable[[str], str] = lambda s: s,
 ) -> list[str]:
-    """The process's argv: ``command`` (or the image's known entrypoint) plus ``args``, expanded."""
-    command = list(container.get("command") or [])
-    args = list(container.get("args") or [])
+    """The process's argv: ``command`` (or the image's known entrypoint) plus ``args``, expanded.
+
+    ``rewrite`` (volume paths) applies to what the container says, never to the node's own
+    entrypoint path: a checkout under /tmp must not be mistaken for an emptyDir at /tmp.
+    """
+    command = [rewrite(expand(a, env)) for a in container.get("command") or []]
+    args = [rewrite(expand(a, env)) for a in container.get("args") or []]
     if not command:
         image = str(container.get("image", ""))
         entry = entrypoints.get(image_name(image))
@@ -137,7 +144,7 @@ def argv(
                 f"process node: no entrypoint is known for image {image!r}; give the container a command"
             )
         command = list(entry)
-    return [expand(a, env) for a in command + args]
+    return command + args
 
 
 def image_name(image: str) -> str:
@@ -175,9 +182,6 @@ class PathMap:
         if pat is None:
             return text
         return pat.sub(lambda m: self.mounts[m.group(1)], text)
-
-    def rewrite_all(self, items: Iterable[str]) -> list[str]:
-        return [self.rewrite(i) for i in items]
 
 
 def termination_message(raw: bytes) -> str:

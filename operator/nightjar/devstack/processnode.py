@@ -463,7 +463,7 @@ class PodRunner:
         term_local.touch()
         pmap.add(term_path, str(term_local))
         env = podspec.resolve_env(self.pod, container, self._lookups())
-        argv = pmap.rewrite_all(podspec.argv(container, env, self.node.entrypoints))
+        argv = podspec.argv(container, env, self.node.entrypoints, rewrite=pmap.rewrite)
         env = {k: pmap.rewrite(v) for k, v in env.items()}
         base = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),

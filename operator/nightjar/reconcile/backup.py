@@ -11,13 +11,21 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import threading
 from typing import Any
 
 from botocore.exceptions import ClientError
 from kubernetes.client.rest import ApiException
 
 from nightjar.config import OperatorConfig
-from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_MODEL_VERSION, FINALIZER, GROUP, VERSION
+from nightjar.constants import (
+    ANNOTATION_EXPIRES_AT,
+    ANNOTATION_MODEL_VERSION,
+    FINALIZER,
+    GROUP,
+    LABEL_FINISHED,
+    VERSION,
+)
 from nightjar.domain.retention import default_expiry, format_time, parse_time
 from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
 from nightjar.kube import Kube, SecretMissing
@@ -29,6 +37,10 @@ log = logging.getLogger("nightjar.backup")
 
 PLURAL = "backups"
 TERMINAL = ("Completed", "Failed")
+
+
+#: How long the deletion of a Backup waits for unreachable storage before letting go.
+GIVE_UP = dt.timedelta(minutes=10)
 
 
 class Retry(Exception):
@@ -90,8 +102,23 @@ class BackupReconciler:
                 raise
             if event is not None and (status.get("phase") != cur or event[1] in ("Retrying",)):
                 self.kube.event(fresh, *event)
+            if status.get("phase") in TERMINAL:
+                self.mark_finished(fresh)
             return True
         return False
+
+    def mark_finished(self, backup: dict[str, Any]) -> None:
+        """Label a terminal Backup so the kopf layer stops watching it (see LABEL_FINISHED)."""
+        meta = backup["metadata"]
+        if (meta.get("labels") or {}).get(LABEL_FINISHED) == "true" or meta.get("deletionTimestamp"):
+            return
+        try:
+            self.kube.patch_meta(
+                PLURAL, meta["namespace"], meta["name"], {"labels": {LABEL_FINISHED: "true"}}
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -99,6 +126,7 @@ class BackupReconciler:
         """Drive one Backup one step further; idempotent. Raises Retry to be called again later."""
         status = backup.get("status") or {}
         if status.get("phase") in TERMINAL:
+            self.mark_finished(backup)
             return
         meta = backup["metadata"]
         ns, name = meta["namespace"], meta["name"]
@@ -394,16 +422,29 @@ class BackupReconciler:
             ("Warning", "Failed", message),
         )
 
-    def finish_deletion(self, backup: dict[str, Any]) -> bool:
-        """Delete the stored objects and drop our finalizer (used when kopf's turn never came)."""
+    def finish_deletion(self, backup: dict[str, Any], give_up_after: dt.timedelta | None = None) -> bool:
+        """Delete the stored objects and drop our finalizer: the deletion path of finished Backups
+        (which kopf no longer watches) and of deletions kopf never got to.
+
+        When the storage stays unreachable for ``give_up_after`` (default ``GIVE_UP``) since the
+        deletion was asked for, say so in an Event and let the Backup go: a lost bucket never
+        blocks its deletion forever.
+        """
+        meta = backup["metadata"]
         try:
             summary = self.delete_stored(backup)
         except Retry as e:
-            log.warning(
-                "stuck deletion of %s/%s: %s", backup["metadata"]["namespace"], backup["metadata"]["name"], e
+            since = parse_time(meta["deletionTimestamp"]) if meta.get("deletionTimestamp") else _now()
+            if _now() - since < (give_up_after or GIVE_UP):
+                log.warning("deleting %s/%s: %s; will retry", meta["namespace"], meta["name"], e)
+                return False
+            self.kube.event(
+                backup,
+                "Warning",
+                "StorageUnreachable",
+                f"stored objects were not deleted within {give_up_after or GIVE_UP}: {e}",
             )
-            return False
-        meta = backup["metadata"]
+            summary = f"gave up on the stored objects: {e}"
         finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
         try:
             self.kube.custom.patch_namespaced_custom_object(
@@ -491,3 +532,54 @@ def _list_versions(s3: Any, bucket: str, prefix: str) -> list[tuple[str, str | N
     from nightjar.storage.s3 import iter_versions
 
     return list(iter_versions(s3, bucket, prefix))
+
+
+def watch_finished_deletions(kube: Kube, reconciler: BackupReconciler, stop: threading.Event) -> None:
+    """Delete the stored objects of finished Backups being deleted (kopf does not watch them).
+
+    One cluster-wide watch filtered by ``LABEL_FINISHED`` on the server; nothing is kept per
+    object, so memory does not grow with the number of Backups. What fails here is retried on the
+    object's next event and by the GC sweep.
+    """
+    from kubernetes import watch
+
+    rv = ""
+    while not stop.is_set():
+        w = watch.Watch()
+        try:
+            for ev in w.stream(
+                kube.custom.list_cluster_custom_object,
+                GROUP,
+                VERSION,
+                PLURAL,
+                label_selector=f"{LABEL_FINISHED}=true",
+                resource_version=rv or None,
+                timeout_seconds=300,
+                allow_watch_bookmarks=True,
+            ):
+                obj = ev["object"]
+                rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                if stop.is_set():
+                    break
+                meta = obj.get("metadata", {})
+                if (
+                    ev["type"] in ("ADDED", "MODIFIED")
+                    and meta.get("deletionTimestamp")
+                    and FINALIZER in (meta.get("finalizers") or [])
+                ):
+                    try:
+                        reconciler.finish_deletion(obj)
+                    except Exception:
+                        log.exception(
+                            "deleting finished backup %s/%s", meta.get("namespace"), meta.get("name")
+                        )
+        except ApiException as e:
+            if e.status == 410:
+                rv = ""  # too old: start over with a fresh listing
+                continue
+            log.warning("watch of finished backups failed: %s; retrying", e.reason)
+            stop.wait(2)
+        except Exception:
+            log.exception("watch of finished backups failed; retrying")
+            rv = ""
+            stop.wait(2)
