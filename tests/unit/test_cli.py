@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from nightjar.cli import main
@@ -18,3 +21,31 @@ def test_version() -> None:
     out = CliRunner().invoke(main, ["--version"])
     assert out.exit_code == 0
     assert "nightjar, version 0.1.0" in out.output
+
+
+def test_schedule_preview_prints_slots_as_table_and_json(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "backupschedule.yaml"
+    table = CliRunner().invoke(
+        main, ["schedule", "preview", "-f", str(example), "--from", "2026-11-29", "--days", "8"]
+    )
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0].split() == ["TIME", "TIER", "EXPIRES", "NAME"]
+    assert len(lines) == 1 + 8
+    assert lines[1].split()[1] == "Weekly"  # Sunday 29 November
+    assert lines[8].split()[1] == "Monthly"  # Sunday 6 December, the month's first
+    out = CliRunner().invoke(
+        main, ["schedule", "preview", "-f", str(example), "--from", "2026-11-29", "--days", "1", "-o", "json"]
+    )
+    (slot,) = [json.loads(line) for line in out.output.splitlines()]
+    assert set(slot) == {"time", "tier", "expiresAt", "name"}
+    assert slot["name"] == "shop-20261129"
+    assert slot["expiresAt"].startswith("2027-02-28T")
+
+
+def test_schedule_preview_refuses_a_file_that_is_not_a_schedule(tmp_path: Path) -> None:
+    f = tmp_path / "x.yaml"
+    f.write_text("kind: Backup\n")
+    out = CliRunner().invoke(main, ["schedule", "preview", "-f", str(f)])
+    assert out.exit_code != 0
+    assert "does not hold a BackupSchedule" in out.output
