@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nightjar.devstack.stack import parse_env
 
@@ -40,3 +40,50 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, inter
         f"timed out after {timeout:.0f}s waiting for {what}"
         + (f" (last error: {last_exc})" if last_exc else "")
     )
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def hostpath_claim(core: Any, namespace: str, claim: str, path: Path) -> str:
+    """A hostPath PV pre-bound to a new PVC ``claim``, bound by the real PV controller.
+
+    Returns the PV's name (cluster-scoped: the caller deletes it).
+    """
+    pv = f"pv-{namespace}-{claim}"
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "manual",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(path)},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "manual",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    wait_for(
+        "the PV controller to bind the claim",
+        lambda: core.read_namespaced_persistent_volume_claim(claim, namespace).status.phase == "Bound",
+        60,
+    )
+    return pv

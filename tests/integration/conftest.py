@@ -19,7 +19,7 @@ from botocore.config import Config
 from kubernetes import client, config
 
 from tests.integration.helpers import psql
-from tests.support import stack_env, wait_for
+from tests.support import hostpath_claim, stack_env
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -149,35 +149,6 @@ def files_pvc(core: client.CoreV1Api, namespace: str, tmp_path: Path) -> Iterato
     (docs / "empty-dir").mkdir()
     (docs / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
     (docs / "link").symlink_to("odd names/with space.txt")
-    pv = f"pv-{namespace}"
-    core.create_persistent_volume(
-        {
-            "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "manual",
-                "persistentVolumeReclaimPolicy": "Retain",
-                "hostPath": {"path": str(root)},
-                "claimRef": {"namespace": namespace, "name": "files"},
-            },
-        }
-    )
-    core.create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "metadata": {"name": "files"},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "manual",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
-    wait_for(
-        "PVC bound",
-        lambda: core.read_namespaced_persistent_volume_claim("files", namespace).status.phase == "Bound",
-        60,
-    )
+    pv = hostpath_claim(core, namespace, "files", root)
     yield docs
     core.delete_persistent_volume(pv)

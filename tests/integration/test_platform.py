@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.support import wait_for
+from tests.support import hostpath_claim, running, wait_for
 
 
 def job(
@@ -184,15 +184,7 @@ def test_deleting_the_owner_cascades_to_its_job_and_pods_and_kills_the_process(
 
     wait_for("the garbage collector to delete the job", job_gone, 60)
     wait_for("the job's pods to be gone", lambda: not pods_of(core, namespace, "owned"), 60)
-    wait_for("the pod's process to be killed", lambda: not _running(pid), 30)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    wait_for("the pod's process to be killed", lambda: not running(pid), 30)
 
 
 WIDGET_CRD = {
@@ -337,39 +329,10 @@ def test_env_from_secret_and_configmap_reaches_the_process(
 def test_pvc_mounted_directory_is_read_and_written(
     core: client.CoreV1Api, batch: client.BatchV1Api, namespace: str, tmp_path: Path
 ) -> None:
-    pv_name = f"pv-{namespace}"
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "input.txt").write_text("42\n")
-    core.create_persistent_volume(
-        {
-            "metadata": {"name": pv_name},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "manual",
-                "persistentVolumeReclaimPolicy": "Retain",
-                "hostPath": {"path": str(tmp_path)},
-                "claimRef": {"namespace": namespace, "name": "files"},
-            },
-        }
-    )
+    pv_name = hostpath_claim(core, namespace, "files", tmp_path)
     try:
-        core.create_namespaced_persistent_volume_claim(
-            namespace,
-            {
-                "metadata": {"name": "files"},
-                "spec": {
-                    "accessModes": ["ReadWriteOnce"],
-                    "storageClassName": "manual",
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
-        wait_for(
-            "the PV controller to bind the claim",
-            lambda: core.read_namespaced_persistent_volume_claim("files", namespace).status.phase == "Bound",
-            60,
-        )
         body = job(
             "pvc",
             ["sh", "-c", "n=$(cat /data/input.txt); echo $((n * 2)) > /data/output.txt"],

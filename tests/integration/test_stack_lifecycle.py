@@ -7,14 +7,7 @@ import os
 from pathlib import Path
 
 from nightjar.devstack.stack import Stack, State
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from tests.support import running
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -22,7 +15,7 @@ def _processes_mentioning(text: str) -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
-                if text.encode() in (d / "cmdline").read_bytes() and _running(int(d.name)):
+                if text.encode() in (d / "cmdline").read_bytes() and running(int(d.name)):
                     found.append(int(d.name))
             except OSError:
                 continue
@@ -44,7 +37,7 @@ def test_up_is_idempotent_and_down_stops_every_process_it_started(tmp_path: Path
             "process-node",
             "operator",
         }
-        assert all(_running(pid) for pid in pids.values())
+        assert all(running(pid) for pid in pids.values())
 
         lines.clear()
         again = stack.up(with_operator=True)
@@ -53,7 +46,7 @@ def test_up_is_idempotent_and_down_stops_every_process_it_started(tmp_path: Path
     finally:
         stopped = stack.down(quiet=True)
     assert stopped == 7
-    assert [name for name, pid in pids.items() if _running(pid)] == []
+    assert [name for name, pid in pids.items() if running(pid)] == []
     assert _processes_mentioning(str(tmp_path / "stack")) == []
     assert State.load(tmp_path / "stack") is None
     assert not Path(first.pg_datadir).exists()
