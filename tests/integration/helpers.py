@@ -108,3 +108,13 @@ def wait_terminal(
         return b if (b.get("status") or {}).get("phase") in ("Completed", "Failed") else None
 
     return wait_for(f"backup {name} to finish", done, timeout)
+
+
+def take_backup(
+    custom: client.CustomObjectsApi, ns: str, body: dict[str, Any], timeout: float = 180
+) -> dict[str, Any]:
+    """Create a Backup, wait for it to finish, require Completed; returns its status."""
+    custom.create_namespaced_custom_object(G, V, ns, "backups", body)
+    status: dict[str, Any] = wait_terminal(custom, ns, body["metadata"]["name"], timeout)["status"]
+    assert status["phase"] == "Completed", status.get("message")
+    return status

@@ -28,6 +28,7 @@ from tests.integration.helpers import (
     get_backup,
     make_storage,
     psql,
+    take_backup,
     wait_terminal,
 )
 from tests.support import wait_for
@@ -147,9 +148,7 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
 
     # A second backup of the same source reuses every unchanged file instead of uploading it again.
     (files_pvc / "new.txt").write_text("new\n")
-    custom.create_namespaced_custom_object(G, V, namespace, "backups", backup_body("second"))
-    st2 = wait_terminal(custom, namespace, "second")["status"]
-    assert st2["phase"] == "Completed", st2.get("message")
+    st2 = take_backup(custom, namespace, backup_body("second"))
     m2 = json.loads(s3.get_object(Bucket=bucket, Key=st2["storage"]["manifestKey"])["Body"].read())
     assert m2["files"]["count"] == st["files"]["count"] + 1
     assert m2["files"]["reusedFiles"] == st["files"]["count"]
@@ -238,11 +237,7 @@ def test_object_lock_compliance_refuses_deleting_or_replacing_stored_objects(
     make_storage(
         custom, core, env, namespace, name="locked", bucket_key="NIGHTJAR_S3_BUCKET_LOCKED", lock="Compliance"
     )
-    custom.create_namespaced_custom_object(
-        G, V, namespace, "backups", backup_body("locked", files=False, storage="locked")
-    )
-    st = wait_terminal(custom, namespace, "locked")["status"]
-    assert st["phase"] == "Completed", st.get("message")
+    st = take_backup(custom, namespace, backup_body("locked", files=False, storage="locked"))
     bucket = env["NIGHTJAR_S3_BUCKET_LOCKED"]
     manifest_key = st["storage"]["manifestKey"]
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
@@ -313,9 +308,7 @@ def test_deleting_a_backup_removes_its_stored_objects(
     s3: Any,
 ) -> None:
     make_storage(custom, core, env, namespace)
-    custom.create_namespaced_custom_object(G, V, namespace, "backups", backup_body("doomed"))
-    st = wait_terminal(custom, namespace, "doomed")["status"]
-    assert st["phase"] == "Completed", st.get("message")
+    take_backup(custom, namespace, backup_body("doomed"))
     bucket = env["NIGHTJAR_S3_BUCKET_PLAIN"]
     prefix = f"tests/{namespace}/"
     assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0) >= 4
@@ -396,9 +389,7 @@ def test_files_from_an_s3_prefix_are_backed_up(
             "credentials": {"secretName": "s3-creds"},
         }
     }
-    custom.create_namespaced_custom_object(G, V, namespace, "backups", body)
-    st = wait_terminal(custom, namespace, "from-s3")["status"]
-    assert st["phase"] == "Completed", st.get("message")
+    st = take_backup(custom, namespace, body)
     assert st["files"] == {"count": 25, "bytes": sum(len(d) for d in contents.values())}
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=st["storage"]["manifestKey"])["Body"].read())
     index = gzip.decompress(
@@ -423,11 +414,7 @@ def test_deleting_a_locked_backup_says_its_objects_stay_until_retention_ends(
     make_storage(
         custom, core, env, namespace, name="locked", bucket_key="NIGHTJAR_S3_BUCKET_LOCKED", lock="Governance"
     )
-    custom.create_namespaced_custom_object(
-        G, V, namespace, "backups", backup_body("kept", files=False, storage="locked")
-    )
-    st = wait_terminal(custom, namespace, "kept")["status"]
-    assert st["phase"] == "Completed", st.get("message")
+    st = take_backup(custom, namespace, backup_body("kept", files=False, storage="locked"))
     custom.delete_namespaced_custom_object(G, V, namespace, "backups", "kept")
 
     wait_for(

@@ -15,7 +15,16 @@ from kubernetes import client
 from nightjar.devstack.stack import Stack, State
 from nightjar.domain import schedule as sch
 from nightjar.domain.retention import format_time
-from tests.integration.helpers import G, V, backup_body, backup_gone, get_backup, make_storage, wait_terminal
+from tests.integration.helpers import (
+    G,
+    V,
+    backup_body,
+    backup_gone,
+    get_backup,
+    make_storage,
+    take_backup,
+    wait_terminal,
+)
 from tests.support import wait_for
 
 
@@ -173,9 +182,7 @@ def test_gc_deletes_expired_backups_and_their_objects_keeps_pinned_ones_and_shar
         body = backup_body(name)
         if name == "pinned":
             body["spec"]["contents"] = "DatabaseOnly"  # shares no file content with the others
-        custom.create_namespaced_custom_object(G, V, namespace, "backups", body)
-        st = wait_terminal(custom, namespace, name)["status"]
-        assert st["phase"] == "Completed", st.get("message")
+        take_backup(custom, namespace, body)
     manifests = {
         n: json.loads(
             s3.get_object(

@@ -206,7 +206,10 @@ def _previous_index(
     idx = (prev.get("files") or {}).get("index")
     if not idx:
         return None, objects
-    body = s3.get_object(Bucket=bucket, Key=idx["key"])["Body"]
+    try:
+        body = s3.get_object(Bucket=bucket, Key=idx["key"])["Body"]
+    except ClientError:
+        return None, objects  # its index is gone: upload everything, reuse nothing
     return filesmod.read_index(body), objects
 
 

@@ -31,7 +31,7 @@ from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
 from nightjar.kube import Kube, SecretMissing
 from nightjar.reconcile import storage as storage_rec
 from nightjar.storage import layout
-from nightjar.storage.s3 import delete_all_versions, describe_error
+from nightjar.storage.s3 import delete_all_versions, describe_error, iter_versions
 
 log = logging.getLogger("nightjar.backup")
 
@@ -483,7 +483,7 @@ class BackupReconciler:
         sid = layout.source_id(spec["source"])
         mine = layout.backup_prefix(target.prefix, ns, sid, meta["uid"])
         try:
-            own = {k for k, _ in _list_versions(s3, target.bucket, mine)}
+            own = {k for k, _ in iter_versions(s3, target.bucket, mine)}
             referenced: set[str] = set()
             keep: set[str] = set()
             for key in _list_keys(s3, target.bucket, layout.source_prefix(target.prefix, ns, sid)):
@@ -526,12 +526,6 @@ def _list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [o["Key"] for o in page.get("Contents", [])]
     return keys
-
-
-def _list_versions(s3: Any, bucket: str, prefix: str) -> list[tuple[str, str | None]]:
-    from nightjar.storage.s3 import iter_versions
-
-    return list(iter_versions(s3, bucket, prefix))
 
 
 def watch_finished_deletions(kube: Kube, reconciler: BackupReconciler, stop: threading.Event) -> None:

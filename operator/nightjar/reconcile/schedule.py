@@ -34,7 +34,7 @@ from nightjar.constants import (
 )
 from nightjar.domain import schedule as sch
 from nightjar.domain.retention import format_time, parse_time
-from nightjar.kube import Kube, SecretMissing
+from nightjar.kube import Kube
 from nightjar.reconcile import storage as storage_rec
 from nightjar.storage import layout
 
@@ -360,6 +360,6 @@ def _storage_reachable(kube: Kube, ns: str, name: str) -> bool:
     try:
         target = storage_rec.target_for(kube, ns, storage["spec"])
         target.client().head_bucket(Bucket=target.bucket)
-    except (SecretMissing, Exception):
+    except Exception:  # missing Secret, network, refused: not reachable now, try next sweep
         return False
     return True

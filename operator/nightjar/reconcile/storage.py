@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import tempfile
 from typing import Any
@@ -21,6 +22,19 @@ class StorageUnavailable(Exception):
     """The storage cannot be used now; the message says why."""
 
 
+def _ca_file(pem: str) -> str:
+    """The PEM bundle as a file (botocore wants a path), one per content: written once, reused."""
+    path = os.path.join(
+        tempfile.gettempdir(), f"nightjar-ca-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.pem"
+    )
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(prefix="nightjar-ca-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+        os.replace(tmp, path)
+    return path
+
+
 def target_for(kube: Kube, namespace: str, spec: dict[str, Any]) -> S3Target:
     """An S3 client target for a BackupStorage spec, with its credentials read from the Secret."""
     ref = StorageRef.from_spec(spec)
@@ -28,9 +42,7 @@ def target_for(kube: Kube, namespace: str, spec: dict[str, Any]) -> S3Target:
     ca_bundle = None
     if ref.ca_secret:
         pem = kube.secret_keys(namespace, ref.ca_secret, [ref.ca_key])[ref.ca_key]
-        fd, ca_bundle = tempfile.mkstemp(prefix="nightjar-ca-", suffix=".pem")
-        with os.fdopen(fd, "w") as f:
-            f.write(pem)
+        ca_bundle = _ca_file(pem)
     return S3Target(
         endpoint=ref.endpoint,
         bucket=ref.bucket,
