@@ -22,12 +22,15 @@ from nightjar.constants import (
     KOPF_PERSISTENCE_PREFIX,
     LABEL_BACKUP,
     LABEL_FINISHED,
+    LABEL_RESTORE,
     VERSION,
 )
 from nightjar.kube import Kube, load_client
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import BackupReconciler, Retry, watch_finished_deletions
+from nightjar.reconcile.restore import PLURAL as RESTORES
+from nightjar.reconcile.restore import RestoreReconciler
 from nightjar.reconcile.schedule import PLURAL as SCHEDULES
 from nightjar.reconcile.schedule import Scheduler, gc_sweep
 
@@ -39,6 +42,7 @@ class _State:
 
     kube: Kube
     backups: BackupReconciler
+    restores: RestoreReconciler
     scheduler: Scheduler
     config: OperatorConfig
     stop: threading.Event
@@ -63,6 +67,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     config = OperatorConfig.from_env()
     STATE.kube = Kube(load_client())
     STATE.backups = BackupReconciler(STATE.kube, config)
+    STATE.restores = RestoreReconciler(STATE.kube, config)
     STATE.scheduler = Scheduler(STATE.kube)
     STATE.config = config
     STATE.stop = threading.Event()
@@ -180,6 +185,31 @@ def backup_delete(body: kopf.Body, retry: int, **_: Any) -> None:
             return
         raise kopf.TemporaryError(str(e), delay=e.delay) from e
     log.info("backup %s/%s deleted: %s", body.metadata.namespace, body.metadata.name, summary)
+
+
+# --- Restore -------------------------------------------------------------------------------------
+
+
+@kopf.on.create(GROUP, VERSION, RESTORES)
+@kopf.on.resume(GROUP, VERSION, RESTORES)
+def restore_reconcile(body: kopf.Body, **_: Any) -> None:
+    try:
+        STATE.restores.reconcile(_plain(body))
+    except Retry as e:
+        raise kopf.TemporaryError(str(e), delay=e.delay) from e
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RESTORE: kopf.PRESENT})
+def restore_job_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+    if type == "DELETED":
+        return
+    owner = next((o for o in body.metadata.get("ownerReferences") or [] if o.get("kind") == "Restore"), None)
+    if owner is None:
+        return
+    restore = STATE.kube.get(RESTORES, body.metadata.namespace or "", owner["name"])
+    if restore is None or restore["metadata"]["uid"] != owner["uid"]:
+        return
+    STATE.restores.sync_from_job(restore, _plain(body))
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

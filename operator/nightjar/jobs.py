@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nightjar.config import OperatorConfig
-from nightjar.constants import API_VERSION, LABEL_BACKUP, LABEL_MANAGED_BY, MANAGED_BY
+from nightjar.constants import API_VERSION, LABEL_BACKUP, LABEL_MANAGED_BY, LABEL_RESTORE, MANAGED_BY
 
 FILES_MOUNT = "/nightjar/files"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -255,3 +255,216 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
     }
     owner = {"apiVersion": API_VERSION, "kind": "Backup", "name": plan.name, "uid": plan.uid}
     return stamp(job, owner=owner, labels={LABEL_BACKUP: plan.name}, config=config)
+
+
+# --- restore --------------------------------------------------------------------------------
+
+API_DIR = "/nightjar/api"
+PRESIGNED_DIR = "/nightjar/presigned"
+PRESIGNED_KEY = "urls.json.gz"
+
+
+def restore_access_name(restore_name: str) -> str:
+    """Name of the ServiceAccount, Role, RoleBinding and Secret one Restore's Job uses."""
+    return job_name("restore", restore_name)
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """Everything resolved for one restore's Job.
+
+    ``presigned`` is set for a restore from another namespace: the Job then reads the snapshot
+    through presigned URLs held in a Secret of its own namespace (one snapshot, for a limited
+    time) and never sees the other namespace's storage credentials.
+    """
+
+    name: str
+    namespace: str
+    uid: str
+    storage: StorageRef
+    manifest_key: str
+    manifest_sha256: str
+    contents: str
+    target: dict[str, Any]
+    db_secret: str
+    db_keys: tuple[str, ...]
+    presigned: bool = False
+
+
+def _files_s3_args(s3: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    creds = s3["credentials"]
+    args = [
+        "--files-s3-endpoint",
+        s3["endpoint"],
+        "--files-s3-bucket",
+        s3["bucket"],
+        "--files-s3-prefix",
+        s3.get("prefix") or "",
+        "--files-s3-region",
+        s3.get("region") or "us-east-1",
+    ]
+    env = [
+        _secret_env(
+            "NIGHTJAR_FILES_S3_ACCESS_KEY_ID",
+            creds["secretName"],
+            creds.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
+        ),
+        _secret_env(
+            "NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY",
+            creds["secretName"],
+            creds.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
+        ),
+    ]
+    return args, env
+
+
+def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, Any]:
+    """The Job that runs ``nightjar agent restore`` for one Restore, in the target namespace."""
+    st = plan.storage
+    access = restore_access_name(plan.name)
+    args = [
+        "agent",
+        "restore",
+        "--endpoint",
+        st.endpoint,
+        "--bucket",
+        st.bucket,
+        "--region",
+        st.region,
+        "--prefix",
+        st.prefix,
+        "--manifest-key",
+        plan.manifest_key,
+        "--manifest-sha256",
+        plan.manifest_sha256,
+        "--contents",
+        plan.contents,
+        "--restore-namespace",
+        plan.namespace,
+        "--restore-name",
+        plan.name,
+        "--api-dir",
+        API_DIR,
+        "--result-file",
+        TERMINATION_MESSAGE_PATH,
+    ]
+    if st.insecure:
+        args.append("--insecure")
+    env: list[dict[str, Any]] = [
+        _secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS
+    ]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "api",
+            "projected": {
+                "sources": [
+                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+                    {
+                        "configMap": {
+                            "name": "kube-root-ca.crt",
+                            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                        }
+                    },
+                ]
+            },
+        }
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "api", "mountPath": API_DIR, "readOnly": True}]
+    if plan.presigned:
+        volumes.append({"name": "presigned", "secret": {"secretName": access}})
+        mounts.append({"name": "presigned", "mountPath": PRESIGNED_DIR, "readOnly": True})
+        args += ["--presigned-file", f"{PRESIGNED_DIR}/{PRESIGNED_KEY}"]
+    else:
+        env += [
+            _secret_env("NIGHTJAR_S3_ACCESS_KEY_ID", st.secret_name, st.access_key_key),
+            _secret_env("NIGHTJAR_S3_SECRET_ACCESS_KEY", st.secret_name, st.secret_key_key),
+        ]
+        if st.ca_secret:
+            volumes.append(
+                {
+                    "name": "storage-ca",
+                    "secret": {"secretName": st.ca_secret, "items": [{"key": st.ca_key, "path": "ca.crt"}]},
+                }
+            )
+            mounts.append({"name": "storage-ca", "mountPath": "/nightjar/storage-ca", "readOnly": True})
+            args += ["--ca-file", "/nightjar/storage-ca/ca.crt"]
+    files = plan.target.get("files") or {}
+    if plan.contents == "Full" and "persistentVolumeClaim" in files:
+        pvc = files["persistentVolumeClaim"]
+        volumes.append({"name": "files", "persistentVolumeClaim": {"claimName": pvc["claimName"]}})
+        mounts.append({"name": "files", "mountPath": FILES_MOUNT})
+        sub = (pvc.get("path") or "").strip("/")
+        args += ["--files-dir", f"{FILES_MOUNT}/{sub}" if sub else FILES_MOUNT]
+    elif plan.contents == "Full" and "s3" in files:
+        more_args, more_env = _files_s3_args(files["s3"])
+        args += more_args
+        env += more_env
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": access, "namespace": plan.namespace},
+        "spec": {
+            "template": {
+                "spec": {
+                    "serviceAccountName": access,
+                    "containers": [{"name": "agent", "args": args, "env": env, "volumeMounts": mounts}],
+                    "volumes": volumes,
+                }
+            }
+        },
+    }
+    owner = {"apiVersion": API_VERSION, "kind": "Restore", "name": plan.name, "uid": plan.uid}
+    stamp(job, owner=owner, labels={LABEL_RESTORE: plan.name}, config=config)
+    # One attempt: a restore that failed has said what state the target is in; running it
+    # again is the user's call (a new Restore), not a silent retry over half-restored data.
+    job["spec"]["backoffLimit"] = 0
+    return job
+
+
+def build_restore_access(plan: RestorePlan) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding that let the Job report progress to its Restore only."""
+    access = restore_access_name(plan.name)
+    owner = [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "Restore",
+            "name": plan.name,
+            "uid": plan.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    meta = {
+        "name": access,
+        "namespace": plan.namespace,
+        "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_RESTORE: plan.name},
+        "ownerReferences": owner,
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": dict(meta),
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": dict(meta),
+            "rules": [
+                {
+                    "apiGroups": ["nightjar.dev"],
+                    "resources": ["restores/status"],
+                    "resourceNames": [plan.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": dict(meta),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": access},
+            "subjects": [{"kind": "ServiceAccount", "name": access, "namespace": plan.namespace}],
+        },
+    ]

@@ -48,6 +48,10 @@ class Kube:
         return client.AppsV1Api(self.api)
 
     @property
+    def rbac(self) -> Any:
+        return client.RbacAuthorizationV1Api(self.api)
+
+    @property
     def custom(self) -> Any:
         return client.CustomObjectsApi(self.api)
 
@@ -124,6 +128,32 @@ class Kube:
             if e.status == 404:
                 return None
             raise
+
+    def scale_workload(self, namespace: str, app: dict[str, Any], replicas: int) -> None:
+        kind, name = app.get("kind") or "Deployment", app["name"]
+        patch = (
+            self.apps.patch_namespaced_stateful_set_scale
+            if kind == "StatefulSet"
+            else self.apps.patch_namespaced_deployment_scale
+        )
+        patch(name, namespace, {"spec": {"replicas": replicas}})
+
+    def create_if_absent(self, obj: dict[str, Any]) -> bool:
+        """Create a ServiceAccount, Role, RoleBinding or Secret; False when it already exists."""
+        ns, kind = obj["metadata"]["namespace"], obj["kind"]
+        create = {
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Secret": self.core.create_namespaced_secret,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+        }[kind]
+        try:
+            create(ns, obj)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job as a dict in API form (camelCase), like the bodies kopf passes to handlers."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
@@ -76,16 +77,7 @@ def backup_cmd(**o: Any) -> None:
         )
         if not storage.access_key or not storage.secret_key:
             raise BackupFailed("storage: the credentials Secret gave no access key pair")
-        files_s3 = None
-        if o["files_s3_bucket"]:
-            files_s3 = S3Target(
-                endpoint=o["files_s3_endpoint"],
-                bucket=o["files_s3_bucket"],
-                region=o["files_s3_region"],
-                prefix=o["files_s3_prefix"],
-                access_key=_env("NIGHTJAR_FILES_S3_ACCESS_KEY_ID"),
-                secret_key=_env("NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY"),
-            )
+        files_s3 = _files_s3(o)
         req = BackupRequest(
             storage=storage,
             namespace=o["namespace"],
@@ -115,5 +107,92 @@ def backup_cmd(**o: Any) -> None:
     write_result(o["result_file"], result)
 
 
+def _files_s3(o: dict[str, Any]) -> S3Target | None:
+    if not o["files_s3_bucket"]:
+        return None
+    return S3Target(
+        endpoint=o["files_s3_endpoint"],
+        bucket=o["files_s3_bucket"],
+        region=o["files_s3_region"],
+        prefix=o["files_s3_prefix"],
+        access_key=_env("NIGHTJAR_FILES_S3_ACCESS_KEY_ID"),
+        secret_key=_env("NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY"),
+    )
+
+
+@click.command("restore")
+@click.option("--endpoint", required=True, help="S3 endpoint of the BackupStorage.")
+@click.option("--bucket", required=True)
+@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--prefix", default="")
+@click.option("--ca-file", default=None, help="PEM CA bundle for the endpoint.")
+@click.option("--insecure", is_flag=True, help="Do not verify the endpoint's certificate.")
+@click.option("--manifest-key", required=True, help="Key of the snapshot's manifest.")
+@click.option("--manifest-sha256", default="", help="sha256 the manifest must have.")
+@click.option("--contents", type=click.Choice(["Full", "DatabaseOnly"]), default="Full")
+@click.option("--files-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--files-s3-endpoint", default=None)
+@click.option("--files-s3-bucket", default=None)
+@click.option("--files-s3-prefix", default="")
+@click.option("--files-s3-region", default="us-east-1")
+@click.option("--restore-namespace", default="", help="The Restore to report progress to.")
+@click.option("--restore-name", default="")
+@click.option("--api-dir", default="", help="Directory with the service account token and ca.crt.")
+@click.option(
+    "--presigned-file", default="", help="gzip JSON of presigned URLs (restores across namespaces)."
+)
+@click.option("--result-file", default="/dev/termination-log", show_default=True)
+def restore_cmd(**o: Any) -> None:
+    """Restore one snapshot into a database (and files); result to --result-file."""
+    from nightjar.agent.backup import DatabaseConn
+    from nightjar.agent.progress import Reporter
+    from nightjar.agent.restore import UNCHANGED, RestoreFailed, RestoreRequest, run_restore
+
+    started = time.monotonic()
+    try:
+        storage = S3Target(
+            endpoint=o["endpoint"],
+            bucket=o["bucket"],
+            region=o["region"],
+            access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
+            secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
+            prefix=o["prefix"],
+            ca_bundle=o["ca_file"],
+            insecure=o["insecure"],
+        )
+        s3 = None
+        if o["presigned_file"]:
+            from nightjar.storage.snapshot import PresignedReader
+
+            with gzip.open(o["presigned_file"], "rt", encoding="utf-8") as f:
+                s3 = PresignedReader(json.load(f)["urls"], o["ca_file"], o["insecure"])
+        elif not storage.access_key or not storage.secret_key:
+            raise RestoreFailed("storage: the credentials Secret gave no access key pair", UNCHANGED)
+        req = RestoreRequest(
+            s3=s3,
+            storage=storage,
+            manifest_key=o["manifest_key"],
+            manifest_sha256=o["manifest_sha256"],
+            contents=o["contents"],
+            db=DatabaseConn.from_env(dict(os.environ)),
+            files_dir=o["files_dir"],
+            files_s3=_files_s3(o),
+            pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
+            reporter=Reporter(o["restore_namespace"], o["restore_name"], o["api_dir"]),
+        )
+        result = run_restore(req)
+    except RestoreFailed as e:
+        write_result(o["result_file"], {"error": str(e), "targetState": e.target_state})
+        sys.exit(1)
+    except Exception as e:  # unexpected: the target's state is not known
+        write_result(
+            o["result_file"], {"error": f"unexpected {type(e).__name__}: {e}", "targetState": "Unknown"}
+        )
+        raise
+    result["durationSeconds"] = round(time.monotonic() - started, 3)
+    write_result(o["result_file"], result)
+
+
 def register(group: click.Group) -> None:
     group.add_command(backup_cmd)
+    group.add_command(restore_cmd)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
-import json
 import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
+
+from nightjar.storage.index import Entry, read_index
+
+__all__ = ["Entry", "read_index"]
 
 PACK_TARGET = 16 * 1024 * 1024
 LARGE_FILE = 4 * 1024 * 1024
@@ -39,44 +41,6 @@ class Sink(Protocol):
 def sort_key(path: str) -> list[str]:
     """The order of the walk and of the index: by path components."""
     return path.split("/")
-
-
-@dataclass
-class Entry:
-    """One line of ``files.jsonl.gz``."""
-
-    path: str
-    type: str  # "f" file, "d" directory, "l" symlink
-    mode: int
-    size: int = 0
-    mtime_ns: int = 0
-    sha256: str = ""
-    pack: str = ""
-    offset: int = 0
-    target: str = ""
-
-    def to_json(self) -> str:
-        d: dict[str, Any] = {"p": self.path, "t": self.type, "m": self.mode}
-        if self.type == "f":
-            d.update(s=self.size, mt=self.mtime_ns, h=self.sha256, k=self.pack, o=self.offset)
-        elif self.type == "l":
-            d["l"] = self.target
-        return json.dumps(d, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, line: str) -> Entry:
-        d = json.loads(line)
-        return cls(
-            path=d["p"],
-            type=d["t"],
-            mode=d["m"],
-            size=d.get("s", 0),
-            mtime_ns=d.get("mt", 0),
-            sha256=d.get("h", ""),
-            pack=d.get("k", ""),
-            offset=d.get("o", 0),
-            target=d.get("l", ""),
-        )
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -97,14 +61,11 @@ def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
         st = os.lstat(full)
         yield child, st
         if stat.S_ISDIR(st.st_mode):
-            stack.append((child, iter(sorted(os.listdir(full)))))
-
-
-def read_index(stream: IO[bytes]) -> Iterator[Entry]:
-    with gzip.GzipFile(fileobj=stream, mode="rb") as gz:
-        for raw in io.TextIOWrapper(gz, encoding="utf-8"):
-            if raw.strip():
-                yield Entry.from_json(raw)
+            try:
+                names_below = sorted(os.listdir(full))
+            except FileNotFoundError:
+                continue  # removed by the consumer meanwhile (a restore pruning it)
+            stack.append((child, iter(names_below)))
 
 
 class PreviousIndex:

@@ -391,26 +391,21 @@ class PodRunner:
             elif "persistentVolumeClaim" in vol:
                 p = self._pvc_path(vol["persistentVolumeClaim"]["claimName"])
             elif "secret" in vol or "configMap" in vol:
-                is_secret = "secret" in vol
-                src = vol["secret"] if is_secret else vol["configMap"]
-                ref = src.get("secretName") if is_secret else src.get("name")
-                data = (lookups.secret if is_secret else lookups.config_map)(str(ref))
-                if data is None:
-                    if src.get("optional"):
-                        data = {}
-                    else:
-                        raise podspec.ContainerConfigError(
-                            f'{"secret" if is_secret else "configmap"} "{ref}" not found (volume {name})'
-                        )
                 p = self.dir / "volumes" / name
                 p.mkdir(parents=True, exist_ok=True)
-                items = src.get("items") or [{"key": k, "path": k} for k in data]
-                for it in items:
-                    if it["key"] in data:
-                        target = p / it["path"]
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_text(data[it["key"]], encoding="utf-8")
-                        target.chmod(0o600 if is_secret else 0o644)
+                self._write_keys(p, name, vol, lookups)
+            elif "projected" in vol:
+                p = self.dir / "volumes" / name
+                p.mkdir(parents=True, exist_ok=True)
+                for src in vol["projected"].get("sources") or []:
+                    if "serviceAccountToken" in src:
+                        self._write_token(p, src["serviceAccountToken"])
+                    elif "secret" in src or "configMap" in src:
+                        self._write_keys(p, name, src, lookups)
+                    else:
+                        raise podspec.ContainerConfigError(
+                            f"process node: projected source {sorted(src)} is not supported (volume {name})"
+                        )
             else:
                 kinds = sorted(k for k in vol if k != "name")
                 raise podspec.ContainerConfigError(
@@ -418,6 +413,48 @@ class PodRunner:
                 )
             paths[name] = p
         return paths
+
+    def _write_keys(self, p: Path, name: str, vol: dict[str, Any], lookups: podspec.Lookups) -> None:
+        """A Secret or ConfigMap volume (or projected source): one file per key or listed item."""
+        is_secret = "secret" in vol
+        src = vol["secret"] if is_secret else vol["configMap"]
+        ref = src.get("secretName") or src.get("name") if is_secret else src.get("name")
+        data = (lookups.secret if is_secret else lookups.config_map)(str(ref))
+        if data is None:
+            if src.get("optional"):
+                data = {}
+            else:
+                raise podspec.ContainerConfigError(
+                    f'{"secret" if is_secret else "configmap"} "{ref}" not found (volume {name})'
+                )
+        items = src.get("items") or [{"key": k, "path": k} for k in data]
+        for it in items:
+            if it["key"] in data:
+                target = p / it["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(data[it["key"]], encoding="utf-8")
+                target.chmod(0o600 if is_secret else 0o644)
+
+    def _write_token(self, p: Path, src: dict[str, Any]) -> None:
+        """A bound service account token, as the kubelet gets it: TokenRequest for the Pod's
+        service account, bound to the Pod (so it dies with it). Not refreshed: the process node
+        runs short Jobs; the token lives ``expirationSeconds`` (default one hour)."""
+        sa = self.pod["spec"].get("serviceAccountName") or "default"
+        spec: dict[str, Any] = {
+            "expirationSeconds": int(src.get("expirationSeconds") or 3600),
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid},
+        }
+        if src.get("audience"):
+            spec["audiences"] = [src["audience"]]
+        try:
+            tr = self.api.create_namespaced_service_account_token(sa, self.namespace, {"spec": spec})
+        except ApiException as e:
+            raise podspec.ContainerConfigError(
+                f'serviceaccount "{sa}": token request failed ({e.status} {e.reason})'
+            ) from e
+        target = p / src.get("path", "token")
+        target.write_text(tr.status.token, encoding="utf-8")
+        target.chmod(0o600)
 
     def _pvc_path(self, claim: str) -> Path:
         try:

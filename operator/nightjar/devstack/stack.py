@@ -48,6 +48,7 @@ CONTROLLERS = ",".join(
         "persistentvolume-binder-controller",
         "serviceaccount-controller",
         "pod-garbage-collector-controller",
+        "root-ca-certificate-publisher-controller",
     ]
 )
 ADMIN_TOKEN_USER = "nightjar-admin"  # noqa: S105 - a user name, not a secret
@@ -400,6 +401,7 @@ class Stack:
                 f"--controllers={CONTROLLERS}",
                 f"--service-account-private-key-file={self.dir / 'pki' / 'sa.key'}",
                 "--cluster-name=nightjar-local",
+                f"--root-ca-file={self.dir / 'pki' / 'apiserver' / 'apiserver.crt'}",
             ],
         )
         ctx = ssl.create_default_context()

@@ -1,0 +1,328 @@
+"""``nightjar agent restore``: put a snapshot back into a database and a files location.
+
+Runs inside the restore Job. Order of work, chosen so a failure leaves the target in a state
+that can be named:
+
+1. read the manifest (its sha256 must be the one the Backup recorded);
+2. stream the dump from the bucket into ``pg_restore --clean --if-exists --no-owner
+   --no-privileges --single-transaction``. The dump's sha256 is checked as its last bytes pass;
+   on a mismatch pg_restore is killed before it has read the end, so its transaction never
+   commits. Whatever goes wrong here, the database is as it was and the files were not touched
+   (``Unchanged``);
+3. for a Full restore, write the files exactly: every file of the snapshot at its path with its
+   bytes (checked against the index's sha256), mode and modification time, each written to a
+   temporary name and renamed into place; then everything in the target that the snapshot does
+   not have is removed. A failure here leaves the database restored and the files partly
+   restored (``PartiallyRestored``); running the restore again finishes the job.
+
+The dump streams through a pipe, so pg_restore cannot run parallel jobs (they need a seekable
+file, which would mean a local copy of the whole dump); the files are written while streaming
+too. Memory stays flat whatever the number of files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from nightjar.agent.backup import BackupFailed, DatabaseConn, _pg_tool
+from nightjar.agent.files import walk
+from nightjar.agent.progress import Counters, Reporter, Ticker
+from nightjar.storage.index import Entry
+from nightjar.storage.s3 import S3Target, describe_error
+from nightjar.storage.snapshot import IntegrityError, SnapshotReader
+
+CHUNK = 1024 * 1024
+#: Kept at the root of a volume whatever the snapshot holds (ext4 needs it).
+KEEP_AT_ROOT = frozenset({"lost+found"})
+TMP_SUFFIX = ".nightjar-restore-tmp"
+
+UNCHANGED = "Unchanged"
+DATABASE_RESTORED = "DatabaseRestored"
+PARTIAL = "PartiallyRestored"
+
+
+class RestoreFailed(Exception):
+    """The restore cannot finish; says why and what state the target is in."""
+
+    def __init__(self, message: str, target_state: str) -> None:
+        super().__init__(message)
+        self.target_state = target_state
+
+
+@dataclass
+class RestoreRequest:
+    storage: S3Target
+    manifest_key: str
+    manifest_sha256: str
+    contents: str  # Full or DatabaseOnly
+    db: DatabaseConn
+    files_dir: Path | None = None
+    files_s3: S3Target | None = None
+    pg_bindir: str = ""
+    reporter: Reporter | None = None
+    s3: Any = None  # a ready client (presigned URLs) instead of storage's credentials
+
+
+def conninfo_dbname(name: str) -> str:
+    """A libpq conninfo naming just the database, quoted so no value is read as a keyword."""
+    return "dbname='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Counters) -> dict[str, Any]:
+    try:
+        env, display = req.db.libpq_env()
+    except BackupFailed as e:
+        raise RestoreFailed(f"{e}; nothing was restored", UNCHANGED) from e
+    pg_restore = _pg_tool(req.pg_bindir, "pg_restore")
+    proc = subprocess.Popen(
+        [
+            pg_restore,
+            "--clean",
+            "--if-exists",
+            "--no-owner",
+            "--no-privileges",
+            "--single-transaction",
+            "--exit-on-error",
+            "--no-password",
+            "--dbname=" + conninfo_dbname(env["PGDATABASE"]),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "."), **env},
+    )
+    stdin, stderr = proc.stdin, proc.stderr
+    if stdin is None or stderr is None:
+        raise RuntimeError("pg_restore pipes are missing")
+    err_lines: list[str] = []
+
+    def drain_stderr() -> None:
+        for raw in stderr:
+            err_lines.append(raw.decode(errors="replace").rstrip())
+            del err_lines[:-20]
+
+    t = threading.Thread(target=drain_stderr, daemon=True)
+    t.start()
+
+    def failed(what: str) -> RestoreFailed:
+        return RestoreFailed(
+            f"{what}; the database {display} is unchanged (the restore ran in one transaction "
+            "and was rolled back) and the files were not touched",
+            UNCHANGED,
+        )
+
+    try:
+        dump = reader.open_dump()
+        while chunk := dump.read(CHUNK):
+            stdin.write(chunk)
+            counters.add(len(chunk))
+        stdin.close()
+    except IntegrityError as e:
+        proc.kill()
+        proc.wait()
+        raise failed(f"snapshot: {e}") from e
+    except BrokenPipeError:
+        pass  # pg_restore stopped reading: it failed, and says why below
+    except ClientError as e:
+        proc.kill()
+        proc.wait()
+        raise failed(describe_error(e, "storage: reading the dump")) from e
+    code = proc.wait()
+    t.join(timeout=10)
+    if code != 0:
+        errors = [ln for ln in err_lines if ln]
+        last = errors[-1] if errors else f"exit code {code}"
+        detail = next((ln for ln in errors if "error" in ln.lower()), last)
+        raise failed(f"pg_restore into {display} failed: {detail.removeprefix('pg_restore: error: ')}")
+    return {"database": display, "bytes": reader.database["bytes"]}
+
+
+# --- files into a directory -------------------------------------------------------------------
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _write_file(root: Path, e: Entry, stream: Any, counters: Counters) -> None:
+    dest = root / e.path
+    if dest.is_dir() and not dest.is_symlink():
+        shutil.rmtree(dest)
+    tmp = dest.with_name(dest.name + TMP_SUFFIX)
+    with open(tmp, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            out.write(chunk)
+            counters.add(len(chunk))
+    os.chmod(tmp, e.mode & 0o7777)
+    os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
+    os.replace(tmp, dest)
+
+
+def _safe_dest(root: Path, real_root: str, path: str) -> Path:
+    """``root/path``, refusing a path that leaves the root (``..``, absolute, or through a
+    symlink the snapshot created): a forged index never writes outside the target."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise IntegrityError(f"the index lists the unsafe path {path!r}")
+    dest = root / path
+    parent = os.path.realpath(dest.parent)
+    if parent != real_root and not parent.startswith(real_root + os.sep):
+        raise IntegrityError(f"the index lists {path!r}, which leads outside the files directory")
+    return dest
+
+
+def restore_tree(reader: SnapshotReader, root: Path, counters: Counters) -> dict[str, Any]:
+    """Make ``root`` hold exactly the snapshot's files; returns counts."""
+    if not root.is_dir():
+        raise RestoreFailed(f"files: {root} is not a directory in the volume", DATABASE_RESTORED)
+    real_root = os.path.realpath(root)
+    written = 0
+    read_only_dirs: list[tuple[Path, int]] = []  # rare: modes without owner rwx are set last
+    for e, stream in reader.contents(reader.entries()):
+        dest = _safe_dest(root, real_root, e.path)
+        if e.type == "d":
+            if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+                dest.unlink()
+            dest.mkdir(exist_ok=True)
+            mode = e.mode & 0o7777
+            os.chmod(dest, mode | 0o700)
+            if mode & 0o700 != 0o700:
+                read_only_dirs.append((dest, mode))
+        elif e.type == "l":
+            if dest.is_symlink() or dest.exists():
+                _remove(dest)
+            os.symlink(e.target, dest)
+        elif stream is not None:
+            _write_file(root, e, stream, counters)
+            written += 1
+            counters.add(nfiles=1)
+    removed = _prune(reader, root)
+    for d, mode in reversed(read_only_dirs):
+        os.chmod(d, mode)
+    return {"files": written, "removed": removed}
+
+
+def _prune(reader: SnapshotReader, root: Path) -> int:
+    """Remove what the target has and the snapshot does not: a merge of two sorted walks."""
+    wanted = (e.path for e in reader.entries())
+    cur = next(wanted, None)
+    removed = 0
+    for rel, _st in walk(root):
+        while cur is not None and cur.split("/") < rel.split("/"):
+            cur = next(wanted, None)
+        if cur == rel:
+            continue
+        if "/" not in rel and rel in KEEP_AT_ROOT:
+            continue
+        _remove(root / rel)  # a removed directory is not descended into (walk skips it)
+        removed += 1
+    return removed
+
+
+# --- files into an S3 prefix ------------------------------------------------------------------
+
+
+def restore_s3_files(reader: SnapshotReader, target: S3Target, counters: Counters) -> dict[str, Any]:
+    """Upload every file under the prefix, then delete keys the snapshot does not have.
+
+    Which keys to keep is remembered as 8-byte digests (about 60 bytes a file), since a
+    snapshot taken from a volume is not in S3's key order.
+    """
+    s3 = target.client()
+    prefix = target.prefix
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    keep: set[bytes] = set()
+    written = 0
+
+    class _Counted:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def read(self, n: int = -1) -> bytes:
+            data: bytes = self.inner.read(n)
+            counters.add(len(data))
+            return data
+
+    for e, stream in reader.contents(reader.entries()):
+        if e.type != "f" or stream is None:
+            continue
+        key = prefix + e.path
+        s3.upload_fileobj(_Counted(stream), target.bucket, key)
+        keep.add(hashlib.blake2b(key.encode(), digest_size=8).digest())
+        written += 1
+        counters.add(nfiles=1)
+    removed = 0
+    doomed: list[dict[str, str]] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=target.bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            if hashlib.blake2b(o["Key"].encode(), digest_size=8).digest() not in keep:
+                doomed.append({"Key": o["Key"]})
+        if len(doomed) >= 1000 or not page.get("IsTruncated"):
+            for i in range(0, len(doomed), 1000):
+                batch = {"Objects": doomed[i : i + 1000], "Quiet": True}
+                s3.delete_objects(Bucket=target.bucket, Delete=batch)
+            removed += len(doomed)
+            doomed = []
+    return {"files": written, "removed": removed}
+
+
+# --- the whole restore ------------------------------------------------------------------------
+
+
+def run_restore(req: RestoreRequest) -> dict[str, Any]:
+    s3 = req.s3 if req.s3 is not None else req.storage.client()
+    try:
+        reader = SnapshotReader(s3, req.storage.bucket, req.manifest_key, req.manifest_sha256)
+    except IntegrityError as e:
+        raise RestoreFailed(f"snapshot: {e}; nothing was restored", UNCHANGED) from e
+    files = reader.files if req.contents == "Full" else None
+    has_files_target = req.files_dir is not None or req.files_s3 is not None
+    counters = Counters(bytes_total=int(reader.database["bytes"]))
+    if files and has_files_target:
+        counters.bytes_total += int(files.get("bytes") or 0)
+        counters.files_total = int(files.get("count") or 0)
+    reporter = req.reporter or Reporter("", "", "")
+    result: dict[str, Any] = {"snapshotId": reader.manifest.get("snapshotId", "")}
+    with Ticker(reporter, counters):
+        counters.stage = "database"
+        result["database"] = restore_database(req, reader, counters)
+        if files and has_files_target:
+            counters.stage = "files"
+            try:
+                if req.files_dir is not None:
+                    result["files"] = restore_tree(reader, req.files_dir, counters)
+                elif req.files_s3 is not None:
+                    result["files"] = restore_s3_files(reader, req.files_s3, counters)
+            except RestoreFailed:
+                raise
+            except IntegrityError as e:
+                raise _files_failed(f"snapshot: {e}", counters) from e
+            except ClientError as e:
+                raise _files_failed(describe_error(e, "files"), counters) from e
+            except OSError as e:
+                raise _files_failed(f"files: {e.strerror or e} ({e.filename})", counters) from e
+        counters.stage = "done"
+    result["bytes"] = counters.bytes_done
+    result["filesRestored"] = counters.files_done
+    return result
+
+
+def _files_failed(what: str, counters: Counters) -> RestoreFailed:
+    return RestoreFailed(
+        f"{what}; the database was restored, the files are partly restored "
+        f"({counters.files_done} of {counters.files_total} written): run the restore again to finish",
+        PARTIAL if counters.files_done else DATABASE_RESTORED,
+    )

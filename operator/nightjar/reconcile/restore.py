@@ -1,0 +1,493 @@
+"""Restore: Queued → Running → Completed | Failed, driven by its one Job in the target namespace.
+
+Before the Job: the Backup must be Completed, its namespace must grant the Restore's namespace
+(``allowedRestoreNamespaces`` on its BackupStorage; checked before anything of the Backup's
+storage is touched), and the target (database Secret, files, app) must exist. Refusals end in
+Failed at once, with a message saying what is wrong and that nothing was changed.
+
+With ``stopApp`` the target workload is scaled to 0 (its replicas recorded in status first, so a
+restarted operator scales it back), the Job runs once it has no Pods left, and the workload is
+scaled back before the Restore reaches a terminal phase, whatever the outcome.
+
+The Job reports progress itself (see ``agent.progress``); the operator derives everything else
+from what exists: the Job, its Pod's termination message, the workload.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import gzip
+import json
+import logging
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from kubernetes.client.rest import ApiException
+
+from nightjar.config import OperatorConfig
+from nightjar.constants import (
+    ANNOTATION_MODEL_VERSION,
+    API_VERSION,
+    LABEL_MANAGED_BY,
+    LABEL_RESTORE,
+    MANAGED_BY,
+)
+from nightjar.domain.retention import format_time
+from nightjar.jobs import (
+    PRESIGNED_KEY,
+    RestorePlan,
+    StorageRef,
+    build_restore_access,
+    build_restore_job,
+    restore_access_name,
+)
+from nightjar.kube import Kube, SecretMissing
+from nightjar.reconcile import storage as storage_rec
+from nightjar.reconcile.backup import PLURAL as BACKUPS
+from nightjar.reconcile.backup import Retry, _cond, _now
+from nightjar.storage.s3 import describe_error
+from nightjar.storage.snapshot import presign_snapshot
+
+log = logging.getLogger("nightjar.restore")
+
+PLURAL = "restores"
+TERMINAL = ("Completed", "Failed")
+#: Presigned URLs outlive the Job's deadline by this much.
+PRESIGN_MARGIN = 3600
+#: A Secret holds at most 1 MiB.
+SECRET_LIMIT = 1_000_000
+
+
+class Refused(Exception):
+    """The restore cannot start; the message says why. Nothing was changed."""
+
+
+def target_summary(namespace: str, target: dict[str, Any], contents: str) -> str:
+    parts = [f"{namespace}: database {target['database']['secretRef']['name']}"]
+    files = target.get("files") or {}
+    if contents == "DatabaseOnly":
+        parts.append("files untouched")
+    elif "persistentVolumeClaim" in files:
+        pvc = files["persistentVolumeClaim"]
+        sub = (pvc.get("path") or "").strip("/")
+        parts.append(f"files pvc/{pvc['claimName']}" + (f"/{sub}" if sub else ""))
+    elif "s3" in files:
+        parts.append(f"files s3://{files['s3']['bucket']}/{files['s3'].get('prefix') or ''}")
+    return ", ".join(parts)
+
+
+def pod_results(kube: Kube, namespace: str, job: str) -> list[dict[str, Any]]:
+    """The JSON each finished agent container wrote to its termination message, oldest first."""
+    out: list[tuple[Any, dict[str, Any]]] = []
+    for pod in kube.job_pods(namespace, job):
+        for cs in pod.status.container_statuses or []:
+            term = cs.state.terminated if cs.state else None
+            if term is None:
+                continue
+            try:
+                result = json.loads(term.message or "")
+                if not isinstance(result, dict):
+                    raise ValueError
+            except ValueError:
+                result = {"error": (term.message or f"exit code {term.exit_code}").strip()[-500:]}
+            out.append((pod.metadata.creation_timestamp, result))
+    out.sort(key=lambda pr: pr[0])
+    return [r for _, r in out]
+
+
+class RestoreReconciler:
+    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+        self.kube = kube
+        self.config = config
+
+    # --- status -------------------------------------------------------------------------------
+
+    def _set(
+        self, restore: dict[str, Any], status: dict[str, Any], event: tuple[str, str, str] | None = None
+    ) -> bool:
+        """Patch status unless the Restore is terminal already (terminal phases never change)."""
+        meta = restore["metadata"]
+        for _ in range(5):
+            fresh = self.kube.get(PLURAL, meta["namespace"], meta["name"])
+            if fresh is None:
+                return False
+            st = fresh.get("status") or {}
+            if st.get("phase") in TERMINAL and set(status) - {"app"}:
+                return False
+            if "conditions" in status:  # merge by type: a merge patch replaces the whole list
+                merged = {c["type"]: c for c in st.get("conditions") or []}
+                merged.update({c["type"]: c for c in status["conditions"]})
+                status = {**status, "conditions": list(merged.values())}
+            try:
+                self.kube.patch_status(
+                    PLURAL,
+                    meta["namespace"],
+                    meta["name"],
+                    status,
+                    resource_version=fresh["metadata"]["resourceVersion"],
+                )
+            except ApiException as e:
+                if e.status == 409:
+                    continue
+                raise
+            restore["status"] = {**st, **status}
+            if event is not None:
+                self.kube.event(fresh, *event)
+            return True
+        return False
+
+    def _fail(self, restore: dict[str, Any], message: str, reason: str, target_state: str) -> None:
+        now = _now()
+        self._set(
+            restore,
+            {
+                "phase": "Failed",
+                "message": message,
+                "targetState": target_state,
+                "completedAt": restore.get("status", {}).get("completedAt") or _fmt(now),
+                "conditions": [_cond("Failed", True, reason, message, now)],
+            },
+            ("Warning", "Failed", message),
+        )
+
+    # --- entry point --------------------------------------------------------------------------
+
+    def reconcile(self, restore: dict[str, Any]) -> None:
+        """Drive one Restore one step further; idempotent. Raises Retry to be called again."""
+        meta, spec = restore["metadata"], restore["spec"]
+        ns, name = meta["namespace"], meta["name"]
+        status = restore.get("status") or {}
+        if status.get("phase") in TERMINAL:
+            self._restart_app(restore)  # a crash between the two steps is finished here
+            return
+        contents = spec.get("contents") or "Full"
+        if not status.get("phase"):
+            bns = spec["backupRef"].get("namespace") or ns
+            self._set(
+                restore,
+                {
+                    "phase": "Queued",
+                    "backup": f"{bns}/{spec['backupRef']['name']}",
+                    "target": target_summary(ns, spec["target"], contents),
+                    "message": "checking the backup and the target",
+                },
+                ("Normal", "Queued", "restore queued"),
+            )
+        job = self.kube.read_job(ns, restore_access_name(name))
+        if job is not None:
+            self.sync_from_job(restore, job)
+            return
+        try:
+            plan, storage_ns, storage_spec = self.plan(restore)
+            if not self._app_stopped(restore):
+                raise Retry("waiting for the app to stop", 3)
+            self._start(restore, plan, storage_ns, storage_spec)
+        except Refused as e:
+            self._restart_app(restore)
+            self._fail(restore, f"{e}; nothing was changed", "Refused", "Unchanged")
+
+    # --- preflight ----------------------------------------------------------------------------
+
+    def plan(self, restore: dict[str, Any]) -> tuple[RestorePlan, str, dict[str, Any]]:
+        """The Job's plan, plus the Backup's namespace and its BackupStorage's spec."""
+        meta, spec = restore["metadata"], restore["spec"]
+        ns = meta["namespace"]
+        ref = spec["backupRef"]
+        bns = ref.get("namespace") or ns
+        backup = self.kube.get(BACKUPS, bns, ref["name"])
+        if backup is None:
+            raise Refused(f'Backup "{ref["name"]}" not found in namespace {bns}')
+        storage_name = backup["spec"]["storageRef"]["name"]
+        storage = self.kube.get(storage_rec.PLURAL, bns, storage_name)
+        if bns != ns:
+            allowed = (storage or {}).get("spec", {}).get("allowedRestoreNamespaces") or []
+            if ns not in allowed and "*" not in allowed:
+                raise Refused(
+                    f"restoring Backup {bns}/{ref['name']} into namespace {ns} is not allowed: "
+                    f'namespace {bns} does not grant it (BackupStorage "{storage_name}" would list '
+                    f"{ns} in spec.allowedRestoreNamespaces)"
+                )
+        bstatus = backup.get("status") or {}
+        if bstatus.get("phase") != "Completed":
+            raise Refused(
+                f"Backup {bns}/{ref['name']} is {bstatus.get('phase') or 'not started'}, not Completed: "
+                "only a Completed backup can be restored"
+            )
+        if storage is None:
+            raise Refused(f'the Backup\'s BackupStorage "{storage_name}" no longer exists in {bns}')
+        contents = spec.get("contents") or "Full"
+        bfiles = bstatus.get("files") or {}
+        target = spec["target"]
+        if (
+            contents == "Full"
+            and target.get("files")
+            and ((backup["spec"].get("contents") or "Full") == "DatabaseOnly" or not bfiles.get("count"))
+            and not (backup["spec"].get("source") or {}).get("files")
+        ):
+            raise Refused(
+                f"Backup {bns}/{ref['name']} holds a database only: restore it with contents DatabaseOnly"
+            )
+        db_secret, db_keys = self._target_database(ns, target)
+        if contents == "Full":
+            self._target_files(ns, target.get("files") or {})
+        self._model_versions(restore, ns, target.get("app"), bstatus.get("modelVersion") or "")
+        st_storage = bstatus.get("storage") or {}
+        manifest_key = st_storage.get("manifestKey") or ""
+        if not manifest_key:
+            raise Refused(f"Backup {bns}/{ref['name']} records no manifest")
+        plan = RestorePlan(
+            name=meta["name"],
+            namespace=ns,
+            uid=meta["uid"],
+            storage=StorageRef.from_spec(storage["spec"]),
+            manifest_key=manifest_key,
+            manifest_sha256=st_storage.get("manifestSha256") or "",
+            contents=contents,
+            target=target,
+            db_secret=db_secret,
+            db_keys=db_keys,
+            presigned=bns != ns,
+        )
+        return plan, bns, storage["spec"]
+
+    def _target_database(self, ns: str, target: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+        secret = target["database"]["secretRef"]["name"]
+        try:
+            data = self.kube.secret_data(ns, secret)
+        except SecretMissing as e:
+            raise Refused(f"target database: {e}") from e
+        if "uri" in data:
+            return secret, ("uri",)
+        missing = [k for k in ("host", "dbname", "user") if k not in data]
+        if missing:
+            raise Refused(
+                f'target database: Secret "{secret}" has no key uri, nor the key(s) {", ".join(missing)}'
+            )
+        return secret, tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
+
+    def _target_files(self, ns: str, files: dict[str, Any]) -> None:
+        if "persistentVolumeClaim" in files:
+            claim = files["persistentVolumeClaim"]["claimName"]
+            try:
+                self.kube.core.read_namespaced_persistent_volume_claim(claim, ns)
+            except ApiException as e:
+                if e.status == 404:
+                    raise Refused(
+                        f'target files: PersistentVolumeClaim "{claim}" not found in namespace {ns}'
+                    ) from e
+                raise
+        elif "s3" in files:
+            c = files["s3"]["credentials"]
+            try:
+                self.kube.secret_keys(
+                    ns,
+                    c["secretName"],
+                    [
+                        c.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
+                        c.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
+                    ],
+                )
+            except SecretMissing as e:
+                raise Refused(f"target files: {e}") from e
+
+    def _model_versions(
+        self, restore: dict[str, Any], ns: str, app: dict[str, Any] | None, backup_version: str
+    ) -> None:
+        """Record both model versions; warn (and go on, as Mendix does) when they differ."""
+        target_version = ""
+        if app:
+            obj = self.kube.read_workload(ns, app)
+            if obj is None:
+                kind = app.get("kind") or "Deployment"
+                raise Refused(f'target app: {kind} "{app["name"]}" not found in namespace {ns}')
+            ann, labels = obj.metadata.annotations or {}, obj.metadata.labels or {}
+            target_version = str(
+                ann.get(ANNOTATION_MODEL_VERSION) or labels.get("app.kubernetes.io/version") or ""
+            )
+        status: dict[str, Any] = {"modelVersion": backup_version, "targetModelVersion": target_version}
+        event = None
+        if backup_version and target_version and backup_version != target_version:
+            msg = (
+                f"the backup's model version {backup_version} differs from the target app's "
+                f"{target_version}; the restore goes on, the app may need the matching model to start"
+            )
+            status["conditions"] = [_cond("ModelVersionMismatch", True, "ModelVersionMismatch", msg, _now())]
+            event = ("Warning", "ModelVersionMismatch", msg)
+        current = restore.get("status") or {}
+        if (
+            current.get("targetModelVersion") != target_version
+            or current.get("modelVersion") != backup_version
+        ):
+            self._set(restore, status, event)
+
+    # --- the app ------------------------------------------------------------------------------
+
+    def _app_stopped(self, restore: dict[str, Any]) -> bool:
+        """Scale the target app to 0 (recording its replicas first); True once it has no Pods."""
+        spec = restore["spec"]
+        app = spec["target"].get("app")
+        if not app or spec.get("stopApp") is False:
+            return True
+        ns = restore["metadata"]["namespace"]
+        obj = self.kube.read_workload(ns, app)
+        if obj is None:
+            raise Refused(f'target app: {app.get("kind") or "Deployment"} "{app["name"]}" not found')
+        st_app = (restore.get("status") or {}).get("app") or {}
+        if not st_app.get("stopped"):
+            replicas = int(obj.spec.replicas if obj.spec.replicas is not None else 1)
+            self._set(
+                restore,
+                {
+                    "app": {
+                        "kind": app.get("kind") or "Deployment",
+                        "name": app["name"],
+                        "originalReplicas": replicas,
+                        "stopped": True,
+                        "restarted": False,
+                    },
+                    "message": f"stopping the app ({replicas} replicas → 0) for the restore",
+                },
+                ("Normal", "StoppingApp", f"scaling {app['name']} to 0 for the restore"),
+            )
+        if obj.spec.replicas != 0:
+            self.kube.scale_workload(ns, app, 0)
+            return False
+        return int(obj.status.replicas or 0) == 0
+
+    def _restart_app(self, restore: dict[str, Any]) -> None:
+        st_app = (restore.get("status") or {}).get("app") or {}
+        if not st_app.get("stopped") or st_app.get("restarted"):
+            return
+        ns = restore["metadata"]["namespace"]
+        app = {"kind": st_app.get("kind"), "name": st_app["name"]}
+        replicas = int(st_app.get("originalReplicas") or 0)
+        try:
+            self.kube.scale_workload(ns, app, replicas)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        self._set(
+            restore,
+            {"app": {**st_app, "restarted": True}},
+            ("Normal", "RestartedApp", f"scaled {app['name']} back to {replicas} replicas"),
+        )
+
+    # --- the Job ------------------------------------------------------------------------------
+
+    def _start(
+        self, restore: dict[str, Any], plan: RestorePlan, storage_ns: str, storage_spec: dict[str, Any]
+    ) -> None:
+        if plan.presigned:
+            self._presigned_secret(plan, storage_ns, storage_spec)
+        for obj in build_restore_access(plan):
+            self.kube.create_if_absent(obj)
+        job = build_restore_job(plan, self.config)
+        if self.kube.create_job(plan.namespace, job):
+            log.info("created Job %s/%s", plan.namespace, job["metadata"]["name"])
+        self._set(
+            restore,
+            {"jobName": job["metadata"]["name"], "message": "restore Job created"},
+        )
+
+    def _presigned_secret(self, plan: RestorePlan, storage_ns: str, storage_spec: dict[str, Any]) -> None:
+        """URLs that read this one snapshot, in a Secret of the target namespace."""
+        try:
+            target = storage_rec.target_for(self.kube, storage_ns, storage_spec)
+            s3 = target.client()
+            manifest = json.loads(s3.get_object(Bucket=target.bucket, Key=plan.manifest_key)["Body"].read())
+        except (SecretMissing, ClientError, BotoCoreError) as e:
+            raise Refused(describe_error(e, "reading the backup's manifest")) from e
+        keys = [o["key"] for o in manifest.get("objects", [])]
+        expires = self.config.job_active_deadline_seconds + PRESIGN_MARGIN
+        urls = presign_snapshot(s3, target.bucket, plan.manifest_key, keys, min(expires, 7 * 24 * 3600))
+        payload = gzip.compress(json.dumps({"urls": urls}).encode())
+        if len(payload) * 4 / 3 > SECRET_LIMIT:
+            raise Refused(
+                f"the snapshot has {len(keys)} objects, too many to hand to a restore in another "
+                "namespace; restore it in its own namespace"
+            )
+        self.kube.create_if_absent(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": restore_access_name(plan.name),
+                    "namespace": plan.namespace,
+                    "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_RESTORE: plan.name},
+                    "ownerReferences": [
+                        {
+                            "apiVersion": API_VERSION,
+                            "kind": "Restore",
+                            "name": plan.name,
+                            "uid": plan.uid,
+                            "controller": True,
+                        }
+                    ],
+                },
+                "type": "Opaque",
+                "data": {PRESIGNED_KEY: base64.b64encode(payload).decode()},
+            }
+        )
+
+    def sync_from_job(self, restore: dict[str, Any], job: dict[str, Any]) -> None:
+        """Follow the Job: Running, then (app restarted) Completed or Failed."""
+        status = restore.get("status") or {}
+        if status.get("phase") in TERMINAL:
+            self._restart_app(restore)
+            return
+        js = job.get("status") or {}
+        conds = {c["type"]: c for c in js.get("conditions") or [] if c.get("status") == "True"}
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        if "Complete" in conds or "Failed" in conds:
+            results = pod_results(self.kube, ns, name)
+            result = results[-1] if results else {}
+            self._restart_app(restore)
+            now = _now()
+            if "Complete" in conds and "error" not in result:
+                progress = dict(status.get("progress") or {})
+                progress.update(percent=100, display="100%", stage="done")
+                if "bytesTotal" in progress:
+                    progress["bytesDone"] = progress["bytesTotal"]
+                    progress["filesDone"] = progress.get("filesTotal", 0)
+                files = (result.get("files") or {}).get("files")
+                msg = f"restored snapshot {result.get('snapshotId', '')} into {status.get('target', ns)}"
+                if files is not None:
+                    msg += f" ({files} files)"
+                self._set(
+                    restore,
+                    {
+                        "phase": "Completed",
+                        "snapshotId": result.get("snapshotId", ""),
+                        "completedAt": _fmt(now),
+                        "progress": progress,
+                        "message": msg,
+                        "conditions": [_cond("Completed", True, "Restored", msg, now)],
+                    },
+                    ("Normal", "Completed", msg),
+                )
+                return
+            reason = conds.get("Failed", {}).get("reason") or "JobFailed"
+            error = result.get("error") or conds.get("Failed", {}).get("message") or "the restore Job failed"
+            state = result.get("targetState") or "Unknown"
+            if reason == "DeadlineExceeded":
+                error = (
+                    f"the restore ran longer than {self.config.job_active_deadline_seconds}s and was stopped"
+                )
+                state = "Unknown"
+            self._fail(restore, f"{error} (target state: {state})", reason, state)
+            return
+        if int(js.get("active") or 0) > 0 and status.get("phase") != "Running":
+            self._set(
+                restore,
+                {
+                    "phase": "Running",
+                    "startedAt": js.get("startTime") or _fmt(_now()),
+                    "message": "restoring",
+                },
+                ("Normal", "Running", "restore running"),
+            )
+
+
+def _fmt(t: dt.datetime) -> str:
+    return format_time(t)
