@@ -261,7 +261,7 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
 
 API_DIR = "/nightjar/api"
 PRESIGNED_DIR = "/nightjar/presigned"
-PRESIGNED_KEY = "urls.json.gz"
+PRESIGNED_KEY = "urls.json"
 
 
 def restore_access_name(restore_name: str) -> str:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import sys
@@ -138,9 +137,7 @@ def _files_s3(o: dict[str, Any]) -> S3Target | None:
 @click.option("--restore-namespace", default="", help="The Restore to report progress to.")
 @click.option("--restore-name", default="")
 @click.option("--api-dir", default="", help="Directory with the service account token and ca.crt.")
-@click.option(
-    "--presigned-file", default="", help="gzip JSON of presigned URLs (restores across namespaces)."
-)
+@click.option("--presigned-file", default="", help="JSON of presigned URLs (restores across namespaces).")
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def restore_cmd(**o: Any) -> None:
     """Restore one snapshot into a database (and files); result to --result-file."""
@@ -164,7 +161,7 @@ def restore_cmd(**o: Any) -> None:
         if o["presigned_file"]:
             from nightjar.storage.snapshot import PresignedReader
 
-            with gzip.open(o["presigned_file"], "rt", encoding="utf-8") as f:
+            with open(o["presigned_file"], encoding="utf-8") as f:
                 s3 = PresignedReader(json.load(f)["urls"], o["ca_file"], o["insecure"])
         elif not storage.access_key or not storage.secret_key:
             raise RestoreFailed("storage: the credentials Secret gave no access key pair", UNCHANGED)

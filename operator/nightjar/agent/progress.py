@@ -5,7 +5,7 @@ The one thing the agent says to the Kubernetes API, and the least it can: a JSON
 Restore alone (its Role grants ``patch`` on ``restores/status`` for that one name). Plain HTTPS
 through ``urllib``: the agent does not carry a Kubernetes client for one request.
 
-Reports are throttled (one every ``interval`` seconds plus the last), and a report that fails is
+Reports are throttled (one a second plus the last), and a report that fails is
 logged and dropped: progress is information, never a reason for a restore to fail.
 """
 
@@ -66,7 +66,7 @@ class Counters:
 class Reporter:
     """Patches ``status.progress``; a no-op when the Job gave no API credentials."""
 
-    def __init__(self, namespace: str, name: str, api_dir: str, interval: float = 2.0) -> None:
+    def __init__(self, namespace: str, name: str, api_dir: str, interval: float = 1.0) -> None:
         self.namespace = namespace
         self.name = name
         self.interval = interval

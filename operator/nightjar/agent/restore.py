@@ -296,8 +296,8 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
         counters.files_total = int(files.get("count") or 0)
     reporter = req.reporter or Reporter("", "", "")
     result: dict[str, Any] = {"snapshotId": reader.manifest.get("snapshotId", "")}
+    counters.stage = "database"
     with Ticker(reporter, counters):
-        counters.stage = "database"
         result["database"] = restore_database(req, reader, counters)
         if files and has_files_target:
             counters.stage = "files"

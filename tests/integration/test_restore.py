@@ -1,0 +1,387 @@
+"""Restores end to end on the real stack: Backup in one namespace, Restore into another (or the
+same), the restore Job running pg_restore against PostgreSQL and writing files into a PVC,
+progress reported by the agent itself. Nothing mocked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.integration.helpers import (
+    TABLE_CHECKSUMS,
+    G,
+    V,
+    backup_body,
+    make_storage,
+    psql,
+    take_backup,
+)
+from tests.support import hostpath_claim, wait_for
+
+
+def tree(root: Path) -> dict[str, Any]:
+    """Everything under ``root``: files by sha256 and mode, dirs, symlink targets."""
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            p = Path(dirpath) / d
+            rel = str(p.relative_to(root))
+            out[rel] = ("l", os.readlink(p)) if p.is_symlink() else ("d",)
+        for f in filenames:
+            p = Path(dirpath) / f
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("l", os.readlink(p))
+            else:
+                out[rel] = ("f", hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode & 0o777)
+    return out
+
+
+def restore_body(name: str, backup: str, backup_ns: str | None = None, **spec: Any) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": backup}
+    if backup_ns:
+        ref["namespace"] = backup_ns
+    target: dict[str, Any] = {"database": {"secretRef": {"name": "db"}}}
+    target.update(spec.pop("target", {}))
+    return {
+        "apiVersion": f"{G}/{V}",
+        "kind": "Restore",
+        "metadata": {"name": name},
+        "spec": {"backupRef": ref, "target": target, **spec},
+    }
+
+
+def get_restore(custom: client.CustomObjectsApi, ns: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = custom.get_namespaced_custom_object(G, V, ns, "restores", name)
+    return obj
+
+
+def wait_restore(custom: client.CustomObjectsApi, ns: str, name: str, timeout: float = 180) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        st = get_restore(custom, ns, name).get("status") or {}
+        return st if st.get("phase") in ("Completed", "Failed") else None
+
+    return wait_for(f"restore {name} to finish", done, timeout)
+
+
+def deployment(name: str, version: str, replicas: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "annotations": {"nightjar.dev/model-version": version}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "shop", "command": ["sleep", "3600"]}]},
+            },
+        },
+    }
+
+
+class Env:
+    """A second environment: namespace, empty database with its Secret "db", files PVC "files"."""
+
+    def __init__(self, ns: str, db: str, files: Path) -> None:
+        self.ns, self.db, self.files = ns, db, files
+
+
+@pytest.fixture
+def acceptance(core: client.CoreV1Api, env: dict[str, str], tmp_path: Path) -> Iterator[Env]:
+    ns = f"acc-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": ns, "labels": {"nightjar.dev/test": "true"}}})
+    db = f"acc_{ns.replace('-', '_')}"
+    password = uuid.uuid4().hex
+    psql(env, "postgres", f"create role {db} login password '{password}'")
+    psql(env, "postgres", f"create database {db} owner {db}")
+    # What acceptance held before: an older customers table with other rows.
+    psql(
+        env,
+        db,
+        f"set role {db}; create table customers (id int primary key, name text, note text);"
+        " insert into customers values (1, 'stale', 'old');",
+    )
+    core.create_namespaced_secret(
+        ns,
+        {
+            "metadata": {"name": "db"},
+            "stringData": {
+                "host": "127.0.0.1",
+                "port": env["NIGHTJAR_PG_PORT"],
+                "dbname": db,
+                "user": db,
+                "password": password,
+            },
+        },
+    )
+    root = tmp_path / "acc-pv"
+    docs = root / "docs"
+    (docs / "00").mkdir(parents=True)
+    (docs / "00" / "stale.bin").write_bytes(b"stale")
+    (docs / "only-in-acceptance").mkdir()
+    (docs / "only-in-acceptance" / "x.txt").write_text("x")
+    pv = hostpath_claim(core, ns, "files", root)
+    yield Env(ns, db, docs)
+    core.delete_persistent_volume(pv)
+    core.delete_namespace(ns)
+    psql(env, "postgres", f"drop database if exists {db} with (force)")
+
+
+def test_restore_into_another_namespace_gives_identical_rows_and_files(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    batch: client.BatchV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    acceptance: Env,
+) -> None:
+    apps = client.AppsV1Api(core.api_client)
+    apps.create_namespaced_deployment(namespace, deployment("shop", "2.0.0", 0))
+    storage = make_storage(custom, core, env, namespace)
+    custom.patch_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        "backupstorages",
+        storage["metadata"]["name"],
+        {"spec": {"allowedRestoreNamespaces": [acceptance.ns]}},
+    )
+    body = backup_body("prod")
+    body["spec"]["source"]["app"] = {"name": "shop"}
+    take_backup(custom, namespace, body)
+    (files_pvc / "after-backup.txt").write_text("not in the backup")
+
+    # Acceptance runs an older model with two replicas: stopped for the restore, then back.
+    apps.create_namespaced_deployment(acceptance.ns, deployment("shop", "1.9.0", 2))
+    wait_for(
+        "acceptance app up",
+        lambda: (apps.read_namespaced_deployment("shop", acceptance.ns).status.replicas or 0) == 2,
+        60,
+    )
+    before_files = tree(files_pvc)
+    custom.create_namespaced_custom_object(
+        G,
+        V,
+        acceptance.ns,
+        "restores",
+        restore_body(
+            "from-prod",
+            "prod",
+            namespace,
+            target={
+                "files": {"persistentVolumeClaim": {"claimName": "files", "path": "docs"}},
+                "app": {"name": "shop"},
+            },
+        ),
+    )
+    saw_stopped = wait_for(
+        "the app stopped for the restore",
+        lambda: apps.read_namespaced_deployment("shop", acceptance.ns).spec.replicas == 0 or None,
+        60,
+    )
+    assert saw_stopped
+    st = wait_restore(custom, acceptance.ns, "from-prod")
+    assert st["phase"] == "Completed", st.get("message")
+    assert st["backup"] == f"{namespace}/prod"
+    assert st["startedAt"] and st["completedAt"]
+    assert st["progress"]["percent"] == 100
+    assert st["progress"]["filesTotal"] == st["progress"]["filesDone"] == 300 + 6 + 1
+
+    # Identical rows, and the stale acceptance row is gone.
+    assert psql(env, acceptance.db, TABLE_CHECKSUMS) == psql(env, app_db, TABLE_CHECKSUMS)
+    # Identical files: every path, byte, mode, empty dir and symlink; what only acceptance had is gone.
+    expected = {k: v for k, v in before_files.items() if k != "after-backup.txt"}
+    assert tree(acceptance.files) == expected
+
+    # The model versions differ: a warning condition, and the restore still ran.
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["ModelVersionMismatch"]["status"] == "True"
+    assert (
+        "2.0.0" in conds["ModelVersionMismatch"]["message"]
+        and "1.9.0" in conds["ModelVersionMismatch"]["message"]
+    )
+    assert conds["Completed"]["status"] == "True"
+
+    # The app is back at its two replicas.
+    assert apps.read_namespaced_deployment("shop", acceptance.ns).spec.replicas == 2
+    assert st["app"] == {
+        "kind": "Deployment",
+        "name": "shop",
+        "originalReplicas": 2,
+        "stopped": True,
+        "restarted": True,
+    }
+
+    # The Job read the snapshot through presigned URLs: prod's storage credentials never
+    # reached acceptance.
+    secrets = {s.metadata.name for s in core.list_namespaced_secret(acceptance.ns).items}
+    assert "s3-creds" not in secrets
+    job = batch.read_namespaced_job("nightjar-restore-from-prod", acceptance.ns)
+    env_names = {e.name for e in job.spec.template.spec.containers[0].env or []}
+    assert "NIGHTJAR_S3_ACCESS_KEY_ID" not in env_names
+
+    out = subprocess.run(
+        [env["NIGHTJAR_KUBECTL"], "--kubeconfig", env["KUBECONFIG"], "get", "rst", "-n", acceptance.ns],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    header, row = out.splitlines()[0].split(), out.splitlines()[1]
+    assert header == ["NAME", "BACKUP", "STATUS", "PROGRESS", "TARGET", "AGE"]
+    assert f"{namespace}/prod" in row and "Completed" in row and "100%" in row
+
+
+def test_database_only_restore_leaves_files_as_they_were(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("nightly"))
+    checksums = psql(env, app_db, TABLE_CHECKSUMS)
+    psql(env, app_db, "delete from orders where id > 10; update customers set name = 'changed'")
+    (files_pvc / "new-since.txt").write_text("keep me")
+    (files_pvc / "big.bin").unlink()
+    files_before = tree(files_pvc)
+    custom.create_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        "restores",
+        restore_body(
+            "db-only",
+            "nightly",
+            contents="DatabaseOnly",
+            target={"files": {"persistentVolumeClaim": {"claimName": "files", "path": "docs"}}},
+        ),
+    )
+    st = wait_restore(custom, namespace, "db-only")
+    assert st["phase"] == "Completed", st.get("message")
+    assert psql(env, app_db, TABLE_CHECKSUMS) == checksums
+    assert tree(files_pvc) == files_before
+    assert "files untouched" in st["target"]
+
+
+def test_cross_namespace_restore_without_a_grant_is_refused_and_reads_nothing(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    batch: client.BatchV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    acceptance: Env,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("prod", files=False))
+    before = psql(env, acceptance.db, "select name from customers")
+    custom.create_namespaced_custom_object(
+        G, V, acceptance.ns, "restores", restore_body("sneaky", "prod", namespace)
+    )
+    st = wait_restore(custom, acceptance.ns, "sneaky", 60)
+    assert st["phase"] == "Failed"
+    assert "not allowed" in st["message"] and "allowedRestoreNamespaces" in st["message"]
+    assert st["targetState"] == "Unchanged"
+    assert batch.list_namespaced_job(acceptance.ns).items == []
+    assert [s.metadata.name for s in core.list_namespaced_secret(acceptance.ns).items] == ["db"]
+    assert psql(env, acceptance.db, "select name from customers") == before
+
+
+def test_refusals_name_what_is_wrong(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("ok", files=False))
+    bad = backup_body("broken", files=False)
+    bad["spec"]["source"]["database"]["secretRef"]["name"] = "no-such-secret"
+    custom.create_namespaced_custom_object(G, V, namespace, "backups", bad)
+
+    cases = {
+        "of-missing": (restore_body("of-missing", "nope"), 'Backup "nope" not found'),
+        "of-unfinished": (restore_body("of-unfinished", "broken"), "not Completed"),
+        "no-target-db": (
+            restore_body("no-target-db", "ok", target={"database": {"secretRef": {"name": "gone"}}}),
+            'target database: Secret "gone" not found',
+        ),
+        "no-target-pvc": (
+            restore_body("no-target-pvc", "ok", contents="DatabaseOnly", target={"app": {"name": "ghost"}}),
+            'target app: Deployment "ghost" not found',
+        ),
+    }
+    for body, _ in cases.values():
+        custom.create_namespaced_custom_object(G, V, namespace, "restores", body)
+    for name, (_, expected) in cases.items():
+        st = wait_restore(custom, namespace, name, 60)
+        assert st["phase"] == "Failed", name
+        assert expected in st["message"], (name, st["message"])
+        assert "nothing was changed" in st["message"]
+
+    # A files-only restore does not exist; the schema says so.
+    with pytest.raises(ApiException) as e:
+        custom.create_namespaced_custom_object(
+            G, V, namespace, "restores", restore_body("files-only", "ok", contents="FilesOnly")
+        )
+    assert "files-only restore is not supported" in e.value.body
+    # And a Restore's spec cannot change once created.
+    with pytest.raises(ApiException) as e:
+        custom.patch_namespaced_custom_object(
+            G, V, namespace, "restores", "of-missing", {"spec": {"backupRef": {"name": "ok"}}}
+        )
+    assert "immutable" in e.value.body
+
+
+def test_progress_is_visible_while_a_larger_restore_runs(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+) -> None:
+    psql(
+        env,
+        app_db,
+        f"set role {app_db}; create table blobs (id int primary key, body text);"
+        " insert into blobs select g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text)"
+        " from generate_series(1, 3000000) g;",
+    )
+    make_storage(custom, core, env, namespace)
+    status = take_backup(custom, namespace, backup_body("big", files=False), timeout=300)
+    assert status["database"]["bytes"] > 100_000_000
+    custom.create_namespaced_custom_object(G, V, namespace, "restores", restore_body("big", "big"))
+    seen: list[dict[str, Any]] = []
+
+    def partial() -> bool | None:
+        st = get_restore(custom, namespace, "big").get("status") or {}
+        p = st.get("progress") or {}
+        if p:
+            seen.append(p)
+        if st.get("phase") == "Running" and 0 < p.get("bytesDone", 0) < p.get("bytesTotal", 0):
+            return True
+        assert st.get("phase") not in ("Completed", "Failed"), (
+            f"finished before any partial progress: {seen[-3:]}"
+        )
+        return None
+
+    wait_for("partial progress in status", partial, 180, interval=0.2)
+    p = seen[-1]
+    assert p["bytesTotal"] == status["database"]["bytes"]
+    assert 0 <= p["percent"] < 100 and p["stage"] == "database"
+    st = wait_restore(custom, namespace, "big", 300)
+    assert st["phase"] == "Completed", st.get("message")
+    assert psql(env, app_db, "select count(*) from blobs") == "3000000"

@@ -1,0 +1,273 @@
+"""Restore pieces that are pure or local: the Job builder and its access objects, the snapshot
+reader's verification, and writing a tree exactly (into a temporary directory)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nightjar.agent import files as f
+from nightjar.agent.progress import Counters
+from nightjar.agent.restore import conninfo_dbname, restore_tree
+from nightjar.config import OperatorConfig
+from nightjar.jobs import RestorePlan, StorageRef, build_restore_access, build_restore_job
+from nightjar.reconcile.restore import target_summary
+from nightjar.storage.snapshot import IntegrityError, SnapshotReader
+
+STORAGE = StorageRef.from_spec(
+    {"endpoint": "https://s3.example", "bucket": "bk", "credentials": {"secretName": "s3creds"}}
+)
+
+
+def plan(**kw: Any) -> RestorePlan:
+    base: dict[str, Any] = dict(
+        name="from-prod",
+        namespace="acceptance",
+        uid="uid-9",
+        storage=STORAGE,
+        manifest_key="nightjar/v1/prod/abc/uid/att/manifest.json",
+        manifest_sha256="f" * 64,
+        contents="Full",
+        target={
+            "database": {"secretRef": {"name": "db"}},
+            "files": {"persistentVolumeClaim": {"claimName": "docs", "path": "files"}},
+        },
+        db_secret="db",
+        db_keys=("uri",),
+    )
+    base.update(kw)
+    return RestorePlan(**base)
+
+
+def test_same_namespace_job_uses_the_storage_secret_by_reference_and_runs_once() -> None:
+    job = build_restore_job(plan(namespace="prod"), OperatorConfig())
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert job["metadata"]["name"] == "nightjar-restore-from-prod"
+    assert job["spec"]["backoffLimit"] == 0
+    assert pod["serviceAccountName"] == "nightjar-restore-from-prod"
+    assert pod["automountServiceAccountToken"] is False  # only the explicit, scoped token volume
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert refs["NIGHTJAR_S3_ACCESS_KEY_ID"] == {"name": "s3creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert refs["NIGHTJAR_DB_URI"] == {"name": "db", "key": "uri"}
+    assert "--presigned-file" not in c["args"]
+    assert c["args"][c["args"].index("--files-dir") + 1] == "/nightjar/files/files"
+    files_vol = next(v for v in pod["volumes"] if v["name"] == "files")
+    assert files_vol["persistentVolumeClaim"] == {"claimName": "docs"}  # writable, unlike a backup's
+    api = next(v for v in pod["volumes"] if v["name"] == "api")
+    assert api["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token"
+
+
+def test_cross_namespace_job_gets_presigned_urls_and_never_the_storage_credentials() -> None:
+    job = build_restore_job(plan(presigned=True), OperatorConfig())
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    names = {e["name"] for e in c["env"]}
+    assert not any(n.startswith("NIGHTJAR_S3_") for n in names)
+    assert c["args"][c["args"].index("--presigned-file") + 1] == "/nightjar/presigned/urls.json"
+    assert {"name": "presigned", "secret": {"secretName": "nightjar-restore-from-prod"}} in pod["volumes"]
+
+
+def test_database_only_job_mounts_no_files() -> None:
+    job = build_restore_job(plan(contents="DatabaseOnly"), OperatorConfig())
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert "--files-dir" not in c["args"]
+    assert all(v["name"] != "files" for v in job["spec"]["template"]["spec"]["volumes"])
+
+
+def test_access_objects_grant_patching_this_restores_status_only() -> None:
+    sa, role, binding = build_restore_access(plan())
+    assert sa["kind"] == "ServiceAccount" and sa["automountServiceAccountToken"] is False
+    assert role["rules"] == [
+        {
+            "apiGroups": ["nightjar.dev"],
+            "resources": ["restores/status"],
+            "resourceNames": ["from-prod"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "nightjar-restore-from-prod", "namespace": "acceptance"}
+    ]
+    for o in (sa, role, binding):
+        assert o["metadata"]["ownerReferences"][0]["uid"] == "uid-9"
+
+
+def test_target_summary_and_conninfo_quoting() -> None:
+    t = {"database": {"secretRef": {"name": "db"}}, "files": {"persistentVolumeClaim": {"claimName": "c"}}}
+    assert target_summary("acc", t, "Full") == "acc: database db, files pvc/c"
+    assert target_summary("acc", t, "DatabaseOnly") == "acc: database db, files untouched"
+    assert conninfo_dbname("shop") == "dbname='shop'"
+    assert conninfo_dbname("a' host=evil") == "dbname='a\\' host=evil'"
+
+
+# --- a snapshot in memory: objects written with the real packer and index format -------------
+
+
+class Bucket:
+    """get_object with Range over in-memory objects (the S3 semantics the reader relies on)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.gets = 0
+
+    def get_object(self, Bucket: str, Key: str, Range: str = "") -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        if Key not in self.objects:
+            raise ClientError({"Error": {"Code": "NoSuchKey", "Message": ""}}, "GetObject")
+        self.gets += 1
+        data = self.objects[Key]
+        if Range:
+            data = data[int(Range.removeprefix("bytes=").split("-")[0]) :]
+        return {"Body": io.BytesIO(data)}
+
+
+class _Writer:
+    def __init__(self, bucket: Bucket, key: str) -> None:
+        self.bucket, self.key, self.buf = bucket, key, io.BytesIO()
+
+    def write(self, data: bytes) -> int:
+        return self.buf.write(data)
+
+    def close(self) -> None:
+        self.bucket.objects[self.key] = self.buf.getvalue()
+
+    @property
+    def size(self) -> int:
+        return len(self.buf.getvalue())
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.buf.getvalue()).hexdigest()
+
+
+def snapshot_of(src: Path) -> tuple[Bucket, str]:
+    bucket = Bucket()
+    objects: list[dict[str, Any]] = []
+    packer = f.Packer(
+        open_object=lambda n: (f"packs/{n:06d}", _Writer(bucket, f"packs/{n:06d}")),
+        on_object=lambda o: objects.append({"key": o.key, "bytes": o.size, "sha256": o.sha256}),
+    )
+    index = io.BytesIO()
+    stats = f.back_up_tree(src, index, packer, f.PreviousIndex(None), lambda e: None)
+    bucket.objects["files.jsonl.gz"] = index.getvalue()
+    bucket.objects["db.dump"] = b"PGDMP-not-used-here"
+    manifest = {
+        "database": {
+            "key": "db.dump",
+            "bytes": 19,
+            "sha256": hashlib.sha256(b"PGDMP-not-used-here").hexdigest(),
+        },
+        "files": {
+            "index": {
+                "key": "files.jsonl.gz",
+                "bytes": len(index.getvalue()),
+                "sha256": hashlib.sha256(index.getvalue()).hexdigest(),
+            },
+            "count": stats.files,
+            "bytes": stats.bytes,
+        },
+        "objects": objects,
+    }
+    raw = json.dumps(manifest).encode()
+    bucket.objects["manifest.json"] = raw
+    return bucket, hashlib.sha256(raw).hexdigest()
+
+
+def make_tree(root: Path) -> None:
+    for i in range(50):
+        d = root / f"{i % 5:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(i * 100))
+    (root / "big").write_bytes(os.urandom(5 * 1024 * 1024))
+    (root / "empty").mkdir()
+    (root / "ro").mkdir()
+    (root / "ro" / "inside").write_text("in a read-only dir")
+    (root / "ro").chmod(0o555)
+    (root / "link").symlink_to("00/f0")
+    (root / "exec").write_text("#!/bin/sh\n")
+    (root / "exec").chmod(0o750)
+
+
+def listing(root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for rel, st in f.walk(root):
+        p = root / rel
+        if p.is_symlink():
+            out[rel] = ("l", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = ("d", st.st_mode & 0o7777)
+        else:
+            out[rel] = ("f", p.read_bytes(), st.st_mode & 0o7777, st.st_mtime_ns)
+    return out
+
+
+def test_restore_tree_writes_exactly_the_snapshot_and_removes_the_rest(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    bucket, digest = snapshot_of(src)
+    dst.mkdir()
+    (dst / "00").mkdir()
+    (dst / "00" / "f1").write_text("stale content")
+    (dst / "extra-dir" / "deep").mkdir(parents=True)
+    (dst / "extra-dir" / "deep" / "x").write_text("x")
+    (dst / "big").mkdir()  # a directory where the snapshot has a file
+    (dst / "lost+found").mkdir()
+    reader = SnapshotReader(bucket, "b", "manifest.json", digest)
+    counters = Counters()
+    out = restore_tree(reader, dst, counters)
+    got = listing(dst)
+    assert got.pop("lost+found")[0] == "d"  # a volume's lost+found is left alone
+    assert got == listing(src)
+    assert out["files"] == counters.files_done == 53
+    assert out["removed"] >= 1
+    assert bucket.gets <= 6  # packs read sequentially, not one request per file
+    (dst / "ro").chmod(0o755)
+    (src / "ro").chmod(0o755)
+
+
+def test_a_damaged_file_or_manifest_is_reported_not_restored(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_bytes(b"A" * 1000)
+    (src / "b").write_bytes(b"B" * 1000)
+    bucket, digest = snapshot_of(src)
+    with pytest.raises(IntegrityError, match="does not match the digest"):
+        SnapshotReader(bucket, "b", "manifest.json", "0" * 64)
+    pack = next(k for k in bucket.objects if k.startswith("packs/"))
+    bucket.objects[pack] = bucket.objects[pack][:1500] + b"X" + bucket.objects[pack][1501:]
+    dst.mkdir()
+    with pytest.raises(IntegrityError, match="file b does not match its sha256"):
+        restore_tree(SnapshotReader(bucket, "b", "manifest.json", digest), dst, Counters())
+    bucket.objects[pack] = bucket.objects[pack][:1200]
+    with pytest.raises(IntegrityError, match="truncated"):
+        restore_tree(SnapshotReader(bucket, "b", "manifest.json", digest), dst, Counters())
+
+
+def test_a_forged_index_cannot_write_outside_the_target(tmp_path: Path) -> None:
+    bucket = Bucket()
+    lines = [
+        f.Entry("escape", "l", 0o777, target=str(tmp_path / "outside")).to_json(),
+        f.Entry("escape/pwned", "f", 0o644, size=0, sha256=hashlib.sha256(b"").hexdigest()).to_json(),
+    ]
+    index = gzip.compress(("\n".join(lines) + "\n").encode())
+    bucket.objects["i"] = index
+    manifest = {
+        "database": {"key": "d", "bytes": 0},
+        "files": {"index": {"key": "i", "bytes": len(index), "sha256": hashlib.sha256(index).hexdigest()}},
+        "objects": [],
+    }
+    bucket.objects["m"] = json.dumps(manifest).encode()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(IntegrityError, match="outside the files directory"):
+        restore_tree(SnapshotReader(bucket, "b", "m"), tmp_path / "dst", Counters())
+    assert list((tmp_path / "outside").iterdir()) == []
