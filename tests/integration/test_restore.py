@@ -5,6 +5,7 @@ progress reported by the agent itself. Nothing mocked."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import uuid
@@ -236,6 +237,8 @@ def test_restore_into_another_namespace_gives_identical_rows_and_files(
         text=True,
         check=True,
     ).stdout
+    print(out)  # the README shows this
+    print(json.dumps(st, indent=1))
     header, row = out.splitlines()[0].split(), out.splitlines()[1]
     assert header == ["NAME", "BACKUP", "STATUS", "PROGRESS", "TARGET", "AGE"]
     assert f"{namespace}/prod" in row and "Completed" in row and "100%" in row
@@ -385,3 +388,43 @@ def test_progress_is_visible_while_a_larger_restore_runs(
     st = wait_restore(custom, namespace, "big", 300)
     assert st["phase"] == "Completed", st.get("message")
     assert psql(env, app_db, "select count(*) from blobs") == "3000000"
+
+
+def test_a_damaged_snapshot_fails_and_leaves_the_target_unchanged(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    s3: Any,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    st = take_backup(custom, namespace, backup_body("tampered"))
+    bucket = env["NIGHTJAR_S3_BUCKET_PLAIN"]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=st["storage"]["manifestKey"])["Body"].read())
+    key = manifest["database"]["key"]
+    dump = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    dump[-100] ^= 0xFF  # one flipped byte near the end: pg_restore has already run most of it
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(dump))
+    psql(env, app_db, "update customers set name = 'current'")
+    checksums = psql(env, app_db, TABLE_CHECKSUMS)
+    files_before = tree(files_pvc)
+
+    custom.create_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        "restores",
+        restore_body(
+            "from-tampered",
+            "tampered",
+            target={"files": {"persistentVolumeClaim": {"claimName": "files", "path": "docs"}}},
+        ),
+    )
+    rst = wait_restore(custom, namespace, "from-tampered")
+    assert rst["phase"] == "Failed"
+    assert "does not match its sha256" in rst["message"]
+    assert "is unchanged" in rst["message"] and rst["targetState"] == "Unchanged"
+    assert psql(env, app_db, TABLE_CHECKSUMS) == checksums  # rolled back
+    assert tree(files_pvc) == files_before
