@@ -199,6 +199,12 @@ def restore_reconcile(body: kopf.Body, **_: Any) -> None:
         raise kopf.TemporaryError(str(e), delay=e.delay) from e
 
 
+@kopf.on.delete(GROUP, VERSION, RESTORES)
+def restore_deleted(body: kopf.Body, **_: Any) -> None:
+    """A Restore deleted while it runs still gives the app its replicas back."""
+    STATE.restores.restart_app_on_delete(_plain(body))
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RESTORE: kopf.PRESENT})
 def restore_job_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
     if type == "DELETED":

@@ -428,3 +428,37 @@ def test_a_damaged_snapshot_fails_and_leaves_the_target_unchanged(
     assert "is unchanged" in rst["message"] and rst["targetState"] == "Unchanged"
     assert psql(env, app_db, TABLE_CHECKSUMS) == checksums  # rolled back
     assert tree(files_pvc) == files_before
+
+
+def test_deleting_a_running_restore_gives_the_app_its_replicas_back(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+) -> None:
+    apps = client.AppsV1Api(core.api_client)
+    apps.create_namespaced_deployment(namespace, deployment("shop", "1.0", 3))
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("b", files=False))
+    custom.create_namespaced_custom_object(
+        G, V, namespace, "restores", restore_body("r", "b", target={"app": {"name": "shop"}})
+    )
+    wait_for(
+        "the app stopped",
+        lambda: apps.read_namespaced_deployment("shop", namespace).spec.replicas == 0 or None,
+        60,
+    )
+    custom.delete_namespaced_custom_object(G, V, namespace, "restores", "r")
+    wait_for(
+        "the Restore gone",
+        lambda: (
+            "r"
+            not in [
+                o["metadata"]["name"]
+                for o in custom.list_namespaced_custom_object(G, V, namespace, "restores")["items"]
+            ]
+        ),
+        60,
+    )
+    assert apps.read_namespaced_deployment("shop", namespace).spec.replicas == 3

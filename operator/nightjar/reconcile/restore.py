@@ -354,18 +354,29 @@ class RestoreReconciler:
             return False
         return int(obj.status.replicas or 0) == 0
 
-    def _restart_app(self, restore: dict[str, Any]) -> None:
+    def restart_app_on_delete(self, restore: dict[str, Any]) -> None:
+        if self._scale_back(restore):
+            log.info("restore %s/%s deleted; its app was scaled back", *_ident(restore))
+
+    def _scale_back(self, restore: dict[str, Any]) -> bool:
         st_app = (restore.get("status") or {}).get("app") or {}
         if not st_app.get("stopped") or st_app.get("restarted"):
-            return
+            return False
         ns = restore["metadata"]["namespace"]
         app = {"kind": st_app.get("kind"), "name": st_app["name"]}
-        replicas = int(st_app.get("originalReplicas") or 0)
         try:
-            self.kube.scale_workload(ns, app, replicas)
+            self.kube.scale_workload(ns, app, int(st_app.get("originalReplicas") or 0))
         except ApiException as e:
             if e.status != 404:
                 raise
+        return True
+
+    def _restart_app(self, restore: dict[str, Any]) -> None:
+        if not self._scale_back(restore):
+            return
+        st_app = restore["status"]["app"]
+        app = {"kind": st_app.get("kind"), "name": st_app["name"]}
+        replicas = int(st_app.get("originalReplicas") or 0)
         self._set(
             restore,
             {"app": {**st_app, "restarted": True}},
@@ -486,6 +497,10 @@ class RestoreReconciler:
                 },
                 ("Normal", "Running", "restore running"),
             )
+
+
+def _ident(restore: dict[str, Any]) -> tuple[str, str]:
+    return restore["metadata"]["namespace"], restore["metadata"]["name"]
 
 
 def _fmt(t: dt.datetime) -> str:
