@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
+import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -462,3 +464,150 @@ def test_deleting_a_running_restore_gives_the_app_its_replicas_back(
         60,
     )
     assert apps.read_namespaced_deployment("shop", namespace).spec.replicas == 3
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``nightjar`` command, as a user runs it."""
+    return subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "nightjar"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
+        timeout=300,
+    )
+
+
+def regular_files(root: Path) -> dict[str, str]:
+    return {k: v[1] for k, v in tree(root).items() if v[0] == "f"}
+
+
+def uploaded_backup(custom: client.CustomObjectsApi, ns: str, known: set[str]) -> dict[str, Any] | None:
+    for b in custom.list_namespaced_custom_object(G, V, ns, "backups")["items"]:
+        if (
+            b["spec"].get("type") == "Uploaded"
+            and b["metadata"]["name"] not in known
+            and (b.get("status") or {}).get("phase") in ("Completed", "Failed")
+        ):
+            return b
+    return None
+
+
+def test_download_upload_restore_round_trip_gives_identical_data(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    tmp_path: Path,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("orig"))
+    checksums = psql(env, app_db, TABLE_CHECKSUMS)
+    files = regular_files(files_pvc)
+    archive = tmp_path / "orig.tar.gz"
+    r = cli(env, "download", "orig", "-n", namespace, "--full", "-o", str(archive))
+    assert r.returncode == 0, r.stderr
+    r = cli(env, "upload", str(archive), "--storage", "s3", "-n", namespace, "--comment", "round trip")
+    assert r.returncode == 0, r.stderr
+    up = wait_for("the uploaded Backup", lambda: uploaded_backup(custom, namespace, set()), 60)
+    assert up["status"]["phase"] == "Completed", up["status"].get("message")
+
+    # The app's data changes; restoring the uploaded copy brings back exactly what was downloaded.
+    psql(env, app_db, "delete from orders; update customers set name = 'changed'")
+    for p in list(files_pvc.rglob("*.bin"))[:20]:
+        p.write_bytes(b"changed")
+    (files_pvc / "new.txt").write_text("new")
+    custom.create_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        "restores",
+        restore_body(
+            "from-upload",
+            up["metadata"]["name"],
+            target={"files": {"persistentVolumeClaim": {"claimName": "files", "path": "docs"}}},
+        ),
+    )
+    st = wait_restore(custom, namespace, "from-upload")
+    assert st["phase"] == "Completed", st.get("message")
+    assert psql(env, app_db, TABLE_CHECKSUMS) == checksums
+    assert regular_files(files_pvc) == files
+
+
+def test_a_hand_built_mendix_archive_uploads_and_restores(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    acceptance: Env,
+    tmp_path: Path,
+) -> None:
+    """The documented layout: .metadata, db/db.backup (pg_dump -Fc -O -x), tree/<aa>/<bb>/<uuid>."""
+    make_storage(custom, core, env, namespace)
+    build = tmp_path / "mendix"
+    (build / "db").mkdir(parents=True)
+    subprocess.run(
+        [
+            os.path.join(env["NIGHTJAR_PG_BINDIR"], "pg_dump"),
+            "-Fc",
+            "-O",
+            "-x",
+            "-f",
+            str(build / "db" / "db.backup"),
+            env["NIGHTJAR_PG_DSN"].rsplit("/", 1)[0] + f"/{app_db}",
+        ],
+        check=True,
+    )
+    documents: dict[str, bytes] = {}
+    for i in range(25):
+        u = str(uuid.uuid4())
+        documents[f"{u[0:2]}/{u[2:4]}/{u}"] = os.urandom(100 + i * 37)
+    for rel, data in documents.items():
+        (build / "tree" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (build / "tree" / rel).write_bytes(data)
+    meta = {
+        "duration": "0",
+        "dumpSize": str((build / "db" / "db.backup").stat().st_size),
+        "modelVersion": "1.0.0.40",
+        "databaseSize": "9730584",
+        "filesSize": "1346575",
+    }
+    (build / ".metadata").write_text(json.dumps(meta))
+    archive = tmp_path / "mendix-backup.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in (".metadata", "db", "tree"):
+            tar.add(build / name, arcname=name)
+    r = cli(env, "upload", str(archive), "--storage", "s3", "-n", namespace)
+    assert r.returncode == 0, r.stderr
+    up = wait_for("the uploaded Backup", lambda: uploaded_backup(custom, namespace, set()), 60)
+    assert up["status"]["phase"] == "Completed", up["status"].get("message")
+    assert up["status"]["modelVersion"] == "1.0.0.40"
+
+    storage = custom.get_namespaced_custom_object(G, V, namespace, "backupstorages", "s3")
+    custom.patch_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        "backupstorages",
+        storage["metadata"]["name"],
+        {"spec": {"allowedRestoreNamespaces": ["*"]}},
+    )
+    custom.create_namespaced_custom_object(
+        G,
+        V,
+        acceptance.ns,
+        "restores",
+        restore_body(
+            "from-mendix",
+            up["metadata"]["name"],
+            namespace,
+            target={"files": {"persistentVolumeClaim": {"claimName": "files", "path": "docs"}}},
+        ),
+    )
+    st = wait_restore(custom, acceptance.ns, "from-mendix")
+    assert st["phase"] == "Completed", st.get("message")
+    assert psql(env, acceptance.db, TABLE_CHECKSUMS) == psql(env, app_db, TABLE_CHECKSUMS)
+    assert regular_files(acceptance.files) == {k: hashlib.sha256(v).hexdigest() for k, v in documents.items()}

@@ -241,7 +241,9 @@ class RestoreReconciler:
             uid=meta["uid"],
             storage=StorageRef.from_spec(storage["spec"]),
             manifest_key=manifest_key,
-            manifest_sha256=st_storage.get("manifestSha256") or "",
+            manifest_sha256=st_storage.get("manifestSha256")
+            or (backup["spec"].get("upload") or {}).get("manifestSha256")
+            or "",
             contents=contents,
             target=target,
             db_secret=db_secret,
