@@ -1,33 +1,68 @@
 #!/usr/bin/env python3
 """Copy shared schema parts between CRDs so they have one source: a BackupSchedule's
-spec.source and spec.storageRef are exactly a Backup's. `make crds` runs this; a unit test
-fails when they drift."""
+spec.source and spec.storageRef are exactly a Backup's, and a Restore's spec.target is a
+Backup's spec.source (with its own description). `make crds` runs this; a unit test fails when
+they drift. A file is rewritten only when its content changes."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 CRDS = Path(__file__).resolve().parent.parent / "crds"
-SHARED = ("source", "storageRef")
 
 
-def spec_props(doc: dict) -> dict:  # type: ignore[type-arg]
-    return doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+def spec_props(doc: dict[str, Any]) -> dict[str, Any]:
+    props: dict[str, Any] = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"
+    ]
+    return props
+
+
+def sync(name: str, copies: dict[str, str], header: str, keep_description: bool) -> bool:
+    """Copy each Backup spec property ``copies[dst]`` to ``dst`` of the CRD ``name``; True when changed."""
+    backup = spec_props(yaml.safe_load((CRDS / "backups.nightjar.dev.yaml").read_text()))
+    path = CRDS / f"{name}.nightjar.dev.yaml"
+    if not path.exists():
+        return False
+    text = path.read_text()
+    doc = yaml.safe_load(text)
+    for dst, src in copies.items():
+        new = copy.deepcopy(backup[src])
+        if keep_description and "description" in spec_props(doc).get(dst, {}):
+            new["description"] = spec_props(doc)[dst]["description"]
+        spec_props(doc)[dst] = new
+    out = header + yaml.safe_dump(doc, sort_keys=False, width=110, allow_unicode=True)
+    if out == text:
+        return False
+    path.write_text(out)
+    return True
 
 
 def main() -> int:
-    backup = yaml.safe_load((CRDS / "backups.nightjar.dev.yaml").read_text())
-    path = CRDS / "backupschedules.nightjar.dev.yaml"
-    text = path.read_text()
-    schedule = yaml.safe_load(text)
-    for key in SHARED:
-        spec_props(schedule)[key] = spec_props(backup)[key]
-    header = "# spec.source and spec.storageRef are copied from backups.nightjar.dev.yaml by `make crds`.\n"
-    body = yaml.safe_dump(schedule, sort_keys=False, width=110, allow_unicode=True)
-    path.write_text(header + body)
+    changed = [
+        name
+        for name, copies, header, keep in (
+            (
+                "backupschedules",
+                {"source": "source", "storageRef": "storageRef"},
+                "# spec.source and spec.storageRef are copied from backups.nightjar.dev.yaml by `make crds`.\n",
+                False,
+            ),
+            (
+                "restores",
+                {"target": "source"},
+                "# spec.target is copied from a Backup's spec.source (backups.nightjar.dev.yaml) by `make crds`.\n",
+                True,
+            ),
+        )
+        if sync(name, copies, header, keep)
+    ]
+    print(f"updated: {', '.join(changed)}" if changed else "CRDs in sync")
     return 0
 
 

@@ -1,9 +1,21 @@
 """The ``nightjar`` command (also ``kubectl nightjar``): one binary for the operator, the agent
-that Jobs run, and the user commands."""
+that Jobs run, and the user commands.
+
+User commands take the namespace from ``-n``, else from the kubeconfig's current context, else
+``default``, like kubectl. Their work lives in ``nightjar.transfer``; this module only parses
+options and turns failures into one clear line and exit code 1. Progress goes to stderr (a bar
+on a terminal), results to stdout.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import datetime as dt
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -51,7 +63,7 @@ def schedule() -> None:
 @schedule.command("preview")
 @click.argument("name", required=False)
 @click.option("-f", "--filename", type=click.File("r"), help="A BackupSchedule YAML file (or - for stdin).")
-@click.option("-n", "--namespace", default="default", show_default=True, help="Namespace of NAME.")
+@click.option("-n", "--namespace", default=None, help="Namespace of NAME (default: the current context's).")
 @click.option("--from", "start", default=None, help="First day (YYYY-MM-DD or RFC 3339, UTC); default today.")
 @click.option("--days", default=14, show_default=True, type=click.IntRange(1, 3660))
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -77,6 +89,9 @@ def schedule_preview(
 
         from nightjar.constants import GROUP, VERSION
         from nightjar.kube import Kube, load_client
+        from nightjar.transfer.cluster import current_namespace
+
+        namespace = namespace or current_namespace()
 
         try:
             got = Kube(load_client()).get("backupschedules", namespace, name)
@@ -92,7 +107,9 @@ def schedule_preview(
     meta = doc.get("metadata") or {}
     try:
         plan = Plan.from_spec(
-            meta.get("namespace") or namespace, meta.get("name") or "schedule", doc.get("spec") or {}
+            meta.get("namespace") or namespace or "default",
+            meta.get("name") or "schedule",
+            doc.get("spec") or {},
         )
         begin = dt.datetime.fromisoformat(start.replace("Z", "+00:00")) if start else dt.datetime.now(dt.UTC)
     except ValueError as e:
@@ -110,3 +127,412 @@ def schedule_preview(
     click.echo(f"{'TIME':<21} {'TIER':<8} {'EXPIRES':<21} NAME")
     for s in slots:
         click.echo(f"{format_time(s.time):<21} {s.tier:<8} {format_time(s.expires):<21} {s.name}")
+
+
+# --- user commands: errors, namespace ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _failures() -> Iterator[None]:
+    """Turn every expected failure into ``Error: <one line>`` and exit code 1 (never a secret:
+    the messages come from our own errors, the API server's sentences and describe_error)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from nightjar.archive import ArchiveError
+    from nightjar.storage.s3 import StorageError, describe_error
+    from nightjar.storage.snapshot import IntegrityError
+    from nightjar.transfer import CommandError
+    from nightjar.transfer.cluster import api_message
+    from nightjar.transfer.upload import UploadFailed
+
+    try:
+        yield
+    except (CommandError, UploadFailed, IntegrityError, StorageError) as e:
+        raise click.ClickException(str(e)) from e
+    except ArchiveError as e:
+        raise click.ClickException(f"not a valid archive: {e}") from e
+    except ApiException as e:
+        raise click.ClickException(f"Kubernetes API: {api_message(e)}") from e
+    except (ClientError, BotoCoreError) as e:
+        raise click.ClickException(describe_error(e, "storage")) from e
+    except HTTPError as e:
+        raise click.ClickException(f"cannot reach the Kubernetes API server: {e}") from e
+
+
+def _namespace(namespace: str | None) -> str:
+    from nightjar.transfer.cluster import current_namespace
+
+    return namespace or current_namespace()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _CountingWriter:
+    """Write-only stream that counts the bytes passing into ``out``."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+_NS_HELP = "Namespace (default: the current context's, else default)."
+
+
+# --- download / upload ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("backup")
+@click.option("-n", "--namespace", help=_NS_HELP)
+@click.option(
+    "--full",
+    "what",
+    flag_value="Full",
+    default=True,
+    help="A .tar.gz of .metadata, db/db.backup, tree/ (default).",
+)
+@click.option(
+    "--database-only", "what", flag_value="DatabaseOnly", help="The bare pg_dump custom-format file."
+)
+@click.option(
+    "--files-only", "what", flag_value="FilesOnly", help="A .tar.gz of tree/ only (cannot be uploaded)."
+)
+@click.option(
+    "-o",
+    "--output",
+    help="File to write, or - for stdout. Default as Mendix names them: <backup>-<yyyymmddhhmm>.tar.gz, "
+    "database-<backup>-<yyyymmddhhmm>.backup.",
+)
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+def download(backup: str, namespace: str | None, what: str, output: str | None, force: bool) -> None:
+    """Download a Completed backup as an archive in the Mendix format, streamed from storage.
+
+    Every byte is checked against the snapshot's manifest on the way; a damaged snapshot stops
+    the download with an error, and no partial file is left behind.
+    """
+    from nightjar.transfer import CommandError
+    from nightjar.transfer import download as dl
+    from nightjar.transfer.cluster import connect
+    from nightjar.transfer.names import archive_filename
+    from nightjar.transfer.progress import Bar
+
+    with _failures():
+        ns = _namespace(namespace)
+        snap = dl.open_snapshot(connect(), ns, backup)
+        target = output or archive_filename(snap.name, snap.created, what)
+        label = f"{backup} ({what})"
+        if target == "-":
+            if sys.stdout.isatty():
+                raise CommandError(
+                    "refusing to write an archive to a terminal: redirect stdout, or give -o FILE"
+                )
+            out = _CountingWriter(sys.stdout.buffer)
+            with Bar(label, snap.total(what)) as bar:
+                written = dl.write(snap, what, out, bar)
+            out.flush()
+            where = "stdout"
+        else:
+            path = Path(target)
+            if path.exists() and not force:
+                raise CommandError(f"{path} exists: remove it, give --force, or choose another name with -o")
+            part = path.with_name(path.name + ".part")
+            try:
+                with part.open("wb") as f, Bar(label, snap.total(what)) as bar:
+                    out = _CountingWriter(f)
+                    written = dl.write(snap, what, out, bar)
+                os.replace(part, path)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+            where = str(path)
+    detail = f", {written.files} files" if what != "DatabaseOnly" else ""
+    click.echo(
+        f"Backup {ns}/{backup} ({what}{detail}): {out.count / 1e6:.2f} MB written to {where}", err=True
+    )
+    for note in written.notes:
+        click.echo(f"note: {note}", err=True)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--storage", required=True, help="The BackupStorage to keep the snapshot in.")
+@click.option("-n", "--namespace", help=_NS_HELP)
+@click.option("--comment", default="", help="Comment of the Backup.")
+@click.option("--name", help="Name of the Backup (default upload-<yyyymmddhhmmss>).")
+@click.option("--no-wait", is_flag=True, help="Do not wait for the operator to verify the upload.")
+@click.option("--timeout", default=300, show_default=True, help="Seconds to wait for the operator.")
+def upload(
+    file: str,
+    storage: str,
+    namespace: str | None,
+    comment: str,
+    name: str | None,
+    no_wait: bool,
+    timeout: int,
+) -> None:
+    """Upload a Full (.tar.gz) or Database-only (.backup) archive in the Mendix format as a new
+    backup of type Uploaded (FILE - reads stdin).
+
+    The archive is validated while it streams into storage (gzip and tar structure, .metadata,
+    the dump's custom format); a bad, truncated or files-only archive is refused, and then
+    nothing is left: no Backup, no objects in the bucket.
+    """
+    from nightjar.constants import GROUP, VERSION
+    from nightjar.storage.s3 import delete_all_versions, describe_error
+    from nightjar.transfer import CommandError, cluster
+    from nightjar.transfer.names import object_name
+    from nightjar.transfer.progress import Bar, Follower, Ticking
+    from nightjar.transfer.resources import follow
+    from nightjar.transfer.upload import backup_body, store, summary_text
+
+    with _failures():
+        ns = _namespace(namespace)
+        kube = cluster.connect()
+        now = _now()
+        name = name or object_name("upload", now)
+        if kube.get(cluster.BACKUPS, ns, name) is not None:
+            raise CommandError(f'Backup "{name}" already exists in namespace {ns}: choose another --name')
+        st = cluster.storage(kube, ns, storage)
+        s3 = st.target.client()
+        try:
+            s3.head_bucket(Bucket=st.target.bucket)
+        except Exception as e:
+            raise CommandError(describe_error(e, f"storage {storage}: bucket {st.target.bucket}")) from e
+        if file == "-":
+            src: Any = sys.stdin.buffer
+            total = None
+        else:
+            path = Path(file)
+            if not path.is_file():
+                raise CommandError(f"{file}: no such file")
+            src = path.open("rb")
+            total = path.stat().st_size
+        with src, Bar(f"uploading {Path(file).name if file != '-' else 'stdin'}", total) as bar:
+            stored = store(
+                s3,
+                st.target.bucket,
+                st.target.prefix,
+                Ticking(src, bar),
+                namespace=ns,
+                name=name,
+                file_name=Path(file).name if file != "-" else "",
+                now=now,
+            )
+        body = backup_body(name, ns, storage, stored, comment)
+        try:
+            kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, cluster.BACKUPS, body)
+        except Exception as e:
+            delete_all_versions(s3, st.target.bucket, stored.prefix)
+            raise CommandError(
+                f"creating Backup {name} failed ({cluster.api_message(e)}); the uploaded objects were deleted"
+            ) from e
+        click.echo(f"backup.nightjar.dev/{name} created: {summary_text(stored)}")
+        if no_wait:
+            return
+        done = follow(kube, cluster.BACKUPS, ns, name, Follower(f"backup {name}"), timeout=timeout)
+    _finish("backup", name, done)
+
+
+def _finish(kind: str, name: str, obj: dict[str, Any]) -> None:
+    st = obj.get("status") or {}
+    if st.get("phase") != "Completed":
+        raise click.ClickException(f"{kind} {name} {st.get('phase')}: {st.get('message') or 'no message'}")
+    click.echo(f"{kind}.nightjar.dev/{name} Completed: {st.get('message') or ''}".rstrip(": "))
+
+
+# --- backup create / list ------------------------------------------------------------------------
+
+
+@main.group("backup")
+def backup_group() -> None:
+    """Create and list Backups (what `kubectl apply` of a Backup does, as a command)."""
+
+
+@backup_group.command("create")
+@click.argument("name", required=False)
+@click.option("--storage", required=True, help="The BackupStorage to keep the snapshot in.")
+@click.option("--database-secret", required=True, help="Secret with the database connection details.")
+@click.option("--files-claim", help="PersistentVolumeClaim with the app's files.")
+@click.option("--files-path", help="Directory inside the claim (default its root).")
+@click.option("--app-name", help="The app's workload (gives the model version).")
+@click.option("--app-kind", type=click.Choice(["Deployment", "StatefulSet"]), help="Default Deployment.")
+@click.option("--database-only", is_flag=True, help="Back up the database only.")
+@click.option("--comment", default="", help="Shown in backup list and kubectl get backups.")
+@click.option("-n", "--namespace", help=_NS_HELP)
+@click.option(
+    "--wait", is_flag=True, help="Follow the backup until it is Completed (exit 0) or Failed (exit 1)."
+)
+def backup_create(
+    name: str | None,
+    storage: str,
+    database_secret: str,
+    files_claim: str | None,
+    files_path: str | None,
+    app_name: str | None,
+    app_kind: str | None,
+    database_only: bool,
+    comment: str,
+    namespace: str | None,
+    wait: bool,
+) -> None:
+    """Take an on-demand backup (NAME default: <app-name or backup>-<yyyymmddhhmmss>)."""
+    from nightjar.constants import GROUP, VERSION
+    from nightjar.transfer import cluster
+    from nightjar.transfer.names import object_name
+    from nightjar.transfer.progress import Follower
+    from nightjar.transfer.resources import backup_body, follow, source_spec
+
+    with _failures():
+        ns = _namespace(namespace)
+        source = source_spec(
+            db_secret=database_secret,
+            files_claim=files_claim,
+            files_path=files_path,
+            app_kind=app_kind,
+            app_name=app_name,
+        )
+        name = name or object_name(app_name or "backup", _now())
+        body = backup_body(
+            name, ns, storage=storage, source=source, database_only=database_only, comment=comment
+        )
+        kube = cluster.connect()
+        kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, cluster.BACKUPS, body)
+        click.echo(f"backup.nightjar.dev/{name} created")
+        if not wait:
+            return
+        done = follow(kube, cluster.BACKUPS, ns, name, Follower(f"backup {name}"))
+    _finish("backup", name, done)
+
+
+@backup_group.command("list")
+@click.option("-n", "--namespace", help=_NS_HELP)
+@click.option("-A", "--all-namespaces", is_flag=True, help="Backups of every namespace.")
+def backup_list(namespace: str | None, all_namespaces: bool) -> None:
+    """List Backups like `kubectl get backups`."""
+    from nightjar.transfer import cluster
+    from nightjar.transfer.resources import BACKUP_COLUMNS, backup_row, list_backups, table
+
+    with _failures():
+        ns = None if all_namespaces else _namespace(namespace)
+        items = list_backups(cluster.connect(), ns)
+    if not items:
+        click.echo(f"No backups found in namespace {ns}." if ns else "No backups found.", err=True)
+        return
+    header = ["NAMESPACE", *BACKUP_COLUMNS] if ns is None else BACKUP_COLUMNS
+    click.echo(table(header, [backup_row(b, ns is None) for b in items]))
+
+
+# --- restore -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("backup")
+@click.option(
+    "--to", "to_namespace", required=True, help="Namespace to restore into (the Restore lives there)."
+)
+@click.option("--from-namespace", help="Namespace of the Backup (default: the current context's).")
+@click.option("--database-only", is_flag=True, help="Restore the database only; leave the files as they are.")
+@click.option("--no-stop-app", is_flag=True, help="Do not scale the app to 0 while restoring.")
+@click.option("--database-secret", help="Target database Secret (default: the Backup's own source's).")
+@click.option(
+    "--files-claim", help="Target files PersistentVolumeClaim (default: the Backup's own source's)."
+)
+@click.option("--files-path", help="Directory inside --files-claim.")
+@click.option("--app-kind", type=click.Choice(["Deployment", "StatefulSet"]), help="Kind of --app-name.")
+@click.option("--app-name", help="Target app workload (default: the Backup's own source's).")
+@click.option("--name", help="Name of the Restore (default restore-<backup>-<yyyymmddhhmmss>).")
+@click.option("--no-wait", is_flag=True, help="Create the Restore and return.")
+def restore(
+    backup: str,
+    to_namespace: str,
+    from_namespace: str | None,
+    database_only: bool,
+    no_stop_app: bool,
+    database_secret: str | None,
+    files_claim: str | None,
+    files_path: str | None,
+    app_kind: str | None,
+    app_name: str | None,
+    name: str | None,
+    no_wait: bool,
+) -> None:
+    """Restore a Completed backup into NAMESPACE's database (and files) and follow it.
+
+    Exits 0 when the Restore is Completed, 1 when it Failed (with its message). What is not given
+    on the command line comes from the Backup's own source: the same Secret, claim and app names,
+    looked up in the target namespace.
+    """
+    from kubernetes.client.rest import ApiException
+
+    from nightjar.constants import GROUP, VERSION
+    from nightjar.transfer import CommandError, cluster
+    from nightjar.transfer.names import object_name
+    from nightjar.transfer.progress import Follower
+    from nightjar.transfer.resources import (
+        describe_target,
+        follow,
+        restore_body,
+        restore_progress,
+        restore_target,
+    )
+
+    with _failures():
+        kube = cluster.connect()
+        from_ns = _namespace(from_namespace)
+        b = cluster.get_backup(kube, from_ns, backup)
+        phase = (b.get("status") or {}).get("phase")
+        if phase != "Completed":
+            raise CommandError(
+                f'Backup "{backup}" is {phase or "not started yet"}: only a Completed backup can be restored'
+            )
+        target = restore_target(
+            b,
+            to_namespace=to_namespace,
+            db_secret=database_secret,
+            files_claim=files_claim,
+            files_path=files_path,
+            app_kind=app_kind,
+            app_name=app_name,
+            database_only=database_only,
+        )
+        name = name or object_name(f"restore-{backup}", _now())
+        body = restore_body(
+            name,
+            to_namespace,
+            backup_name=backup,
+            backup_namespace=from_ns,
+            target=target,
+            database_only=database_only,
+            stop_app=not no_stop_app,
+        )
+        try:
+            kube.custom.create_namespaced_custom_object(GROUP, VERSION, to_namespace, cluster.RESTORES, body)
+        except ApiException as e:
+            if e.status == 404 and "could not find the requested resource" in cluster.api_message(e):
+                raise CommandError(
+                    "this cluster has no Restore resource type: install Nightjar's CRDs "
+                    "(restores.nightjar.dev)"
+                ) from e
+            raise
+        click.echo(
+            f"restore.nightjar.dev/{name} created in {to_namespace}: Backup {from_ns}/{backup} into "
+            f"{describe_target(to_namespace, target)}"
+        )
+        if no_wait:
+            return
+        done = follow(
+            kube, cluster.RESTORES, to_namespace, name, Follower(f"restore {name}"), progress=restore_progress
+        )
+    _finish("restore", name, done)

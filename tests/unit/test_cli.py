@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from nightjar.cli import main
@@ -49,3 +50,57 @@ def test_schedule_preview_refuses_a_file_that_is_not_a_schedule(tmp_path: Path) 
     out = CliRunner().invoke(main, ["schedule", "preview", "-f", str(f)])
     assert out.exit_code != 0
     assert "does not hold a BackupSchedule" in out.output
+
+
+def test_the_user_commands_are_there() -> None:
+    out = CliRunner().invoke(main, ["--help"])
+    for command in ("download", "upload", "backup", "restore"):
+        assert f"  {command} " in out.output
+    sub = CliRunner().invoke(main, ["backup", "--help"])
+    assert "create" in sub.output and "list" in sub.output
+
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: u, user: {token: t}}]
+contexts:
+- {name: with-ns, context: {cluster: c, user: u, namespace: shop}}
+- {name: without, context: {cluster: c, user: u}}
+current-context: with-ns
+"""
+
+
+def test_the_namespace_defaults_to_the_current_contexts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nightjar.transfer.cluster import current_namespace
+
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(KUBECONFIG)
+    monkeypatch.setenv("KUBECONFIG", str(cfg))
+    assert current_namespace() == "shop"
+    cfg.write_text(KUBECONFIG.replace("current-context: with-ns", "current-context: without"))
+    assert current_namespace() == "default"
+
+
+def test_without_a_kubeconfig_the_error_says_so(tmp_path: Path) -> None:
+    out = CliRunner().invoke(main, ["download", "x"], env={"KUBECONFIG": str(tmp_path / "nope")})
+    assert out.exit_code == 1
+    assert "Error: no Kubernetes configuration: set KUBECONFIG or create ~/.kube/config" in out.output
+
+
+def test_backup_create_refuses_files_path_without_a_claim() -> None:
+    out = CliRunner().invoke(
+        main, ["backup", "create", "--storage", "s", "--database-secret", "db", "--files-path", "docs"]
+    )
+    assert out.exit_code == 1
+    assert "Error: --files-path needs --files-claim" in out.output
+
+
+def test_download_offers_exactly_one_of_full_database_only_files_only() -> None:
+    out = CliRunner().invoke(main, ["download", "--help"])
+    assert out.exit_code == 0
+    for flag in ("--full", "--database-only", "--files-only", "-o, --output"):
+        assert flag in out.output

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 import threading
 from typing import Any
 
@@ -31,7 +32,13 @@ from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
 from nightjar.kube import Kube, SecretMissing
 from nightjar.reconcile import storage as storage_rec
 from nightjar.storage import layout
-from nightjar.storage.s3 import delete_all_versions, describe_error, iter_versions
+from nightjar.storage.s3 import (
+    LOCK_MODES,
+    delete_all_versions,
+    describe_error,
+    extend_retention,
+    iter_versions,
+)
 
 log = logging.getLogger("nightjar.backup")
 
@@ -53,6 +60,37 @@ class Retry(Exception):
 
 class PreflightFailed(Exception):
     """What the Backup needs is missing; the message names it."""
+
+
+class UploadRefused(Exception):
+    """An uploaded snapshot cannot become this Backup, for good; ``reason`` is the condition's."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: Backups of this type hold an archive brought in with ``nightjar upload``: no source, no Job.
+UPLOADED = "Uploaded"
+#: The source id uploads are stored under: ``<prefix>nightjar/v1/<ns>/uploaded/<upload-id>/<snapshot-id>/``.
+UPLOADED_SOURCE = "uploaded"
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def upload_prefix(storage_prefix: str, namespace: str, manifest_key: str) -> str | None:
+    """The prefix of the upload ``manifest_key`` belongs to, or None unless the key is exactly
+    ``<prefix>nightjar/v1/<namespace>/uploaded/<upload-id>/<snapshot-id>/manifest.json``.
+
+    The tenancy rule of uploaded Backups: one may only ever point at its own namespace's uploads,
+    never at another namespace's data (nor at a taken snapshot, which its own Backup deletes).
+    """
+    base = layout.source_prefix(storage_prefix, namespace, UPLOADED_SOURCE)
+    if not manifest_key.startswith(base):
+        return None
+    parts = manifest_key[len(base) :].split("/")
+    if len(parts) != 3 or parts[2] != layout.MANIFEST or not all(_ID.match(p) for p in parts[:2]):
+        return None
+    return f"{base}{parts[0]}/"
 
 
 def _now() -> dt.datetime:
@@ -127,6 +165,9 @@ class BackupReconciler:
         status = backup.get("status") or {}
         if status.get("phase") in TERMINAL:
             self.mark_finished(backup)
+            return
+        if (backup.get("spec") or {}).get("type") == UPLOADED:
+            self.reconcile_uploaded(backup)
             return
         meta = backup["metadata"]
         ns, name = meta["namespace"], meta["name"]
@@ -385,6 +426,7 @@ class BackupReconciler:
             "storage": {
                 **((backup.get("status") or {}).get("storage") or {}),
                 "manifestKey": result["manifestKey"],
+                "manifestSha256": result.get("manifestSha256", ""),
             },
             "conditions": [_cond("Completed", True, "SnapshotVerified", "snapshot stored and verified", now)],
         }
@@ -421,6 +463,186 @@ class BackupReconciler:
             },
             ("Warning", "Failed", message),
         )
+
+    # --- uploaded backups --------------------------------------------------------------------
+
+    def reconcile_uploaded(self, backup: dict[str, Any]) -> None:
+        """Adopt a snapshot ``nightjar upload`` stored: check it is this namespace's and intact,
+        lock it until the Backup expires, and complete the Backup. No Job: the data is there.
+
+        A problem that may pass (the BackupStorage or its Secret missing, the bucket unreachable)
+        is retried like a taken backup's preflight; one that will not (another namespace's key,
+        a manifest that does not match, a missing object) fails the Backup at once.
+        """
+        backup = self._ensure_expiry(backup)
+        status = backup.get("status") or {}
+        expires = backup["metadata"]["annotations"][ANNOTATION_EXPIRES_AT]
+        if not status.get("phase"):
+            self._set(
+                backup,
+                {
+                    "phase": "Queued",
+                    "attempts": 0,
+                    "expiresOn": expires,
+                    "sourceId": UPLOADED_SOURCE,
+                    "message": "checking the uploaded snapshot",
+                },
+                ("Normal", "Queued", "uploaded backup queued for verification"),
+            )
+        attempts = int(status.get("attempts") or 0) + 1
+        try:
+            done = self._adopt_upload(backup, attempts)
+        except UploadRefused as e:
+            self._fail(backup, str(e), attempts, reason=e.reason)
+            return
+        except PreflightFailed as e:
+            if attempts >= self.config.attempts:
+                self._fail(backup, str(e), attempts, reason="PreflightFailed")
+                return
+            self._set(
+                backup,
+                {"attempts": attempts, "message": f"attempt {attempts} of {self.config.attempts}: {e}"},
+                ("Warning", "Retrying", f"{e} (attempt {attempts} of {self.config.attempts}, retrying)"),
+            )
+            raise Retry(str(e), 10.0 * 2 ** (attempts - 1)) from e
+        self._set(
+            backup,
+            done,
+            (
+                "Normal",
+                "Completed",
+                f"uploaded snapshot {done['snapshotId']}, {done['sizeUncompressedMB']} MB",
+            ),
+        )
+
+    def _adopt_upload(self, backup: dict[str, Any], attempts: int) -> dict[str, Any]:
+        """Check and lock the uploaded snapshot; returns the Completed status."""
+        meta, spec = backup["metadata"], backup["spec"]
+        ns = meta["namespace"]
+        key = (spec.get("upload") or {}).get("manifestKey") or ""
+        want_sha = (spec.get("upload") or {}).get("manifestSha256") or ""
+        storage_name = spec["storageRef"]["name"]
+        storage = self.kube.get(storage_rec.PLURAL, ns, storage_name)
+        if storage is None:
+            raise PreflightFailed(f'BackupStorage "{storage_name}" not found in namespace {ns}')
+        lock_mode = StorageRef.from_spec(storage["spec"]).lock_mode
+        try:
+            target = storage_rec.target_for(self.kube, ns, storage["spec"])
+        except SecretMissing as e:
+            raise PreflightFailed(f"BackupStorage {storage_name} credentials: {e}") from e
+        mine = upload_prefix(target.prefix, ns, key)
+        if mine is None:
+            base = layout.source_prefix(target.prefix, ns, UPLOADED_SOURCE)
+            raise UploadRefused(
+                f"spec.upload.manifestKey {key!r} is not allowed: an uploaded Backup may only use an "
+                f"upload of its own namespace ({base}<upload-id>/<snapshot-id>/{layout.MANIFEST})",
+                "NotAllowed",
+            )
+        other = self._upload_claimed_by(backup, key, older_only=True)
+        if other:
+            raise UploadRefused(
+                f"the uploaded snapshot {key} already belongs to Backup {other}", "AlreadyUsed"
+            )
+        s3 = target.client()
+        try:
+            raw = s3.get_object(Bucket=target.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise UploadRefused(
+                    f"the uploaded manifest {key} is not in bucket {target.bucket}", "ManifestMissing"
+                ) from e
+            raise PreflightFailed(describe_error(e, f"storage: reading {key}")) from e
+        except Exception as e:
+            raise PreflightFailed(describe_error(e, f"storage: reading {key}")) from e
+        if hashlib.sha256(raw).hexdigest() != want_sha:
+            raise UploadRefused(
+                f"the uploaded manifest {key} does not match spec.upload.manifestSha256", "VerificationFailed"
+            )
+        try:
+            manifest = json.loads(raw)
+            objects = {o["key"]: int(o["bytes"]) for o in manifest["objects"]}
+            db_key = manifest["database"]["key"]
+            files = manifest.get("files")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UploadRefused(
+                f"the uploaded manifest {key} is not a snapshot manifest", "VerificationFailed"
+            ) from e
+        outside = sorted(k for k in objects if not k.startswith(mine))
+        if outside:
+            raise UploadRefused(
+                f"the uploaded manifest lists {outside[0]}, outside its own upload {mine}: not allowed",
+                "NotAllowed",
+            )
+        if db_key not in objects or (files and files["index"]["key"] not in objects):
+            raise UploadRefused(
+                f"the uploaded manifest {key} does not list its own parts", "VerificationFailed"
+            )
+        for k, size in sorted(objects.items()):
+            try:
+                head = s3.head_object(Bucket=target.bucket, Key=k)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    raise UploadRefused(f"{k} is missing from the bucket", "VerificationFailed") from e
+                raise PreflightFailed(describe_error(e, f"storage: checking {k}")) from e
+            if head["ContentLength"] != size:
+                raise UploadRefused(
+                    f"{k} has {head['ContentLength']} bytes, the manifest says {size}", "VerificationFailed"
+                )
+        expires = meta["annotations"][ANNOTATION_EXPIRES_AT]
+        if lock_mode in LOCK_MODES:
+            until = parse_time(expires)
+            for k in [*sorted(objects), key]:
+                try:
+                    extend_retention(s3, target.bucket, k, lock_mode, until)
+                except ClientError as e:
+                    raise PreflightFailed(
+                        describe_error(e, f"storage: setting Object Lock retention on {k}")
+                    ) from e
+        now = _now()
+        db = manifest["database"]
+        size = int(manifest.get("sizeUncompressedBytes") or 0)
+        return {
+            "phase": "Completed",
+            "snapshotId": manifest.get("snapshotId") or key.rsplit("/", 2)[-2],
+            "createdOn": manifest.get("createdOn") or format_time(now),
+            "completedOn": format_time(now),
+            "expiresOn": expires,
+            "modelVersion": manifest.get("modelVersion") or "",
+            "sizeUncompressedBytes": size,
+            "sizeUncompressedMB": f"{size / 1e6:.2f}",
+            "database": {k: db[k] for k in ("bytes", "pgDumpVersion", "serverVersion") if k in db},
+            "files": {"count": files["count"], "bytes": files["bytes"]}
+            if files
+            else {"count": 0, "bytes": 0},
+            "attempts": attempts,
+            "sourceId": UPLOADED_SOURCE,
+            "message": f"uploaded snapshot {manifest.get('snapshotId')} verified "
+            f"({len(objects)} object{'' if len(objects) == 1 else 's'})",
+            "storage": {
+                "storageName": storage_name,
+                "endpoint": target.endpoint,
+                "bucket": target.bucket,
+                "manifestKey": key,
+            },
+            "conditions": [_cond("Completed", True, "UploadVerified", "uploaded snapshot verified", now)],
+        }
+
+    def _upload_claimed_by(self, backup: dict[str, Any], key: str, older_only: bool) -> str:
+        """Another live Backup of the namespace pointing at the same upload (the older one owns
+        it), or "". Two Backups must never own one upload: deleting one would delete the other's."""
+        meta = backup["metadata"]
+        me = (meta.get("creationTimestamp") or "", meta["name"])
+        for other in self.kube.list_objects(PLURAL, meta["namespace"]):
+            om = other["metadata"]
+            if (
+                om.get("uid") == meta.get("uid")
+                or om.get("deletionTimestamp")
+                or ((other.get("spec") or {}).get("upload") or {}).get("manifestKey") != key
+            ):
+                continue
+            if not older_only or (om.get("creationTimestamp") or "", om["name"]) < me:
+                return str(om["name"])
+        return ""
 
     def finish_deletion(self, backup: dict[str, Any], give_up_after: dt.timedelta | None = None) -> bool:
         """Delete the stored objects and drop our finalizer: the deletion path of finished Backups
@@ -480,6 +702,8 @@ class BackupReconciler:
         except SecretMissing as e:
             raise Retry(f"cannot delete stored objects: {e}", 30) from e
         s3 = target.client()
+        if spec.get("type") == UPLOADED:
+            return self._delete_upload(backup, s3, target.bucket, target.prefix)
         sid = layout.source_id(spec["source"])
         mine = layout.backup_prefix(target.prefix, ns, sid, meta["uid"])
         try:
@@ -505,7 +729,28 @@ class BackupReconciler:
             raise Retry(describe_error(e, "deleting stored objects"), 30) from e
         except Exception as e:
             raise Retry(f"deleting stored objects: {type(e).__name__}: {e}", 30) from e
-        msg = f"deleted {deleted} object versions of {len(doomed)} objects"
+        return self._deleted(backup, f"deleted {deleted} object versions of {len(doomed)} objects", locked)
+
+    def _delete_upload(self, backup: dict[str, Any], s3: Any, bucket: str, storage_prefix: str) -> str:
+        """An upload shares nothing: its objects are everything under its own upload prefix. A key
+        outside this namespace's uploads is never touched, nor one another Backup still uses."""
+        meta = backup["metadata"]
+        key = (backup["spec"].get("upload") or {}).get("manifestKey") or ""
+        mine = upload_prefix(storage_prefix, meta["namespace"], key)
+        if mine is None:
+            return "nothing deleted: spec.upload.manifestKey is not an upload of this namespace"
+        other = self._upload_claimed_by(backup, key, older_only=False)
+        if other:
+            return f"kept the uploaded snapshot: Backup {other} uses it too"
+        try:
+            deleted, locked = delete_all_versions(s3, bucket, mine)
+        except ClientError as e:
+            raise Retry(describe_error(e, "deleting stored objects"), 30) from e
+        except Exception as e:
+            raise Retry(f"deleting stored objects: {type(e).__name__}: {e}", 30) from e
+        return self._deleted(backup, f"deleted {deleted} object versions of the upload {mine}", locked)
+
+    def _deleted(self, backup: dict[str, Any], msg: str, locked: list[str]) -> str:
         if locked:
             expires = (backup.get("metadata", {}).get("annotations") or {}).get(
                 ANNOTATION_EXPIRES_AT, "its expiry"
