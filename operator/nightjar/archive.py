@@ -114,6 +114,13 @@ def _add_stream(
     info.mode = mode
     info.mtime = int(mtime if mtime is not None else time.time())
     tar.addfile(info, cast(IO[bytes], stream))
+    _forget_members(tar)
+
+
+def _forget_members(tar: tarfile.TarFile) -> None:
+    """tarfile keeps every member it has seen in ``members``, even in stream mode: without this,
+    memory grows by a TarInfo per file (about 60 MB for 120,000 files)."""
+    tar.members = []  # type: ignore[attr-defined]  # an undocumented attribute, absent from typeshed
 
 
 def write_archive(
@@ -192,6 +199,7 @@ def inspect(
         gz = _Gunzip(_Prepend(head, stream))
         with tarfile.open(fileobj=cast(IO[bytes], gz), mode="r|") as tar:
             for member in tar:
+                _forget_members(tar)
                 name = member.name[2:] if member.name.startswith("./") else member.name
                 if member.isdir():
                     continue

@@ -159,6 +159,8 @@ def _failures() -> Iterator[None]:
         raise click.ClickException(describe_error(e, "storage")) from e
     except HTTPError as e:
         raise click.ClickException(f"cannot reach the Kubernetes API server: {e}") from e
+    except OSError as e:  # the local file: missing, a directory, no space left, no permission
+        raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from e
 
 
 def _namespace(namespace: str | None) -> str:

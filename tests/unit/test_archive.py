@@ -282,3 +282,22 @@ def test_a_highly_compressed_file_inflates_in_bounded_steps() -> None:
         tracemalloc.stop()
     assert info.files_size == size
     assert peak < 16 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB while inflating {size / 1e6:.0f} MB"
+
+
+def test_memory_does_not_grow_with_the_number_of_files() -> None:
+    def peak(n: int) -> int:
+        out = io.BytesIO()
+        items = (archive.FileItem(f"0d/{i:07d}", 10, lambda: io.BytesIO(b"x" * 10)) for i in range(n))
+        meta = archive.metadata(model_version="1", dump_size=len(DUMP), database_size=0, files_size=10 * n)
+        archive.write_archive(out, meta=meta, dump=(len(DUMP), io.BytesIO(DUMP)), files=items)
+        data = out.getvalue()
+        tracemalloc.start()
+        try:
+            info = archive.inspect(io.BytesIO(data), on_file=lambda m, s: s.read())
+            assert info.files == n
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(2_000), peak(20_000)
+    assert large < small + 1_000_000, (small, large)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -104,3 +105,11 @@ def test_download_offers_exactly_one_of_full_database_only_files_only() -> None:
     assert out.exit_code == 0
     for flag in ("--full", "--database-only", "--files-only", "-o, --output"):
         assert flag in out.output
+
+
+def test_a_local_file_problem_is_one_line(tmp_path: Path) -> None:
+    from nightjar.cli import _failures
+
+    with pytest.raises(click.ClickException) as err, _failures():
+        (tmp_path / "missing" / "x.part").open("wb")
+    assert err.value.message == f"No such file or directory: {tmp_path / 'missing' / 'x.part'}"

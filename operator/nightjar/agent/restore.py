@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from nightjar.agent.progress import Counters, Reporter, Ticker
 from nightjar.storage.index import Entry
 from nightjar.storage.s3 import S3Target, describe_error
 from nightjar.storage.snapshot import IntegrityError, SnapshotReader
+from nightjar.transfer.order import scan, storage_order
 
 CHUNK = 1024 * 1024
 #: Kept at the root of a volume whatever the snapshot holds (ext4 needs it).
@@ -184,34 +186,62 @@ def _safe_dest(root: Path, real_root: str, path: str) -> Path:
 
 
 def restore_tree(reader: SnapshotReader, root: Path, counters: Counters) -> dict[str, Any]:
-    """Make ``root`` hold exactly the snapshot's files; returns counts."""
+    """Make ``root`` hold exactly the snapshot's files; returns counts.
+
+    Directories and symlinks are made in path order first; file contents are then read in the
+    order the index lists them when that reads the packs front to back (a taken snapshot), else
+    in storage order (an upload of an archive whose ``tree/`` was not sorted), so every pack is
+    read with one GET either way.
+    """
     if not root.is_dir():
         raise RestoreFailed(f"files: {root} is not a directory in the volume", DATABASE_RESTORED)
     real_root = os.path.realpath(root)
     written = 0
     read_only_dirs: list[tuple[Path, int]] = []  # rare: modes without owner rwx are set last
-    for e, stream in reader.contents(reader.entries()):
+    sequential = scan(reader.entries()).sequential
+    entries = (
+        reader.entries()
+        if sequential
+        else _links_and_dirs_then_files(reader, root, real_root, read_only_dirs)
+    )
+    for e, stream in reader.contents(entries):
         dest = _safe_dest(root, real_root, e.path)
-        if e.type == "d":
-            if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-                dest.unlink()
-            dest.mkdir(exist_ok=True)
-            mode = e.mode & 0o7777
-            os.chmod(dest, mode | 0o700)
-            if mode & 0o700 != 0o700:
-                read_only_dirs.append((dest, mode))
-        elif e.type == "l":
-            if dest.is_symlink() or dest.exists():
-                _remove(dest)
-            os.symlink(e.target, dest)
+        if e.type in ("d", "l"):
+            _make_dir_or_link(dest, e, read_only_dirs)
         elif stream is not None:
+            if not sequential:
+                dest.parent.mkdir(parents=True, exist_ok=True)
             _write_file(root, e, stream, counters)
             written += 1
             counters.add(nfiles=1)
     removed = _prune(reader, root)
     for d, mode in reversed(read_only_dirs):
         os.chmod(d, mode)
-    return {"files": written, "removed": removed}
+    return {"files": written, "removed": removed, "order": "index" if sequential else "storage"}
+
+
+def _make_dir_or_link(dest: Path, e: Entry, read_only_dirs: list[tuple[Path, int]]) -> None:
+    if e.type == "d":
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            dest.unlink()
+        dest.mkdir(exist_ok=True)
+        mode = e.mode & 0o7777
+        os.chmod(dest, mode | 0o700)
+        if mode & 0o700 != 0o700:
+            read_only_dirs.append((dest, mode))
+    else:
+        if dest.is_symlink() or dest.exists():
+            _remove(dest)
+        os.symlink(e.target, dest)
+
+
+def _links_and_dirs_then_files(
+    reader: SnapshotReader, root: Path, real_root: str, read_only_dirs: list[tuple[Path, int]]
+) -> Iterator[Entry]:
+    for e in reader.entries():
+        if e.type in ("d", "l"):
+            _make_dir_or_link(_safe_dest(root, real_root, e.path), e, read_only_dirs)
+    yield from storage_order(reader.entries())
 
 
 def _prune(reader: SnapshotReader, root: Path) -> int:
@@ -256,7 +286,8 @@ def restore_s3_files(reader: SnapshotReader, target: S3Target, counters: Counter
             counters.add(len(data))
             return data
 
-    for e, stream in reader.contents(reader.entries()):
+    entries = reader.entries() if scan(reader.entries()).sequential else storage_order(reader.entries())
+    for e, stream in reader.contents(entries):
         if e.type != "f" or stream is None:
             continue
         key = prefix + e.path

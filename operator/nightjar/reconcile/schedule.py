@@ -89,8 +89,9 @@ class Scheduler:
             meta = b["metadata"]
             labels = meta.get("labels") or {}
             st = b.get("status") or {}
-            if st.get("phase") in (None, "Queued", "Running"):
-                busy.add((meta["namespace"], st.get("sourceId") or layout.source_id(b["spec"]["source"])))
+            source = b["spec"].get("source")  # none on an Uploaded Backup: it never runs a Job
+            if source is not None and st.get("phase") in (None, "Queued", "Running"):
+                busy.add((meta["namespace"], st.get("sourceId") or layout.source_id(source)))
             if LABEL_SCHEDULE in labels:
                 by_schedule[(meta["namespace"], labels[LABEL_SCHEDULE])].append(
                     BackupInfo(
