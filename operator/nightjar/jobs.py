@@ -8,7 +8,7 @@ agent only through ``secretKeyRef`` env; user values are separate argv entries, 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nightjar.config import OperatorConfig
@@ -143,6 +143,70 @@ def stamp(
     return job
 
 
+@dataclass
+class _Wiring:
+    """Arguments, env and volumes of an agent container, built up by the steps Jobs share."""
+
+    args: list[str]
+    env: list[dict[str, Any]] = field(default_factory=list)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+
+    def storage_credentials(self, st: StorageRef) -> None:
+        """The BackupStorage's access key pair (by Secret reference) and its CA bundle, if any."""
+        self.env += [
+            _secret_env("NIGHTJAR_S3_ACCESS_KEY_ID", st.secret_name, st.access_key_key),
+            _secret_env("NIGHTJAR_S3_SECRET_ACCESS_KEY", st.secret_name, st.secret_key_key),
+        ]
+        if st.ca_secret:
+            self.volumes.append(
+                {
+                    "name": "storage-ca",
+                    "secret": {"secretName": st.ca_secret, "items": [{"key": st.ca_key, "path": "ca.crt"}]},
+                }
+            )
+            self.mounts.append({"name": "storage-ca", "mountPath": "/nightjar/storage-ca", "readOnly": True})
+            self.args += ["--ca-file", "/nightjar/storage-ca/ca.crt"]
+
+    def files(self, files: dict[str, Any], read_only: bool) -> None:
+        """The app's files: a PVC directory (read-only for a backup) or an S3 prefix."""
+        if "persistentVolumeClaim" in files:
+            pvc = files["persistentVolumeClaim"]
+            claim: dict[str, Any] = {"claimName": pvc["claimName"]}
+            mount: dict[str, Any] = {"name": "files", "mountPath": FILES_MOUNT}
+            if read_only:
+                claim["readOnly"] = mount["readOnly"] = True
+            self.volumes.append({"name": "files", "persistentVolumeClaim": claim})
+            self.mounts.append(mount)
+            sub = (pvc.get("path") or "").strip("/")
+            self.args += ["--files-dir", f"{FILES_MOUNT}/{sub}" if sub else FILES_MOUNT]
+        elif "s3" in files:
+            s3 = files["s3"]
+            creds = s3["credentials"]
+            self.args += [
+                "--files-s3-endpoint",
+                s3["endpoint"],
+                "--files-s3-bucket",
+                s3["bucket"],
+                "--files-s3-prefix",
+                s3.get("prefix") or "",
+                "--files-s3-region",
+                s3.get("region") or "us-east-1",
+            ]
+            self.env += [
+                _secret_env(
+                    "NIGHTJAR_FILES_S3_ACCESS_KEY_ID",
+                    creds["secretName"],
+                    creds.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
+                ),
+                _secret_env(
+                    "NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY",
+                    creds["secretName"],
+                    creds.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
+                ),
+            ]
+
+
 def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]:
     """The Job that runs ``nightjar agent backup`` for one Backup."""
     st = plan.storage
@@ -185,57 +249,13 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
         args += ["--previous-manifest", plan.previous_manifest]
     if plan.model_version:
         args += ["--model-version", plan.model_version]
-    env: list[dict[str, Any]] = [
-        {"name": "NIGHTJAR_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-        _secret_env("NIGHTJAR_S3_ACCESS_KEY_ID", st.secret_name, st.access_key_key),
-        _secret_env("NIGHTJAR_S3_SECRET_ACCESS_KEY", st.secret_name, st.secret_key_key),
-    ]
-    env += [_secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS]
-    volumes: list[dict[str, Any]] = []
-    mounts: list[dict[str, Any]] = []
-    if st.ca_secret:
-        volumes.append(
-            {
-                "name": "storage-ca",
-                "secret": {"secretName": st.ca_secret, "items": [{"key": st.ca_key, "path": "ca.crt"}]},
-            }
-        )
-        mounts.append({"name": "storage-ca", "mountPath": "/nightjar/storage-ca", "readOnly": True})
-        args += ["--ca-file", "/nightjar/storage-ca/ca.crt"]
-    files = plan.source.get("files") or {}
-    if plan.contents == "Full" and "persistentVolumeClaim" in files:
-        pvc = files["persistentVolumeClaim"]
-        volumes.append(
-            {"name": "files", "persistentVolumeClaim": {"claimName": pvc["claimName"], "readOnly": True}}
-        )
-        mounts.append({"name": "files", "mountPath": FILES_MOUNT, "readOnly": True})
-        sub = (pvc.get("path") or "").strip("/")
-        args += ["--files-dir", f"{FILES_MOUNT}/{sub}" if sub else FILES_MOUNT]
-    elif plan.contents == "Full" and "s3" in files:
-        s3 = files["s3"]
-        creds = s3["credentials"]
-        args += [
-            "--files-s3-endpoint",
-            s3["endpoint"],
-            "--files-s3-bucket",
-            s3["bucket"],
-            "--files-s3-prefix",
-            s3.get("prefix") or "",
-            "--files-s3-region",
-            s3.get("region") or "us-east-1",
-        ]
-        env += [
-            _secret_env(
-                "NIGHTJAR_FILES_S3_ACCESS_KEY_ID",
-                creds["secretName"],
-                creds.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
-            ),
-            _secret_env(
-                "NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY",
-                creds["secretName"],
-                creds.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
-            ),
-        ]
+    pod = _Wiring(args)
+    pod.env.append({"name": "NIGHTJAR_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
+    pod.storage_credentials(st)
+    pod.env += [_secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS]
+    if plan.contents == "Full":
+        pod.files(plan.source.get("files") or {}, read_only=True)
+    args, env, volumes, mounts = pod.args, pod.env, pod.volumes, pod.mounts
     job: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -262,6 +282,7 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
 API_DIR = "/nightjar/api"
 PRESIGNED_DIR = "/nightjar/presigned"
 PRESIGNED_KEY = "urls.json"
+PRESIGNED_CA_KEY = "ca.crt"
 
 
 def restore_access_name(restore_name: str) -> str:
@@ -289,33 +310,6 @@ class RestorePlan:
     db_secret: str
     db_keys: tuple[str, ...]
     presigned: bool = False
-
-
-def _files_s3_args(s3: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    creds = s3["credentials"]
-    args = [
-        "--files-s3-endpoint",
-        s3["endpoint"],
-        "--files-s3-bucket",
-        s3["bucket"],
-        "--files-s3-prefix",
-        s3.get("prefix") or "",
-        "--files-s3-region",
-        s3.get("region") or "us-east-1",
-    ]
-    env = [
-        _secret_env(
-            "NIGHTJAR_FILES_S3_ACCESS_KEY_ID",
-            creds["secretName"],
-            creds.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
-        ),
-        _secret_env(
-            "NIGHTJAR_FILES_S3_SECRET_ACCESS_KEY",
-            creds["secretName"],
-            creds.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
-        ),
-    ]
-    return args, env
 
 
 def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, Any]:
@@ -350,10 +344,9 @@ def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, An
     ]
     if st.insecure:
         args.append("--insecure")
-    env: list[dict[str, Any]] = [
-        _secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS
-    ]
-    volumes: list[dict[str, Any]] = [
+    pod = _Wiring(args)
+    pod.env += [_secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS]
+    pod.volumes.append(
         {
             "name": "api",
             "projected": {
@@ -368,37 +361,21 @@ def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, An
                 ]
             },
         }
-    ]
-    mounts: list[dict[str, Any]] = [{"name": "api", "mountPath": API_DIR, "readOnly": True}]
+    )
+    pod.mounts.append({"name": "api", "mountPath": API_DIR, "readOnly": True})
     if plan.presigned:
-        volumes.append({"name": "presigned", "secret": {"secretName": access}})
-        mounts.append({"name": "presigned", "mountPath": PRESIGNED_DIR, "readOnly": True})
-        args += ["--presigned-file", f"{PRESIGNED_DIR}/{PRESIGNED_KEY}"]
-    else:
-        env += [
-            _secret_env("NIGHTJAR_S3_ACCESS_KEY_ID", st.secret_name, st.access_key_key),
-            _secret_env("NIGHTJAR_S3_SECRET_ACCESS_KEY", st.secret_name, st.secret_key_key),
-        ]
+        # The storage's CA (not a secret) travels with the URLs: the other namespace's Secret
+        # holding it is out of reach.
+        pod.volumes.append({"name": "presigned", "secret": {"secretName": access}})
+        pod.mounts.append({"name": "presigned", "mountPath": PRESIGNED_DIR, "readOnly": True})
+        pod.args += ["--presigned-file", f"{PRESIGNED_DIR}/{PRESIGNED_KEY}"]
         if st.ca_secret:
-            volumes.append(
-                {
-                    "name": "storage-ca",
-                    "secret": {"secretName": st.ca_secret, "items": [{"key": st.ca_key, "path": "ca.crt"}]},
-                }
-            )
-            mounts.append({"name": "storage-ca", "mountPath": "/nightjar/storage-ca", "readOnly": True})
-            args += ["--ca-file", "/nightjar/storage-ca/ca.crt"]
-    files = plan.target.get("files") or {}
-    if plan.contents == "Full" and "persistentVolumeClaim" in files:
-        pvc = files["persistentVolumeClaim"]
-        volumes.append({"name": "files", "persistentVolumeClaim": {"claimName": pvc["claimName"]}})
-        mounts.append({"name": "files", "mountPath": FILES_MOUNT})
-        sub = (pvc.get("path") or "").strip("/")
-        args += ["--files-dir", f"{FILES_MOUNT}/{sub}" if sub else FILES_MOUNT]
-    elif plan.contents == "Full" and "s3" in files:
-        more_args, more_env = _files_s3_args(files["s3"])
-        args += more_args
-        env += more_env
+            pod.args += ["--ca-file", f"{PRESIGNED_DIR}/{PRESIGNED_CA_KEY}"]
+    else:
+        pod.storage_credentials(st)
+    if plan.contents == "Full":
+        pod.files(plan.target.get("files") or {}, read_only=False)
+    args, env, volumes, mounts = pod.args, pod.env, pod.volumes, pod.mounts
     job: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -178,6 +179,25 @@ class Kube:
 
     def job_pods(self, namespace: str, job: str) -> list[Any]:
         return list(self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items)
+
+    def job_results(self, namespace: str, job: str) -> list[dict[str, Any]]:
+        """The JSON each finished agent container of the Job wrote as its termination message,
+        oldest Pod first (a message that is not JSON becomes {"error": <its tail>})."""
+        out: list[tuple[Any, dict[str, Any]]] = []
+        for pod in self.job_pods(namespace, job):
+            for cs in pod.status.container_statuses or []:
+                term = cs.state.terminated if cs.state else None
+                if term is None:
+                    continue
+                try:
+                    result = json.loads(term.message or "")
+                    if not isinstance(result, dict):
+                        raise ValueError
+                except ValueError:
+                    result = {"error": (term.message or f"exit code {term.exit_code}").strip()[-500:]}
+                out.append((pod.metadata.creation_timestamp, result))
+        out.sort(key=lambda pr: pr[0])
+        return [r for _, r in out]
 
     def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
         """Post a Kubernetes Event about ``obj``; failures are logged, never raised."""

@@ -30,6 +30,7 @@ from nightjar.constants import (
 from nightjar.domain.retention import default_expiry, format_time, parse_time
 from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
 from nightjar.kube import Kube, SecretMissing
+from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
 from nightjar.storage import layout
 from nightjar.storage.s3 import (
@@ -254,41 +255,14 @@ class BackupReconciler:
             raise PreflightFailed(f"BackupStorage {storage_name} credentials: {e}") from e
         db_secret = spec["source"]["database"]["secretRef"]["name"]
         try:
-            data = self.kube.secret_data(ns, db_secret)
-        except SecretMissing as e:
+            db_keys = preflight.database_keys(self.kube, ns, db_secret)
+        except preflight.Missing as e:
             raise PreflightFailed(f"database: {e}") from e
-        if "uri" in data:
-            db_keys: tuple[str, ...] = ("uri",)
-        else:
-            missing = [k for k in ("host", "dbname", "user") if k not in data]
-            if missing:
-                raise PreflightFailed(
-                    f'database: Secret "{db_secret}" has no key uri, nor the key(s) {", ".join(missing)}'
-                )
-            db_keys = tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
-        files = spec["source"].get("files") or {}
         if (spec.get("contents") or "Full") == "Full":
-            if "persistentVolumeClaim" in files:
-                claim = files["persistentVolumeClaim"]["claimName"]
-                try:
-                    self.kube.core.read_namespaced_persistent_volume_claim(claim, ns)
-                except ApiException as e:
-                    if e.status == 404:
-                        raise PreflightFailed(f'files: PersistentVolumeClaim "{claim}" not found') from e
-                    raise
-            elif "s3" in files:
-                c = files["s3"]["credentials"]
-                try:
-                    self.kube.secret_keys(
-                        ns,
-                        c["secretName"],
-                        [
-                            c.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
-                            c.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
-                        ],
-                    )
-                except SecretMissing as e:
-                    raise PreflightFailed(f"files: {e}") from e
+            try:
+                preflight.files(self.kube, ns, spec["source"].get("files") or {})
+            except preflight.Missing as e:
+                raise PreflightFailed(f"files: {e}") from e
         model_version = self._model_version(ns, spec["source"].get("app"))
         return BackupPlan(
             name=meta["name"],
@@ -372,29 +346,18 @@ class BackupReconciler:
                     ("Normal", "Running", msg),
                 )
 
-    def _pod_results(self, backup: dict[str, Any], job: str) -> list[tuple[Any, dict[str, Any]]]:
-        out = []
-        for pod in self.kube.job_pods(backup["metadata"]["namespace"], job):
-            for cs in pod.status.container_statuses or []:
-                term = cs.state.terminated if cs.state else None
-                if term is None:
-                    continue
-                try:
-                    result = json.loads(term.message or "")
-                    if not isinstance(result, dict):
-                        raise ValueError
-                except ValueError:
-                    result = {"error": (term.message or f"exit code {term.exit_code}").strip()[-500:]}
-                out.append((pod, result))
-        out.sort(key=lambda pr: pr[0].metadata.creation_timestamp)
-        return out
-
     def _last_failure(self, backup: dict[str, Any], job: str) -> str:
-        msgs = [r.get("error") for _, r in self._pod_results(backup, job) if r.get("error")]
+        msgs = [
+            r.get("error")
+            for r in self.kube.job_results(backup["metadata"]["namespace"], job)
+            if r.get("error")
+        ]
         return str(msgs[-1]) if msgs else ""
 
     def _complete(self, backup: dict[str, Any], job: str, attempts: int) -> None:
-        results = [r for _, r in self._pod_results(backup, job) if "manifestKey" in r]
+        results = [
+            r for r in self.kube.job_results(backup["metadata"]["namespace"], job) if "manifestKey" in r
+        ]
         if not results:
             self._fail(
                 backup, "the backup Job succeeded but reported no snapshot", attempts, reason="NoResult"

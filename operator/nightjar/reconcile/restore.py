@@ -34,6 +34,7 @@ from nightjar.constants import (
 )
 from nightjar.domain.retention import format_time
 from nightjar.jobs import (
+    PRESIGNED_CA_KEY,
     PRESIGNED_KEY,
     RestorePlan,
     StorageRef,
@@ -42,6 +43,7 @@ from nightjar.jobs import (
     restore_access_name,
 )
 from nightjar.kube import Kube, SecretMissing
+from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import Retry, _cond, _now
@@ -74,25 +76,6 @@ def target_summary(namespace: str, target: dict[str, Any], contents: str) -> str
     elif "s3" in files:
         parts.append(f"files s3://{files['s3']['bucket']}/{files['s3'].get('prefix') or ''}")
     return ", ".join(parts)
-
-
-def pod_results(kube: Kube, namespace: str, job: str) -> list[dict[str, Any]]:
-    """The JSON each finished agent container wrote to its termination message, oldest first."""
-    out: list[tuple[Any, dict[str, Any]]] = []
-    for pod in kube.job_pods(namespace, job):
-        for cs in pod.status.container_statuses or []:
-            term = cs.state.terminated if cs.state else None
-            if term is None:
-                continue
-            try:
-                result = json.loads(term.message or "")
-                if not isinstance(result, dict):
-                    raise ValueError
-            except ValueError:
-                result = {"error": (term.message or f"exit code {term.exit_code}").strip()[-500:]}
-            out.append((pod.metadata.creation_timestamp, result))
-    out.sort(key=lambda pr: pr[0])
-    return [r for _, r in out]
 
 
 class RestoreReconciler:
@@ -227,9 +210,16 @@ class RestoreReconciler:
             raise Refused(
                 f"Backup {bns}/{ref['name']} holds a database only: restore it with contents DatabaseOnly"
             )
-        db_secret, db_keys = self._target_database(ns, target)
+        db_secret = target["database"]["secretRef"]["name"]
+        try:
+            db_keys = preflight.database_keys(self.kube, ns, db_secret)
+        except preflight.Missing as e:
+            raise Refused(f"target database: {e}") from e
         if contents == "Full":
-            self._target_files(ns, target.get("files") or {})
+            try:
+                preflight.files(self.kube, ns, target.get("files") or {})
+            except preflight.Missing as e:
+                raise Refused(f"target files: {e}") from e
         self._model_versions(restore, ns, target.get("app"), bstatus.get("modelVersion") or "")
         st_storage = bstatus.get("storage") or {}
         manifest_key = st_storage.get("manifestKey") or ""
@@ -251,46 +241,6 @@ class RestoreReconciler:
             presigned=bns != ns,
         )
         return plan, bns, storage["spec"]
-
-    def _target_database(self, ns: str, target: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
-        secret = target["database"]["secretRef"]["name"]
-        try:
-            data = self.kube.secret_data(ns, secret)
-        except SecretMissing as e:
-            raise Refused(f"target database: {e}") from e
-        if "uri" in data:
-            return secret, ("uri",)
-        missing = [k for k in ("host", "dbname", "user") if k not in data]
-        if missing:
-            raise Refused(
-                f'target database: Secret "{secret}" has no key uri, nor the key(s) {", ".join(missing)}'
-            )
-        return secret, tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
-
-    def _target_files(self, ns: str, files: dict[str, Any]) -> None:
-        if "persistentVolumeClaim" in files:
-            claim = files["persistentVolumeClaim"]["claimName"]
-            try:
-                self.kube.core.read_namespaced_persistent_volume_claim(claim, ns)
-            except ApiException as e:
-                if e.status == 404:
-                    raise Refused(
-                        f'target files: PersistentVolumeClaim "{claim}" not found in namespace {ns}'
-                    ) from e
-                raise
-        elif "s3" in files:
-            c = files["s3"]["credentials"]
-            try:
-                self.kube.secret_keys(
-                    ns,
-                    c["secretName"],
-                    [
-                        c.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
-                        c.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
-                    ],
-                )
-            except SecretMissing as e:
-                raise Refused(f"target files: {e}") from e
 
     def _model_versions(
         self, restore: dict[str, Any], ns: str, app: dict[str, Any] | None, backup_version: str
@@ -419,6 +369,10 @@ class RestoreReconciler:
                 f"the snapshot has {len(keys)} objects, too many to hand to a restore in another "
                 "namespace; restore it in its own namespace"
             )
+        data = {PRESIGNED_KEY: base64.b64encode(payload).decode()}
+        if target.ca_bundle:  # a private CA (public data) the Job cannot read from the other namespace
+            with open(target.ca_bundle, "rb") as f:
+                data[PRESIGNED_CA_KEY] = base64.b64encode(f.read()).decode()
         self.kube.create_if_absent(
             {
                 "apiVersion": "v1",
@@ -438,7 +392,7 @@ class RestoreReconciler:
                     ],
                 },
                 "type": "Opaque",
-                "data": {PRESIGNED_KEY: base64.b64encode(payload).decode()},
+                "data": data,
             }
         )
 
@@ -452,7 +406,7 @@ class RestoreReconciler:
         conds = {c["type"]: c for c in js.get("conditions") or [] if c.get("status") == "True"}
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
         if "Complete" in conds or "Failed" in conds:
-            results = pod_results(self.kube, ns, name)
+            results = self.kube.job_results(ns, name)
             result = results[-1] if results else {}
             self._restart_app(restore)
             now = _now()

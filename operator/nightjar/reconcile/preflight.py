@@ -1,0 +1,50 @@
+"""Checks shared by a Backup's source and a Restore's target: the database Secret and the files
+exist in the namespace. Each raises :class:`Missing` naming what is missing (never a value)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from nightjar.kube import Kube, SecretMissing
+
+
+class Missing(Exception):
+    """Something the spec names does not exist; the message says what."""
+
+
+def database_keys(kube: Kube, namespace: str, secret: str) -> tuple[str, ...]:
+    """The keys of the database Secret the agent gets: uri, or host/port/dbname/user/password."""
+    try:
+        data = kube.secret_data(namespace, secret)
+    except SecretMissing as e:
+        raise Missing(str(e)) from e
+    if "uri" in data:
+        return ("uri",)
+    missing = [k for k in ("host", "dbname", "user") if k not in data]
+    if missing:
+        raise Missing(f'Secret "{secret}" has no key uri, nor the key(s) {", ".join(missing)}')
+    return tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
+
+
+def files(kube: Kube, namespace: str, spec: dict[str, Any]) -> None:
+    """A ``files`` spec: its PersistentVolumeClaim, or its S3 credentials Secret, exists."""
+    if "persistentVolumeClaim" in spec:
+        claim = spec["persistentVolumeClaim"]["claimName"]
+        try:
+            kube.core.read_namespaced_persistent_volume_claim(claim, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise Missing(f'PersistentVolumeClaim "{claim}" not found in namespace {namespace}') from e
+            raise
+    elif "s3" in spec:
+        c = spec["s3"]["credentials"]
+        keys = [
+            c.get("accessKeyIdKey") or "AWS_ACCESS_KEY_ID",
+            c.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
+        ]
+        try:
+            kube.secret_keys(namespace, c["secretName"], keys)
+        except SecretMissing as e:
+            raise Missing(str(e)) from e
