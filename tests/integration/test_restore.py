@@ -310,12 +310,17 @@ def test_refusals_name_what_is_wrong(
     env: dict[str, str],
     namespace: str,
     app_db: str,
+    files_pvc: Path,
 ) -> None:
     make_storage(custom, core, env, namespace)
-    take_backup(custom, namespace, backup_body("ok", files=False))
+    take_backup(custom, namespace, backup_body("ok"))
     bad = backup_body("broken", files=False)
     bad["spec"]["source"]["database"]["secretRef"]["name"] = "no-such-secret"
     custom.create_namespaced_custom_object(G, V, namespace, "backups", bad)
+    db_only = backup_body("db-only")  # its source names files, but it holds the database only
+    db_only["spec"]["contents"] = "DatabaseOnly"
+    take_backup(custom, namespace, db_only)
+    files_target = {"files": {"persistentVolumeClaim": {"claimName": "files"}}}
 
     cases = {
         "of-missing": (restore_body("of-missing", "nope"), 'Backup "nope" not found'),
@@ -324,9 +329,19 @@ def test_refusals_name_what_is_wrong(
             restore_body("no-target-db", "ok", target={"database": {"secretRef": {"name": "gone"}}}),
             'target database: Secret "gone" not found',
         ),
-        "no-target-pvc": (
-            restore_body("no-target-pvc", "ok", contents="DatabaseOnly", target={"app": {"name": "ghost"}}),
+        "no-target-app": (
+            restore_body("no-target-app", "ok", contents="DatabaseOnly", target={"app": {"name": "ghost"}}),
             'target app: Deployment "ghost" not found',
+        ),
+        "no-target-pvc": (
+            restore_body(
+                "no-target-pvc", "ok", target={"files": {"persistentVolumeClaim": {"claimName": "nope"}}}
+            ),
+            f'target files: PersistentVolumeClaim "nope" not found in namespace {namespace}',
+        ),
+        "full-of-db-only": (
+            restore_body("full-of-db-only", "db-only", target=files_target),
+            "holds a database only: restore it with contents DatabaseOnly",
         ),
     }
     for body, _ in cases.values():

@@ -201,12 +201,10 @@ class RestoreReconciler:
         contents = spec.get("contents") or "Full"
         bfiles = bstatus.get("files") or {}
         target = spec["target"]
-        if (
-            contents == "Full"
-            and target.get("files")
-            and ((backup["spec"].get("contents") or "Full") == "DatabaseOnly" or not bfiles.get("count"))
-            and not (backup["spec"].get("source") or {}).get("files")
-        ):
+        backup_has_files = (backup["spec"].get("contents") or "Full") == "Full" and bool(
+            (backup["spec"].get("source") or {}).get("files") or bfiles.get("count")
+        )
+        if contents == "Full" and target.get("files") and not backup_has_files:
             raise Refused(
                 f"Backup {bns}/{ref['name']} holds a database only: restore it with contents DatabaseOnly"
             )
