@@ -7,9 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STATE := .local/test
+E2E_STATE := .local/e2e
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv binaries up down status test test-unit test-integration lint fmt bench crds clean
+.PHONY: help deps venv binaries up down status test test-unit test-integration test-e2e lint fmt bench crds docs clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv with Nightjar and its dev dependencies.
 
-binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO (cached by version).
+binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO, helm (cached by version).
 	@hack/build-binaries.sh
 
 up: deps venv binaries ## Start the local stack and the operator in the background (state in .local/).
@@ -50,8 +51,12 @@ fmt: venv ## Format the code with ruff.
 test-unit: venv ## Unit tests only (no stack needed).
 	@$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test: deps venv binaries lint ## Everything CI runs: lint, then unit and integration tests on a fresh stack.
+test: deps venv binaries lint ## Everything CI runs: lint, unit + integration tests on a fresh stack, then e2e (Helm chart) on another.
 	@hack/run-tests.sh $(TEST_STATE) tests/unit tests/integration $(PYTEST_ARGS)
+	@NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
+
+test-e2e: deps venv binaries ## The e2e tier only: the Helm chart installed into a fresh stack without the dev operator.
+	@NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
 test-integration: deps venv binaries ## Integration tests on a fresh stack in .local/test.
 	@hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
@@ -59,8 +64,11 @@ test-integration: deps venv binaries ## Integration tests on a fresh stack in .l
 bench: deps venv binaries ## Benchmarks on a private stack: BENCH=files,scale (both by default).
 	@BENCH=$${BENCH:-files,scale} hack/run-bench.sh
 
-crds: venv ## Copy the shared schema parts between CRDs (a unit test fails when they drift).
+crds: venv ## Copy the shared schema parts between CRDs and into the chart; regenerate docs/reference.md.
 	@$(PY) hack/sync-crd-schemas.py
+	@$(PY) hack/gen-reference.py
+
+docs: crds ## Same as `make crds` (docs/reference.md is generated from the CRDs).
 
 clean: down ## Stop the stack and remove .local and .venv (the binary cache stays).
 	@rm -rf .local $(VENV)

@@ -4,6 +4,7 @@
 #   $NIGHTJAR_CACHE/bin/kubernetes-<v>/{kube-apiserver,kube-controller-manager,kubectl}
 #   $NIGHTJAR_CACHE/bin/etcd-<v>/etcd
 #   $NIGHTJAR_CACHE/bin/minio-<v>/minio
+#   $NIGHTJAR_CACHE/bin/helm-<v>/helm
 # A component whose directory exists is never rebuilt. Each build goes to a temporary
 # directory that is renamed into place only when every binary of it is built, so a failed
 # or interrupted build never leaves a half-written binary in the cache.
@@ -82,12 +83,18 @@ build_minio() {
   GOBIN=$PWD/out go install -trimpath -ldflags='-s -w' "github.com/minio/minio@$MINIO_VERSION"
 }
 
-want=${*:-kubernetes etcd minio}
+build_helm() {
+  mkdir -p out
+  GOBIN=$PWD/out go install -trimpath -ldflags='-s -w' "helm.sh/helm/${HELM_VERSION%%.*}/cmd/helm@$HELM_VERSION"
+}
+
+want=${*:-kubernetes etcd minio helm}
 for c in $want; do
   case $c in
     kubernetes) build_into "$bindir/kubernetes-$KUBERNETES_VERSION" build_kubernetes ;;
     etcd) build_into "$bindir/etcd-$ETCD_VERSION" build_etcd ;;
     minio) build_into "$bindir/minio-$MINIO_VERSION" build_minio ;;
+    helm) build_into "$bindir/helm-$HELM_VERSION" build_helm ;;
     *) die "unknown component: $c" ;;
   esac
 done

@@ -2,7 +2,10 @@
 """Copy shared schema parts between CRDs so they have one source: a BackupSchedule's
 spec.source and spec.storageRef are exactly a Backup's, and a Restore's spec.target is a
 Backup's spec.source (with its own description). `make crds` runs this; a unit test fails when
-they drift. A file is rewritten only when its content changes."""
+they drift. A file is rewritten only when its content changes.
+
+It then copies crds/ into the Helm chart (charts/nightjar/crds/), byte for byte: the chart
+installs exactly these CRDs, and a unit test fails when the copies drift."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Any
 import yaml
 
 CRDS = Path(__file__).resolve().parent.parent / "crds"
+CHART_CRDS = CRDS.parent / "charts" / "nightjar" / "crds"
 
 
 def spec_props(doc: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +66,17 @@ def main() -> int:
         )
         if sync(name, copies, header, keep)
     ]
+    CHART_CRDS.mkdir(parents=True, exist_ok=True)
+    sources = {p.name: p.read_bytes() for p in CRDS.glob("*.yaml")}
+    for stale in CHART_CRDS.glob("*.yaml"):
+        if stale.name not in sources:
+            stale.unlink()
+            changed.append(f"chart {stale.name} (removed)")
+    for fname, data in sorted(sources.items()):
+        dst = CHART_CRDS / fname
+        if not dst.exists() or dst.read_bytes() != data:
+            dst.write_bytes(data)
+            changed.append(f"chart {fname}")
     print(f"updated: {', '.join(changed)}" if changed else "CRDs in sync")
     return 0
 

@@ -31,14 +31,75 @@ def main() -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--all-namespaces", "-A", is_flag=True, help="Watch every namespace (the default).")
 @click.option(
-    "--namespace", "-n", "namespaces", multiple=True, help="Watch only these namespaces (repeatable)."
+    "--namespace",
+    "-n",
+    "namespaces",
+    multiple=True,
+    envvar="NIGHTJAR_WATCH_NAMESPACES",
+    help="Watch only these namespaces (repeatable; env NIGHTJAR_WATCH_NAMESPACES, space-separated).",
 )
 @click.option("--verbose", is_flag=True, help="Debug logging.")
-def operator(all_namespaces: bool, namespaces: tuple[str, ...], verbose: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["plain", "json"]),
+    default="plain",
+    show_default=True,
+    envvar="NIGHTJAR_LOG_FORMAT",
+    help="json: one JSON object a line (for log shippers).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    envvar="NIGHTJAR_METRICS_PORT",
+    help="Serve Prometheus metrics at :PORT/metrics (0: off).",
+)
+@click.option(
+    "--metrics-address",
+    default="0.0.0.0",  # noqa: S104  (in a Pod: Prometheus scrapes the Pod's IP)
+    show_default=True,
+    envvar="NIGHTJAR_METRICS_ADDRESS",
+)
+@click.option(
+    "--leader-elect/--no-leader-elect",
+    default=False,
+    envvar="NIGHTJAR_LEADER_ELECT",
+    help="Run only while holding a Lease, so several replicas are safe (one acts, the others wait).",
+)
+@click.option(
+    "--leader-election-namespace",
+    envvar="POD_NAMESPACE",
+    default=None,
+    help="Namespace of the Lease (default: the Pod's, env POD_NAMESPACE).",
+)
+@click.option("--leader-election-name", default="nightjar-operator", show_default=True)
+def operator(
+    all_namespaces: bool,
+    namespaces: tuple[str, ...],
+    verbose: bool,
+    log_format: str,
+    metrics_port: int,
+    metrics_address: str,
+    leader_elect: bool,
+    leader_election_namespace: str | None,
+    leader_election_name: str,
+) -> None:
     """Run the Kubernetes operator (uses KUBECONFIG, or the in-cluster service account)."""
-    from nightjar.runner import run_operator
+    from nightjar.runner import LeaderOptions, run_operator
 
-    run_operator(namespaces=list(namespaces), verbose=verbose)
+    if all_namespaces and namespaces:
+        raise click.UsageError("--all-namespaces and --namespace exclude each other")
+    if leader_elect and not leader_election_namespace:
+        raise click.UsageError("--leader-elect needs --leader-election-namespace (or env POD_NAMESPACE)")
+    run_operator(
+        namespaces=[n for ns in namespaces for n in ns.replace(",", " ").split()],
+        verbose=verbose,
+        json_logs=log_format == "json",
+        metrics_port=metrics_port,
+        metrics_address=metrics_address,
+        leader=LeaderOptions(leader_election_namespace or "", leader_election_name) if leader_elect else None,
+    )
 
 
 @main.group()

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from nightjar import __version__
+from nightjar.domain.retention import parse_period
 
 
 def _int(name: str, default: int) -> int:
@@ -37,6 +38,10 @@ class OperatorConfig:
     scheduler_interval_seconds: int = 30
     #: Seconds between garbage-collection sweeps over all Backups.
     gc_interval_seconds: int = 300
+    #: Retention of Backups that carry none of their own, by type (OnDemand, Uploaded):
+    #: NIGHTJAR_DEFAULT_RETENTION_ONDEMAND / _UPLOADED, e.g. "3mo", "6w", "1y". Scheduled
+    #: Backups take their schedule's retention.
+    default_retention: dict[str, str] = field(default_factory=dict)
     #: Environment passed to every agent container (e.g. NIGHTJAR_PG_BINDIR on the dev stack).
     agent_extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -47,7 +52,17 @@ class OperatorConfig:
             for k, v in os.environ.items()
             if k.startswith("NIGHTJAR_AGENT_ENV_")
         }
+        retention: dict[str, str] = {}
+        for backup_type in ("OnDemand", "Uploaded"):
+            raw = os.environ.get(f"NIGHTJAR_DEFAULT_RETENTION_{backup_type.upper()}", "").strip()
+            if raw:
+                try:
+                    parse_period(raw)
+                except ValueError as e:
+                    raise ValueError(f"NIGHTJAR_DEFAULT_RETENTION_{backup_type.upper()}: {e}") from e
+                retention[backup_type] = raw
         return cls(
+            default_retention=retention,
             agent_image=os.environ.get("NIGHTJAR_AGENT_IMAGE", cls.agent_image),
             agent_image_pull_policy=os.environ.get(
                 "NIGHTJAR_AGENT_IMAGE_PULL_POLICY", cls.agent_image_pull_policy
@@ -66,5 +81,6 @@ class OperatorConfig:
                 "NIGHTJAR_SCHEDULER_INTERVAL_SECONDS", cls.scheduler_interval_seconds
             ),
             gc_interval_seconds=_int("NIGHTJAR_GC_INTERVAL_SECONDS", cls.gc_interval_seconds),
+            attempts=_int("NIGHTJAR_BACKUP_ATTEMPTS", cls.attempts),
             agent_extra_env=extra,
         )

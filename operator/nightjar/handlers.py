@@ -50,6 +50,12 @@ class _State:
 
 STATE = _State()
 DELETE_TRIES = 3
+#: The watched namespaces (empty: all), set by the runner before kopf starts.
+SCOPE: list[str] = []
+
+
+def set_scope(namespaces: list[str]) -> None:
+    SCOPE[:] = namespaces
 
 
 @kopf.on.startup()
@@ -59,26 +65,35 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PERSISTENCE_PREFIX)
     settings.posting.level = logging.WARNING  # our reconcilers post their own Events
     settings.watching.server_timeout = 300
+    # Our CRDs are installed before the operator (Helm's crds/): no cluster-wide watch of
+    # CustomResourceDefinitions, which the least-privilege RBAC does not grant.
+    settings.scanning.disabled = True
     settings.execution.max_workers = 8
     # Bounded concurrency: a restart facing 20,000 Backups must not flood the API server.
     settings.batching.worker_limit = 32
     # Finished Backups are not kopf's business: it keeps no state for them (see LABEL_FINISHED).
     settings.watching.label_selectors[(GROUP, BACKUPS)] = f"!{LABEL_FINISHED}"
     config = OperatorConfig.from_env()
-    STATE.kube = Kube(load_client())
+    STATE.kube = Kube(load_client(), namespaces=tuple(SCOPE))
     STATE.backups = BackupReconciler(STATE.kube, config)
     STATE.restores = RestoreReconciler(STATE.kube, config)
     STATE.scheduler = Scheduler(STATE.kube)
     STATE.config = config
     STATE.stop = threading.Event()
     threading.Thread(target=_periodic, name="nightjar-sweeps", daemon=True).start()
-    threading.Thread(
-        target=watch_finished_deletions,
-        args=(STATE.kube, STATE.backups, STATE.stop),
-        name="nightjar-finished-deletions",
-        daemon=True,
-    ).start()
-    log.info("nightjar operator ready (version %s, agent image %s)", __version__, config.agent_image)
+    for ns in SCOPE or (None,):
+        threading.Thread(
+            target=watch_finished_deletions,
+            args=(STATE.kube, STATE.backups, STATE.stop, ns),
+            name=f"nightjar-finished-deletions-{ns or 'all'}",
+            daemon=True,
+        ).start()
+    log.info(
+        "nightjar operator ready (version %s, agent image %s, namespaces %s)",
+        __version__,
+        config.agent_image,
+        ", ".join(SCOPE) or "all",
+    )
 
 
 @kopf.on.cleanup()

@@ -35,6 +35,9 @@ class SecretMissing(Exception):
 @dataclass
 class Kube:
     api: Any
+    #: The namespaces the operator watches; empty means every namespace. Cluster-wide lists and
+    #: watches become one per namespace, so a namespaced install needs no cluster-wide read.
+    namespaces: tuple[str, ...] = ()
 
     @property
     def core(self) -> Any:

@@ -1,23 +1,63 @@
-"""Start kopf with Nightjar's handlers and settings."""
+"""Start kopf with Nightjar's handlers and settings: metrics, logging, scope, leader election."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import kopf
 
-from nightjar import handlers  # noqa: F401  (registers the handlers with kopf)
+from nightjar import handlers
+
+log = logging.getLogger("nightjar")
 
 
-def run_operator(namespaces: list[str], verbose: bool = False) -> None:
-    """Run until interrupted. ``namespaces`` empty means every namespace."""
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
+@dataclass(frozen=True)
+class LeaderOptions:
+    namespace: str
+    name: str = "nightjar-operator"
+
+
+def run_operator(
+    namespaces: list[str],
+    verbose: bool = False,
+    json_logs: bool = False,
+    metrics_port: int = 0,
+    metrics_address: str = "0.0.0.0",  # noqa: S104  (in a Pod: Prometheus scrapes the Pod's IP)
+    leader: LeaderOptions | None = None,
+) -> None:
+    """Run until interrupted. ``namespaces`` empty means every namespace.
+
+    With ``leader``, the process first waits to hold the Lease (metrics are served meanwhile, so
+    a standby is visibly alive), then runs; it exits when it loses the Lease and releases it on a
+    clean stop.
+    """
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.PLAIN)
     logging.getLogger("nightjar").setLevel(logging.DEBUG if verbose else logging.INFO)
-    asyncio.run(
-        kopf.operator(
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            standalone=True,
+    handlers.set_scope(namespaces)
+    if metrics_port:
+        from nightjar import metrics
+
+        metrics.start_server(metrics_port, metrics_address)
+        log.info("metrics at http://%s:%d/metrics", metrics_address, metrics_port)
+    elector = None
+    if leader is not None:
+        from nightjar.kube import load_client
+        from nightjar.leader import LeaderElector
+
+        elector = LeaderElector(load_client(), namespace=leader.namespace, name=leader.name)
+        log.info("leader election: lease %s/%s as %s", leader.namespace, leader.name, elector.me)
+        elector.acquire()
+        elector.start_renewing()
+    try:
+        asyncio.run(
+            kopf.operator(
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                standalone=True,  # no kopf peering: the Lease above decides who acts
+            )
         )
-    )
+    finally:
+        if elector is not None:
+            elector.release()

@@ -45,3 +45,12 @@ def _undocumented(schema: dict[str, Any], path: str) -> list[str]:
 def test_every_field_has_a_description(name: str) -> None:
     root = load(name)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     assert _undocumented(root, name) == []
+
+
+def test_the_chart_installs_exactly_the_crds_of_crds_dir() -> None:
+    chart = CRDS.parent / "charts" / "nightjar" / "crds"
+    ours = {p.name: p.read_bytes() for p in CRDS.glob("*.yaml")}
+    copies = {p.name: p.read_bytes() for p in chart.glob("*.yaml")}
+    assert sorted(copies) == sorted(ours), "charts/nightjar/crds drifted from crds/: run `make crds`"
+    for name, data in ours.items():
+        assert copies[name] == data, f"charts/nightjar/crds/{name} drifted from crds/: run `make crds`"

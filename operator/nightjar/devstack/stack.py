@@ -81,7 +81,12 @@ def cache_dir() -> Path:
 
 def binary(component: str, name: str) -> Path:
     v = versions()
-    key = {"kubernetes": "KUBERNETES_VERSION", "etcd": "ETCD_VERSION", "minio": "MINIO_VERSION"}[component]
+    key = {
+        "kubernetes": "KUBERNETES_VERSION",
+        "etcd": "ETCD_VERSION",
+        "minio": "MINIO_VERSION",
+        "helm": "HELM_VERSION",
+    }[component]
     p = cache_dir() / "bin" / f"{component}-{v[key]}" / name
     if not p.is_file():
         raise StackError(f"{p} is missing: run `make binaries` (hack/build-binaries.sh) to build it")
@@ -564,6 +569,8 @@ class Stack:
             "NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
             "NIGHTJAR_KUBECTL": str(binary("kubernetes", "kubectl")),
         }
+        if p.get("operator_metrics"):
+            lines["NIGHTJAR_METRICS_URL"] = f"http://127.0.0.1:{p['operator_metrics']}/metrics"
         text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in lines.items())
         envf = self.dir / "env"
         envf.write_text(text)
@@ -602,12 +609,24 @@ class Stack:
     def _operator(self, st: State) -> None:
         exe = Path(sys.executable).with_name("nightjar")
         log = self.dir / "logs" / "operator.log"
+        port = st.ports.get("operator_metrics") or free_port()
+        if st.ports.get("operator_metrics") != port:
+            st.ports["operator_metrics"] = port
+            st.save()
+            self._write_env(st)
         start = log.stat().st_size if log.exists() else 0
         proc = self._spawn(
             st,
             "operator",
             # Through the interpreter, so the recorded binary is what /proc/<pid>/exe shows.
-            [sys.executable, str(exe), "operator", "--all-namespaces"],
+            [
+                sys.executable,
+                str(exe),
+                "operator",
+                "--all-namespaces",
+                "--metrics-address=127.0.0.1",
+                f"--metrics-port={port}",
+            ],
             env={
                 "KUBECONFIG": str(self.dir / "kubeconfig"),
                 # The process node runs agents on this host: tell them where pg_dump is.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from typing import Final
 
 from dateutil.relativedelta import relativedelta
@@ -50,8 +51,12 @@ def expires_at(created: dt.datetime, period: str) -> dt.datetime:
     return (created.astimezone(dt.UTC) + parse_period(period)).replace(microsecond=0)
 
 
-def default_expiry(created: dt.datetime, backup_type: str) -> dt.datetime:
-    return expires_at(created, DEFAULT_RETENTION[backup_type])
+def default_expiry(
+    created: dt.datetime, backup_type: str, overrides: Mapping[str, str] | None = None
+) -> dt.datetime:
+    """Expiry of a Backup without one of its own: ``overrides`` (the operator's configured
+    defaults, by type) first, then the Mendix defaults."""
+    return expires_at(created, (overrides or {}).get(backup_type) or DEFAULT_RETENTION[backup_type])
 
 
 def format_time(t: dt.datetime) -> str:

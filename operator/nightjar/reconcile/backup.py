@@ -18,6 +18,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from kubernetes.client.rest import ApiException
 
+from nightjar import metrics
 from nightjar.config import OperatorConfig
 from nightjar.constants import (
     ANNOTATION_EXPIRES_AT,
@@ -118,15 +119,24 @@ class BackupReconciler:
     def _set(
         self, backup: dict[str, Any], status: dict[str, Any], event: tuple[str, str, str] | None = None
     ) -> bool:
-        """Patch status unless the Backup reached a terminal phase meanwhile (then nothing changes)."""
+        """Patch status unless the Backup reached a terminal phase meanwhile (then nothing changes).
+
+        The one place a Backup's status, its Events and its metrics change. ``event`` is posted
+        only when the write changed something worth saying: a new phase, a new attempt, or a
+        write without a phase (the caller decided). A transition is counted in the metrics only
+        after the patch (conditional on the resourceVersion read) succeeded, so exactly once.
+        """
         meta = backup["metadata"]
         for _ in range(5):
             fresh = self.kube.get(PLURAL, meta["namespace"], meta["name"])
             if fresh is None:
                 return False
-            cur = (fresh.get("status") or {}).get("phase")
+            old = fresh.get("status") or {}
+            cur = old.get("phase")
             if cur in TERMINAL:
                 return False
+            if status.get("phase") == "Queued" and cur:
+                return False  # Queued is only ever the first phase: a stale body never moves it back
             try:
                 self.kube.patch_status(
                     PLURAL,
@@ -139,9 +149,13 @@ class BackupReconciler:
                 if e.status == 409:
                     continue
                 raise
-            if event is not None and (status.get("phase") != cur or event[1] in ("Retrying",)):
+            new_phase: str | None = status.get("phase")
+            new_attempt = "attempts" in status and status["attempts"] != old.get("attempts")
+            if event is not None and (new_phase != cur or new_attempt):
                 self.kube.event(fresh, *event)
-            if status.get("phase") in TERMINAL:
+            if new_phase is not None and new_phase != cur:
+                metrics.backup_transition(fresh, cur, new_phase, status)
+            if new_phase in TERMINAL:
                 self.mark_finished(fresh)
             return True
         return False
@@ -184,7 +198,11 @@ class BackupReconciler:
                     "sourceId": layout.source_id(backup["spec"]["source"]),
                     "message": "waiting for the backup Job to start",
                 },
-                ("Normal", "Queued", "backup queued"),
+                (
+                    "Normal",
+                    "Queued",
+                    f"{backup['spec'].get('type') or 'OnDemand'} backup queued, expires {expires}",
+                ),
             )
         job = self.kube.read_job(ns, job_name("backup", name))
         if job is None:
@@ -198,7 +216,9 @@ class BackupReconciler:
         if ANNOTATION_EXPIRES_AT in ann:
             return backup
         created = parse_time(meta["creationTimestamp"])
-        expires = format_time(default_expiry(created, backup["spec"].get("type") or "OnDemand"))
+        expires = format_time(
+            default_expiry(created, backup["spec"].get("type") or "OnDemand", self.config.default_retention)
+        )
         return self.kube.patch_meta(
             PLURAL, meta["namespace"], meta["name"], {"annotations": {ANNOTATION_EXPIRES_AT: expires}}
         )
@@ -236,6 +256,14 @@ class BackupReconciler:
                     "bucket": plan.storage.bucket,
                 },
             },
+            # Only the create that made the Job says so: a restarted operator finds it there.
+            (
+                "Normal",
+                "JobCreated",
+                f"created Job {job['metadata']['name']} ({self.config.attempts} attempts at most)",
+            )
+            if created
+            else None,
         )
 
     # --- preflight ---------------------------------------------------------------------------
@@ -340,11 +368,13 @@ class BackupReconciler:
                 if failed:
                     last = self._last_failure(backup, name)
                     msg += f" (attempt {failed} failed: {last})" if last else ""
-                self._set(
-                    backup,
-                    {"phase": "Running", "attempts": attempt, "message": msg},
-                    ("Normal", "Running", msg),
+                # A new attempt of a Running backup is a retry; the first Running says Running.
+                event = (
+                    ("Warning", "Retrying", msg)
+                    if status.get("phase") == "Running"
+                    else ("Normal", "Running", msg)
                 )
+                self._set(backup, {"phase": "Running", "attempts": attempt, "message": msg}, event)
 
     def _last_failure(self, backup: dict[str, Any], job: str) -> str:
         msgs = [
@@ -736,24 +766,30 @@ def _list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
     return keys
 
 
-def watch_finished_deletions(kube: Kube, reconciler: BackupReconciler, stop: threading.Event) -> None:
+def watch_finished_deletions(
+    kube: Kube, reconciler: BackupReconciler, stop: threading.Event, namespace: str | None = None
+) -> None:
     """Delete the stored objects of finished Backups being deleted (kopf does not watch them).
 
-    One cluster-wide watch filtered by ``LABEL_FINISHED`` on the server; nothing is kept per
-    object, so memory does not grow with the number of Backups. What fails here is retried on the
-    object's next event and by the GC sweep.
+    One watch (cluster-wide, or of ``namespace``) filtered by ``LABEL_FINISHED`` on the server;
+    nothing is kept per object, so memory does not grow with the number of Backups. What fails
+    here is retried on the object's next event and by the GC sweep.
     """
     from kubernetes import watch
 
+    # The bound methods themselves (not partials): the watch reads their return type.
+    lister, args = (
+        (kube.custom.list_namespaced_custom_object, (GROUP, VERSION, namespace, PLURAL))
+        if namespace
+        else (kube.custom.list_cluster_custom_object, (GROUP, VERSION, PLURAL))
+    )
     rv = ""
     while not stop.is_set():
         w = watch.Watch()
         try:
             for ev in w.stream(
-                kube.custom.list_cluster_custom_object,
-                GROUP,
-                VERSION,
-                PLURAL,
+                lister,
+                *args,
                 label_selector=f"{LABEL_FINISHED}=true",
                 resource_version=rv or None,
                 timeout_seconds=300,

@@ -24,6 +24,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from kubernetes.client.rest import ApiException
 
+from nightjar import metrics
 from nightjar.config import OperatorConfig
 from nightjar.constants import (
     ANNOTATION_MODEL_VERSION,
@@ -88,15 +89,23 @@ class RestoreReconciler:
     def _set(
         self, restore: dict[str, Any], status: dict[str, Any], event: tuple[str, str, str] | None = None
     ) -> bool:
-        """Patch status unless the Restore is terminal already (terminal phases never change)."""
+        """Patch status unless the Restore is terminal already (terminal phases never change).
+
+        The one place a Restore's status, its Events and its metrics change. A write that only
+        repeats the current phase (a stale body) posts no Event; a transition is counted in the
+        metrics once, after the patch (conditional on the resourceVersion read) succeeded.
+        """
         meta = restore["metadata"]
         for _ in range(5):
             fresh = self.kube.get(PLURAL, meta["namespace"], meta["name"])
             if fresh is None:
                 return False
             st = fresh.get("status") or {}
-            if st.get("phase") in TERMINAL and set(status) - {"app"}:
+            cur = st.get("phase")
+            if cur in TERMINAL and set(status) - {"app"}:
                 return False
+            if status.get("phase") == "Queued" and cur:
+                return False  # Queued is only ever the first phase: a stale body never moves it back
             if "conditions" in status:  # merge by type: a merge patch replaces the whole list
                 merged = {c["type"]: c for c in st.get("conditions") or []}
                 merged.update({c["type"]: c for c in status["conditions"]})
@@ -114,8 +123,11 @@ class RestoreReconciler:
                     continue
                 raise
             restore["status"] = {**st, **status}
-            if event is not None:
+            new_phase = status.get("phase")
+            if event is not None and new_phase != cur:
                 self.kube.event(fresh, *event)
+            if new_phase is not None and new_phase != cur:
+                metrics.restore_transition(fresh, cur, new_phase, status)
             return True
         return False
 
@@ -154,7 +166,12 @@ class RestoreReconciler:
                     "target": target_summary(ns, spec["target"], contents),
                     "message": "checking the backup and the target",
                 },
-                ("Normal", "Queued", "restore queued"),
+                (
+                    "Normal",
+                    "Queued",
+                    f"restore of Backup {bns}/{spec['backupRef']['name']} into "
+                    f"{target_summary(ns, spec['target'], contents)} queued",
+                ),
             )
         job = self.kube.read_job(ns, restore_access_name(name))
         if job is not None:
@@ -307,6 +324,14 @@ class RestoreReconciler:
     def restart_app_on_delete(self, restore: dict[str, Any]) -> None:
         if self._scale_back(restore):
             log.info("restore %s/%s deleted; its app was scaled back", *_ident(restore))
+            st_app = restore["status"]["app"]
+            self.kube.event(
+                restore,
+                "Normal",
+                "RestartedApp",
+                f"scaled {st_app['name']} back to {int(st_app.get('originalReplicas') or 0)} replicas: "
+                "the Restore was deleted before it finished",
+            )
 
     def _scale_back(self, restore: dict[str, Any]) -> bool:
         st_app = (restore.get("status") or {}).get("app") or {}
@@ -343,12 +368,21 @@ class RestoreReconciler:
         for obj in build_restore_access(plan):
             self.kube.create_if_absent(obj)
         job = build_restore_job(plan, self.config)
-        if self.kube.create_job(plan.namespace, job):
-            log.info("created Job %s/%s", plan.namespace, job["metadata"]["name"])
-        self._set(
-            restore,
-            {"jobName": job["metadata"]["name"], "message": "restore Job created"},
-        )
+        jname = job["metadata"]["name"]
+        event = None
+        if self.kube.create_job(plan.namespace, job):  # only the create that made it says so
+            log.info("created Job %s/%s", plan.namespace, jname)
+            st_app = (restore.get("status") or {}).get("app") or {}
+            event = (
+                (
+                    "Normal",
+                    "AppStopped",
+                    f"{st_app.get('kind')} {st_app['name']} has no Pods left; created Job {jname}",
+                )
+                if st_app.get("stopped")
+                else ("Normal", "JobCreated", f"created Job {jname}")
+            )
+        self._set(restore, {"jobName": jname, "message": "restore Job created"}, event)
 
     def _presigned_secret(self, plan: RestorePlan, storage_ns: str, storage_spec: dict[str, Any]) -> None:
         """URLs that read this one snapshot, in a Secret of the target namespace."""
@@ -449,7 +483,7 @@ class RestoreReconciler:
                     "startedAt": js.get("startTime") or _fmt(_now()),
                     "message": "restoring",
                 },
-                ("Normal", "Running", "restore running"),
+                ("Normal", "Running", f"restore Job {name} running"),
             )
 
 

@@ -17,10 +17,12 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from nightjar import metrics
 from nightjar.constants import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_KEEP,
@@ -47,16 +49,21 @@ PAGE = 500
 
 
 def list_all(kube: Kube, plural: str, label_selector: str = "") -> Iterator[dict[str, Any]]:
-    """Every object of a kind, cluster-wide, a page at a time (memory stays bounded)."""
-    cont = None
-    while True:
-        resp = kube.custom.list_cluster_custom_object(
-            GROUP, VERSION, plural, label_selector=label_selector, limit=PAGE, _continue=cont
-        )
-        yield from resp["items"]
-        cont = resp["metadata"].get("continue")
-        if not cont:
-            return
+    """Every object of a kind in the watched namespaces (cluster-wide when the operator watches
+    all), a page at a time (memory stays bounded)."""
+    for ns in kube.namespaces or (None,):
+        cont = None
+        while True:
+            kw: dict[str, Any] = {"label_selector": label_selector, "limit": PAGE, "_continue": cont}
+            resp = (
+                kube.custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural, **kw)
+                if ns
+                else kube.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
+            )
+            yield from resp["items"]
+            cont = resp["metadata"].get("continue")
+            if not cont:
+                break
 
 
 @dataclass
@@ -92,6 +99,7 @@ class Scheduler:
             source = b["spec"].get("source")  # none on an Uploaded Backup: it never runs a Job
             if source is not None and st.get("phase") in (None, "Queued", "Running"):
                 busy.add((meta["namespace"], st.get("sourceId") or layout.source_id(source)))
+            metrics.completed_backup_seen(b)  # rebuilds the "last completed" gauges after a restart
             if LABEL_SCHEDULE in labels:
                 by_schedule[(meta["namespace"], labels[LABEL_SCHEDULE])].append(
                     BackupInfo(
@@ -143,11 +151,17 @@ class Scheduler:
         ns, name = meta["namespace"], meta["name"]
         old = s.get("status") or {}
         status: dict[str, Any] = {"observedGeneration": meta.get("generation", 0)}
+        # Skipped and missed slots are told (Event, metric, report) only once the status that
+        # records them is written: a failed or lost write is decided again on the next tick.
+        told: list[Callable[[], None]] = []
         try:
             plan = sch.Plan.from_spec(ns, name, spec)
         except ValueError as e:
-            status["conditions"] = [_cond("Ready", False, "InvalidSpec", str(e), now, old)]
-            self._write(s, old, status)
+            invalid = str(e)
+            status["conditions"] = [_cond("Ready", False, "InvalidSpec", invalid, now, old)]
+            if _ready_cond(old) != ("False", "InvalidSpec", invalid):
+                told.append(partial(self.kube.event, s, "Warning", "InvalidSpec", invalid))
+            self._write(s, old, status, told)
             return
         created = parse_time(meta["creationTimestamp"])
         decision = sch.decide(plan, now, created, {b.name for b in mine})
@@ -164,13 +178,15 @@ class Scheduler:
         elif decision.action == "create" and slot is not None and busy is not None:
             skipped = (old.get("lastSkipped") or {}).get("time") == format_time(slot.time)
             if not skipped:
-                reason = self._skip_reason(ns, spec)
+                code, reason = self._skip_reason(ns, spec)
                 if reason:
-                    status["lastSkipped"] = {"time": format_time(slot.time), "reason": reason}
-                    self.kube.event(
-                        s, "Normal", "Skipped", f"slot {format_time(slot.time)} skipped: {reason}"
-                    )
-                    report.skipped.append(f"{ns}/{slot.name}")
+                    t = format_time(slot.time)
+                    status["lastSkipped"] = {"time": t, "reason": reason}
+                    told += [
+                        partial(self.kube.event, s, "Normal", "Skipped", f"slot {t} skipped: {reason}"),
+                        partial(metrics.schedule_slot_skipped, ns, name, code),
+                        partial(report.skipped.append, f"{ns}/{slot.name}"),
+                    ]
                 elif (ns, sid := layout.source_id(spec["source"])) not in busy and self._create_backup(
                     s, plan, slot
                 ):
@@ -187,8 +203,11 @@ class Scheduler:
             if not already and last < slot.name:
                 reason = "the window closed before the backup could start (was the operator down?)"
                 status["lastMissed"] = {"time": t, "reason": reason}
-                self.kube.event(s, "Warning", "Missed", f"slot {t} missed: {reason}")
-                report.missed.append(f"{ns}/{slot.name}")
+                told += [
+                    partial(self.kube.event, s, "Warning", "Missed", f"slot {t} missed: {reason}"),
+                    partial(metrics.schedule_slot_missed, ns, name),
+                    partial(report.missed.append, f"{ns}/{slot.name}"),
+                ]
         if mine:
             newest = max(mine, key=lambda b: (b.created, b.name))
             status["lastBackup"], status["lastBackupStatus"] = newest.name, newest.phase
@@ -201,26 +220,57 @@ class Scheduler:
                 counts[b.tier.lower()] += 1
         status["backups"] = counts
         status["conditions"] = [_cond("Ready", True, "Scheduled", ready_msg, now, old)]
-        self._write(s, old, status)
+        if _ready_cond(old)[:2] == ("False", "InvalidSpec"):
+            told.append(partial(self.kube.event, s, "Normal", "Scheduled", f"spec valid again: {ready_msg}"))
+        self._write(s, old, status, told)
 
-    def _write(self, s: dict[str, Any], old: dict[str, Any], status: dict[str, Any]) -> None:
-        """Write only what changed: 1,000 schedules must not mean 1,000 writes a tick."""
+    def _write(
+        self,
+        s: dict[str, Any],
+        old: dict[str, Any],
+        status: dict[str, Any],
+        told: list[Callable[[], None]] | None = None,
+    ) -> None:
+        """Write only what changed: 1,000 schedules must not mean 1,000 writes a tick.
+
+        With something to tell, the write is conditional on the resourceVersion read: of two
+        writers deciding the same slot (the tick and a create/update handler), one wins and only
+        it tells, so an Event or a count is never doubled.
+        """
         changed = {k: v for k, v in status.items() if old.get(k) != v}
-        if changed:
-            meta = s["metadata"]
-            self.kube.patch_status(PLURAL, meta["namespace"], meta["name"], changed)
+        if not changed:
+            return
+        meta = s["metadata"]
+        try:
+            self.kube.patch_status(
+                PLURAL,
+                meta["namespace"],
+                meta["name"],
+                changed,
+                resource_version=meta.get("resourceVersion") if told else None,
+            )
+        except ApiException as e:
+            if e.status == 409 and told:
+                log.info("schedule %s/%s changed meanwhile; the next tick decides again", *_ident(s))
+                return
+            raise
+        for tell in told or []:
+            tell()
 
-    def _skip_reason(self, ns: str, spec: dict[str, Any]) -> str:
+    def _skip_reason(self, ns: str, spec: dict[str, Any]) -> tuple[str, str]:
+        """("", "") to take the slot, else (a reason code for metrics, a message naming why)."""
         app = spec["source"].get("app")
         only = spec.get("onlyWhenAppRunning")
         if not app or only is False:
-            return ""
+            return "", ""
         kind, name = app.get("kind") or "Deployment", app["name"]
         obj = self.kube.read_workload(ns, app)
         if obj is None:
-            return f"the app's {kind} {name} does not exist"
+            return "AppMissing", f"the app's {kind} {name} does not exist"
         ready = int(obj.status.ready_replicas or 0) if obj.status else 0
-        return "" if ready > 0 else f"the app is not running ({kind} {name} has no ready replica)"
+        if ready > 0:
+            return "", ""
+        return "AppNotRunning", f"the app is not running ({kind} {name} has no ready replica)"
 
     def _create_backup(self, s: dict[str, Any], plan: sch.Plan, slot: sch.Slot) -> bool:
         meta, spec = s["metadata"], s["spec"]
@@ -271,6 +321,16 @@ class Scheduler:
         return True
 
 
+def _ident(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+
+def _ready_cond(old: dict[str, Any]) -> tuple[str, str, str]:
+    """(status, reason, message) of the Ready condition in ``old`` status, or empty strings."""
+    c: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return str(c.get("status") or ""), str(c.get("reason") or ""), str(c.get("message") or "")
+
+
 def _cond(
     ctype: str, ok: bool, reason: str, message: str, now: dt.datetime, old: dict[str, Any]
 ) -> dict[str, Any]:
@@ -313,6 +373,7 @@ def gc_sweep(
     """
     report = SweepReport()
     reachable: dict[tuple[str, str], bool] = {}
+    schedules: dict[tuple[str, str], dict[str, Any] | None] = {}
     for b in list_all(kube, BACKUPS):
         report.examined += 1
         meta = b["metadata"]
@@ -337,6 +398,7 @@ def gc_sweep(
             reachable[key] = _storage_reachable(kube, ns, storage_name)
         if not reachable[key]:
             report.deferred.append(f"{ns}/{meta['name']}")
+            metrics.gc_deferred(ns)
             continue
         try:
             kube.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, BACKUPS, meta["name"])
@@ -344,14 +406,47 @@ def gc_sweep(
             if e.status != 404:
                 log.warning("gc: deleting %s/%s failed: %s", ns, meta["name"], e.reason)
             continue
+        metrics.gc_deleted(ns)
         kube.event(
             b, "Normal", "Expired", f"expired at {format_time(expires)}; deleting it and its stored objects"
         )
+        _tell_schedule(kube, b, expires, schedules)
         log.info("gc: deleted expired backup %s/%s (expired %s)", ns, meta["name"], format_time(expires))
         report.deleted.append(f"{ns}/{meta['name']}")
     if report.deferred:
         log.warning("gc: %d expired backups wait for their storage to be reachable", len(report.deferred))
     return report
+
+
+def _tell_schedule(
+    kube: Kube,
+    backup: dict[str, Any],
+    expires: dt.datetime,
+    schedules: dict[tuple[str, str], dict[str, Any] | None],
+) -> None:
+    """An Event on the schedule that made an expired Backup: ``kubectl describe backupschedule``
+    shows its retention at work, not only the Backup's own (soon gone) Events."""
+    meta = backup["metadata"]
+    sched = (meta.get("labels") or {}).get(LABEL_SCHEDULE)
+    if not sched:
+        return
+    key = (meta["namespace"], sched)
+    if key not in schedules:
+        try:
+            schedules[key] = kube.get(PLURAL, *key)
+        except ApiException as e:
+            log.warning("gc: reading schedule %s/%s: %s", *key, e.reason)
+            schedules[key] = None
+    s = schedules[key]
+    if s is not None:
+        btype = (backup.get("spec") or {}).get("type") or "backup"
+        kube.event(
+            s,
+            "Normal",
+            "BackupExpired",
+            f"{btype} backup {meta['name']} expired at {format_time(expires)}; "
+            "deleting it and its stored objects",
+        )
 
 
 def _storage_reachable(kube: Kube, ns: str, name: str) -> bool:

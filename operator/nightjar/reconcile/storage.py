@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 from botocore.exceptions import ClientError
+from kubernetes.client.rest import ApiException
 
 from nightjar.domain.retention import format_time
 from nightjar.jobs import StorageRef
@@ -115,7 +116,13 @@ def reconcile_storage(kube: Kube, body: dict[str, Any], now: dt.datetime) -> dic
         "observedGeneration": meta.get("generation", 0),
         "conditions": [cond],
     }
-    kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
+    try:
+        kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
+    except ApiException as e:
+        if e.status == 404:
+            return status  # deleted while it was checked: nothing to write, nothing to tell
+        raise
+    # One Event per transition, where the phase written changes (Ready <-> Unavailable).
     if previous != phase:
         kube.event(body, "Normal" if ready else "Warning", phase, message)
     return status

@@ -1,0 +1,165 @@
+"""The e2e tier: the Helm chart installed for real into the local stack.
+
+`make test` brings up a second stack for this tier *without* the developer operator
+(`devstack up --no-operator`): the only operator is the chart's Deployment, whose Pod the process
+node runs as a local process with the chart's ServiceAccount token (no admin credentials). So
+whatever works here works because the chart's RBAC allows it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from nightjar.devstack.stack import binary, free_port, postgres_bindir
+from tests.support import stack_env, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "nightjar"
+RELEASE, SYSTEM_NS = "nightjar", "nightjar-system"
+#: Watched by the release; OUTSIDER is not.
+WATCHED = ("shop", "shop-acceptance")
+OUTSIDER = "outsider"
+IMAGE = "ghcr.io/nightjar-dev/nightjar"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def env() -> dict[str, str]:
+    return stack_env()
+
+
+@pytest.fixture(scope="session")
+def api_client(env: dict[str, str]) -> client.ApiClient:
+    return config.new_client_from_config(env["KUBECONFIG"])
+
+
+@pytest.fixture(scope="session")
+def core(api_client: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api_client)
+
+
+@pytest.fixture(scope="session")
+def apps(api_client: client.ApiClient) -> client.AppsV1Api:
+    return client.AppsV1Api(api_client)
+
+
+@pytest.fixture(scope="session")
+def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+class Helm:
+    """The pinned helm binary against the stack (its caches in a temp dir, not in $HOME)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.exe = str(binary("helm", "helm"))
+        home = tempfile.mkdtemp(prefix="nightjar-helm-")
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": env["KUBECONFIG"],
+            "HELM_CACHE_HOME": f"{home}/cache",
+            "HELM_CONFIG_HOME": f"{home}/config",
+            "HELM_DATA_HOME": f"{home}/data",
+        }
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [self.exe, *args], env=self.env, capture_output=True, text=True, timeout=300, check=False
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+        return out
+
+
+@pytest.fixture(scope="session")
+def helm(env: dict[str, str]) -> Helm:
+    return Helm(env)
+
+
+def kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [env["NIGHTJAR_KUBECTL"], "--kubeconfig", env["KUBECONFIG"], *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def install_values(metrics_port: int) -> list[str]:
+    """The release's settings: only what differs on the local stack from a real cluster."""
+    return [
+        f"--set=image.repository={IMAGE}",
+        f"--set=watchNamespaces={{{','.join(WATCHED)}}}",
+        f"--set=metrics.port={metrics_port}",
+        "--set=metrics.service.port=8080",
+        # The process node runs agents on this host: where its PostgreSQL client tools are.
+        f"--set=agent.env.NIGHTJAR_PG_BINDIR={postgres_bindir()}",
+        # Quick sweeps, so schedules and GC act within a test's patience.
+        "--set=operator.schedulerIntervalSeconds=3",
+        "--set=operator.gcIntervalSeconds=5",
+    ]
+
+
+class Release:
+    def __init__(self, metrics_port: int) -> None:
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        self.metrics_port = metrics_port
+        self.service_account = RELEASE  # fullname: release "nightjar" of chart "nightjar"
+
+
+def operator_pods(core: client.CoreV1Api) -> list[Any]:
+    pods = core.list_namespaced_pod(
+        SYSTEM_NS, label_selector="app.kubernetes.io/name=nightjar,app.kubernetes.io/component=operator"
+    ).items
+    return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def lease_holder(api_client: client.ApiClient) -> str:
+    lease = client.CoordinationV1Api(api_client).read_namespaced_lease(RELEASE, SYSTEM_NS)
+    return str(lease.spec.holder_identity or "")
+
+
+@pytest.fixture(scope="session")
+def release(
+    env: dict[str, str], helm: Helm, core: client.CoreV1Api, api_client: client.ApiClient
+) -> Iterator[Release]:
+    """The chart installed once for the session, into PodSecurity-restricted namespaces."""
+    restricted = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }
+    for ns in (SYSTEM_NS, *WATCHED, OUTSIDER):
+        try:
+            core.create_namespace({"metadata": {"name": ns, "labels": restricted}})
+        except ApiException as e:
+            if e.status != 409:
+                raise
+    rel = Release(free_port())
+    helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        SYSTEM_NS,
+        "--wait",
+        "--timeout=3m",
+        *install_values(rel.metrics_port),
+    )
+    wait_for("the operator to lead", lambda: lease_holder(api_client), 60)
+    yield rel
+    helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout=2m", check=False)

@@ -1,0 +1,551 @@
+"""The Dockerfile, checked without a Docker engine: what it copies reaches the build context, what it
+runs is a declared console script, the base image's Python satisfies the project, the PostgreSQL
+client is the newest major of the documented support matrix, and the runtime stage runs as the
+agent's non-root uid with no build tools.
+
+The Dockerfile is parsed as Docker does it: parser directives, line continuations (comment lines
+inside a continuation dropped), stages by ``FROM ... AS name``, ``ARG`` defaults (global ones only in
+``FROM`` lines and in stages that declare them again) and ``${VAR}`` substitution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packaging.specifiers import SpecifierSet
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+UPGRADING = ROOT / "docs" / "upgrading.md"
+
+KEYWORDS = {
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+}
+#: Packages that compile or build; none may be installed in the image that ships.
+BUILD_TOOLS = re.compile(r"^(gcc|g\+\+|cpp|clang|cc|make|cmake|build-essential|binutils|libc6-dev|.*-dev)$")
+
+
+# --- Dockerfile parsing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str
+    image: str
+    #: ARG and ENV values in effect, in order of declaration.
+    variables: dict[str, str] = field(default_factory=dict)
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def of(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+@dataclass
+class Dockerfile:
+    global_args: dict[str, str]
+    stages: list[Stage]
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def split_instructions(text: str) -> list[Instruction]:
+    """Logical instructions: continuations joined, comments and empty continuation lines dropped."""
+    lines = text.splitlines()
+    escape = "\\"
+    start = 0
+    # Parser directives: leading `# key=value` comments, before anything else.
+    for i, raw in enumerate(lines):
+        m = re.match(r"^#\s*(\w+)\s*=\s*(\S+)\s*$", raw)
+        if not m:
+            start = i
+            break
+        if m.group(1).lower() == "escape":
+            escape = m.group(2)
+    out: list[Instruction] = []
+    buf: list[str] = []
+    first = 0
+    for n, raw in enumerate(lines[start:], start=start + 1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and buf):
+            continue  # a comment, also inside a continuation; an empty continuation line
+        if not stripped:
+            continue
+        if not buf:
+            first = n
+        if stripped.endswith(escape):
+            buf.append(stripped[: -len(escape)])
+            continue
+        buf.append(stripped)
+        joined = " ".join(part.strip() for part in buf)
+        keyword, _, args = joined.partition(" ")
+        assert keyword.upper() in KEYWORDS, f"Dockerfile line {first}: unknown instruction {keyword!r}"
+        assert "<<" not in args or keyword.upper() != "RUN", "heredocs are not parsed by this test"
+        out.append(Instruction(keyword.upper(), args.strip(), first))
+        buf = []
+    assert not buf, "the Dockerfile ends inside a line continuation"
+    return out
+
+
+_VAR = re.compile(r"\$(?:\{(\w+)(?::([-+])([^}]*))?\}|(\w+))")
+
+
+def substitute(value: str, variables: dict[str, str]) -> str:
+    """Docker's ${VAR}, ${VAR:-default}, ${VAR:+alt} and $VAR; unknown variables stay as written
+    (they come from the base image, like PATH)."""
+
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(4)
+        if name not in variables:
+            return m.group(0) if m.group(2) != "-" else m.group(3)
+        value = variables[name]
+        if m.group(2) == "-":
+            return value or m.group(3)
+        if m.group(2) == "+":
+            return m.group(3) if value else ""
+        return value
+
+    return _VAR.sub(one, value)
+
+
+def key_values(args: str) -> dict[str, str]:
+    """ENV/LABEL/ARG arguments: `k=v k2="v 2"`, or the legacy `ENV key value`."""
+    words = shlex.split(args)
+    if words and "=" not in words[0]:
+        return {words[0]: " ".join(words[1:])}
+    return dict(w.split("=", 1) for w in words)
+
+
+def parse(text: str) -> Dockerfile:
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for ins in split_instructions(text):
+        if ins.keyword == "FROM":
+            words = [w for w in ins.args.split() if not w.startswith("--")]
+            image = substitute(words[0], global_args)
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else str(len(stages))
+            stages.append(Stage(index=len(stages), name=name, image=image))
+            continue
+        if not stages:
+            assert ins.keyword == "ARG", f"line {ins.line}: only ARG may come before the first FROM"
+            name, _, default = ins.args.partition("=")
+            global_args[name.strip()] = default.strip().strip('"')
+            continue
+        stage = stages[-1]
+        if ins.keyword == "ARG":
+            name, eq, default = ins.args.partition("=")
+            name = name.strip()
+            if eq:
+                stage.variables[name] = substitute(default.strip().strip('"'), stage.variables)
+            elif name in global_args:
+                stage.variables[name] = global_args[name]
+        elif ins.keyword == "ENV":
+            for k, v in key_values(ins.args).items():
+                stage.variables[k] = substitute(v, stage.variables)
+        stage.instructions.append(ins)
+    assert stages, "the Dockerfile has no FROM"
+    return Dockerfile(global_args, stages)
+
+
+@cache
+def dockerfile() -> Dockerfile:
+    return parse(DOCKERFILE.read_text())
+
+
+def exec_form(ins: Instruction) -> list[str]:
+    value = json.loads(ins.args)
+    assert isinstance(value, list), f"line {ins.line}: {ins.keyword} must be a JSON list (exec form)"
+    assert all(isinstance(v, str) for v in value)
+    return [str(v) for v in value]
+
+
+@dataclass(frozen=True)
+class Copy:
+    sources: list[str]
+    dest: str
+    from_stage: str | None
+    line: int
+
+
+def copies(stage: Stage) -> list[Copy]:
+    out = []
+    for ins in stage.of("COPY") + stage.of("ADD"):
+        m = re.fullmatch(r"((?:--\S+\s+)*)(.*)", ins.args, re.S)
+        assert m
+        flags = {f[2:].partition("=")[0]: f.partition("=")[2] for f in m.group(1).split()}
+        rest = m.group(2).strip()
+        # The JSON form, COPY ["src", "dest"], allows spaces in paths.
+        paths = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        paths = [substitute(p, stage.variables) for p in paths]
+        out.append(Copy(sources=paths[:-1], dest=paths[-1], from_stage=flags.get("from"), line=ins.line))
+    return out
+
+
+def run_text(stage: Stage) -> str:
+    return "\n".join(substitute(i.args, stage.variables) for i in stage.of("RUN"))
+
+
+def apt_installed(stage: Stage) -> list[str]:
+    """Every package an `apt-get install` in the stage names (flags left out)."""
+    packages: list[str] = []
+    for ins in stage.of("RUN"):
+        for command in re.split(r"&&|;|\|\|", substitute(ins.args, stage.variables)):
+            try:
+                words = shlex.split(command)
+            except ValueError:  # a quoted string that held a separator: not an install
+                continue
+            if len(words) >= 2 and words[0] in ("apt-get", "apt") and words[1] == "install":
+                packages += [w.split("=")[0] for w in words[2:] if not w.startswith("-")]
+    return packages
+
+
+# --- .dockerignore ---------------------------------------------------------------------------------
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """Docker's patternmatcher: `**` any number of path elements, `*` and `?` within one."""
+    out = ""
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+            continue
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            end = pattern.index("]", i)
+            out += pattern[i : end + 1]
+            i = end
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out += re.escape(pattern[i])
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(f"^{out}$")
+
+
+@dataclass(frozen=True)
+class IgnoreRules:
+    rules: tuple[tuple[bool, re.Pattern[str]], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> IgnoreRules:
+        rules = []
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            negated = line.startswith("!")
+            pattern = line[1:].strip() if negated else line
+            pattern = re.sub(r"/+", "/", pattern).strip("/") or "."
+            rules.append((negated, _pattern_regex(pattern)))
+        return cls(tuple(rules))
+
+    def excluded(self, path: str) -> bool:
+        """Whether ``path`` (relative to the context) is left out: the last rule matching the path
+        or one of its parent directories decides."""
+        parts = path.strip("/").split("/")
+        candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        result = False
+        for negated, regex in self.rules:
+            if any(regex.match(c) for c in candidates):
+                result = not negated
+        return result
+
+
+@cache
+def ignore_rules() -> IgnoreRules:
+    return IgnoreRules.parse(DOCKERIGNORE.read_text())
+
+
+def files_under(rel: str) -> list[str]:
+    """The files git tracks under ``rel`` (the sources of the image); all files when git is not
+    available, less bytecode caches."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--", rel], cwd=ROOT, capture_output=True, check=True
+        ).stdout.decode()
+        tracked = [f for f in out.split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        tracked = []
+    if tracked:
+        return tracked
+    base = ROOT / rel
+    found = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+    return [p.relative_to(ROOT).as_posix() for p in found if "__pycache__" not in p.parts]
+
+
+# --- project facts ---------------------------------------------------------------------------------
+
+
+@cache
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def agent_uid() -> int:
+    from nightjar.config import OperatorConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(OperatorConfig)}["agent_run_as_user"]
+    assert isinstance(default, int)
+    return default
+
+
+def documented_pg_matrix() -> tuple[str, dict[int, list[str]]]:
+    """The table under the "PostgreSQL versions" heading of docs/upgrading.md: its header line and
+    its rows keyed by server major (rows like "18 and later" are not a supported major)."""
+    text = UPGRADING.read_text()
+    m = re.search(r"^##+ PostgreSQL versions\s*$(.*?)(?=^##+ |\Z)", text, re.M | re.S)
+    assert m, "docs/upgrading.md has no 'PostgreSQL versions' section"
+    rows = [ln.strip() for ln in m.group(1).splitlines() if ln.strip().startswith("|")]
+    assert len(rows) >= 3, "the PostgreSQL versions section has no table"
+    matrix: dict[int, list[str]] = {}
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if re.fullmatch(r"\d+", cells[0]):
+            matrix[int(cells[0])] = cells[1:]
+    return rows[0], matrix
+
+
+# --- the checks ------------------------------------------------------------------------------------
+
+
+def test_the_parser_joins_continuations_and_finds_stages() -> None:
+    df = parse(
+        "# escape=\\\n"
+        "ARG BASE=python:3.11-slim\n"
+        "FROM ${BASE} AS one\n"
+        "RUN a \\\n"
+        "  # a comment inside the continuation\n"
+        "  && b\n"
+        "FROM --platform=linux/amd64 ${BASE}\n"
+        "ARG BASE\n"
+        'ENV A=1 B="two words" C=${BASE}\n'
+    )
+    assert [s.name for s in df.stages] == ["one", "1"]
+    assert [s.image for s in df.stages] == ["python:3.11-slim", "python:3.11-slim"]
+    assert df.stages[0].of("RUN")[0].args == "a && b"
+    assert df.stages[1].variables == {
+        "BASE": "python:3.11-slim",
+        "A": "1",
+        "B": "two words",
+        "C": "python:3.11-slim",
+    }
+
+
+def test_the_ignore_matcher_follows_docker_semantics() -> None:
+    rules = IgnoreRules.parse("**\n!operator/\n**/__pycache__\n")
+    assert rules.excluded(".local/kubeconfig")
+    assert not rules.excluded("operator/nightjar/cli.py")
+    assert rules.excluded("operator/nightjar/__pycache__/cli.cpython-311.pyc")
+    rules = IgnoreRules.parse("docs\n!docs/keep.md\n*.tmp\n")
+    assert rules.excluded("docs/a.md")
+    assert not rules.excluded("docs/keep.md")
+    assert rules.excluded("x.tmp")
+    assert not rules.excluded("sub/x.tmp")
+
+
+def test_every_copy_source_exists_and_reaches_the_build_context() -> None:
+    checked = 0
+    for stage in dockerfile().stages:
+        for cp in copies(stage):
+            if cp.from_stage is not None:
+                continue
+            for src in cp.sources:
+                assert (ROOT / src).exists(), f"Dockerfile line {cp.line}: COPY source {src} does not exist"
+                assert not ignore_rules().excluded(src), f".dockerignore leaves out {src} (line {cp.line})"
+                left_out = [f for f in files_under(src) if ignore_rules().excluded(f)]
+                assert left_out == [], f".dockerignore leaves out files COPY {src} needs: {left_out[:5]}"
+                checked += 1
+    assert checked >= 3, "expected the builder to COPY pyproject.toml, README.md and operator/"
+
+
+def test_pyproject_s_readme_is_copied_with_it() -> None:
+    """setuptools needs the readme pyproject.toml names to build the wheel."""
+    copied = {src for cp in copies(dockerfile().stage("builder")) for src in cp.sources}
+    assert {"pyproject.toml", pyproject()["project"]["readme"], "operator"} <= copied
+
+
+def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
+    for path in (
+        ".local/kubeconfig",
+        ".local/env",
+        ".local/test/pki/tokens.csv",
+        ".venv/bin/python",
+        ".git/config",
+        "tests/unit/test_dockerfile.py",
+        "operator/nightjar/__pycache__/cli.cpython-311.pyc",
+        "operator/nightjar.egg-info/PKG-INFO",
+    ):
+        assert ignore_rules().excluded(path), f".dockerignore lets {path} into the build context"
+
+
+def test_final_stage_copies_only_the_venv_from_the_builder() -> None:
+    df = dockerfile()
+    names = [s.name for s in df.stages]
+    froms = [cp for cp in copies(df.final) if cp.from_stage is not None]
+    assert froms, "the final stage copies nothing from the builder"
+    for cp in froms:
+        assert cp.from_stage in names[: df.final.index], f"line {cp.line}: --from names no earlier stage"
+        assert (cp.from_stage, cp.sources, cp.dest) == ("builder", ["/opt/nightjar"], "/opt/nightjar")
+    assert [cp for cp in copies(df.final) if cp.from_stage is None] == [], "the final stage copies sources"
+    assert "python -m venv /opt/nightjar" in run_text(df.stage("builder"))
+
+
+def test_entrypoint_is_a_declared_console_script_and_cmd_one_of_its_commands() -> None:
+    from nightjar.cli import main
+
+    final = dockerfile().final
+    (entrypoint,) = final.of("ENTRYPOINT")[-1:]
+    (cmd,) = final.of("CMD")[-1:]
+    scripts = pyproject()["project"]["scripts"]
+    assert exec_form(entrypoint) == ["nightjar"]
+    assert scripts["nightjar"] == "nightjar.cli:main"
+    assert exec_form(cmd) == ["operator"]
+    # One image: the operator by default, the agent for the Jobs (their args start with "agent").
+    assert {"operator", "agent"} <= set(main.commands)
+
+
+def test_base_image_python_satisfies_requires_python_and_both_stages_share_it() -> None:
+    df = dockerfile()
+    assert len(df.stages) >= 2, "expected a builder and a runtime stage"
+    versions = set()
+    for stage in df.stages:
+        m = re.fullmatch(r"python:(\d+\.\d+)(?:\.\d+)?-slim-(\w+)(@sha256:[0-9a-f]{64})?", stage.image)
+        assert m, f"stage {stage.name}: base {stage.image} is not a pinned python:X.Y-slim-<release>"
+        versions.add(m.group(1))
+    assert len({s.image for s in df.stages}) == 1, "the venv only runs on the interpreter it was built with"
+    (version,) = versions
+    requires = pyproject()["project"]["requires-python"]
+    assert SpecifierSet(requires).contains(version), f"python {version} does not satisfy {requires}"
+
+
+def test_no_image_is_unpinned_or_latest() -> None:
+    text = DOCKERFILE.read_text()
+    assert not re.search(r":latest\b", text)
+    for stage in dockerfile().stages:
+        name = stage.image.split("@")[0]
+        assert ":" in name.rsplit("/", 1)[-1], f"stage {stage.name}: {stage.image} has no tag"
+    assert re.search(r"@sha256:", text), "the Dockerfile says how to pin the base image by digest"
+
+
+def test_pg_major_is_the_newest_major_of_the_documented_support_matrix() -> None:
+    df = dockerfile()
+    pg_major = df.global_args["PG_MAJOR"]
+    header, matrix = documented_pg_matrix()
+    assert matrix, "the support matrix lists no server majors"
+    assert int(pg_major) == max(matrix)
+    assert f"pg_dump {pg_major}" in header
+    assert f"pg_restore {pg_major}" in header
+    # Every documented major can be backed up; restores work into the client's own major.
+    assert all(cells[0].lower().startswith("yes") for cells in matrix.values())
+    assert matrix[int(pg_major)][1].lower().startswith("yes")
+    final = df.final
+    assert f"postgresql-client-{pg_major}" in apt_installed(final)
+    bindir = f"/usr/lib/postgresql/{pg_major}/bin"
+    assert final.variables["NIGHTJAR_PG_BINDIR"] == bindir
+    path = final.variables["PATH"].split(":")
+    assert bindir in path
+    assert "/usr/bin" not in path[: path.index(bindir)], "Debian's pg_wrapper in /usr/bin would win"
+    agent_cli = (ROOT / "operator" / "nightjar" / "agent" / "cli.py").read_text()
+    assert 'pg_bindir=_env("NIGHTJAR_PG_BINDIR")' in agent_cli, "the agent no longer reads NIGHTJAR_PG_BINDIR"
+
+
+def test_final_stage_runs_as_the_agent_uid_not_root() -> None:
+    final = dockerfile().final
+    user = final.of("USER")[-1].args
+    m = re.fullmatch(r"(\d+):(\d+)", user)
+    assert m, f"USER {user} must be a numeric uid:gid (runAsNonRoot cannot check a name)"
+    uid, gid = int(m.group(1)), int(m.group(2))
+    assert uid == gid == agent_uid() != 0
+    runs = run_text(final)
+    assert f"--uid {uid}" in runs
+    assert f"--gid {gid}" in runs
+    # Nothing after USER may switch back.
+    assert final.instructions[-1].keyword in ("CMD", "ENTRYPOINT")
+    last_user = max(i for i, ins in enumerate(final.instructions) if ins.keyword == "USER")
+    assert not [ins for ins in final.instructions[last_user:] if ins.keyword == "RUN"]
+
+
+def test_final_stage_has_no_build_tools_and_no_apt_lists() -> None:
+    final = dockerfile().final
+    installed = apt_installed(final)
+    assert installed, "expected the final stage to install the PostgreSQL client"
+    assert [p for p in installed if BUILD_TOOLS.match(p)] == []
+    runs = run_text(final)
+    assert "gcc" not in runs
+    assert "build-essential" not in runs
+    for ins in final.of("RUN"):
+        if "apt-get update" in ins.args:
+            assert "--no-install-recommends" in ins.args
+            assert "rm -rf /var/lib/apt/lists/*" in ins.args, f"line {ins.line}: apt lists stay in the layer"
+
+
+def test_python_environment_and_oci_labels() -> None:
+    final = dockerfile().final
+    assert final.variables["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert final.variables["PYTHONUNBUFFERED"] == "1"
+    labels: dict[str, str] = {}
+    for ins in final.of("LABEL"):
+        labels.update({k: substitute(v, final.variables) for k, v in key_values(ins.args).items()})
+    project = pyproject()["project"]
+    assert labels["org.opencontainers.image.version"] == project["version"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
+    assert re.fullmatch(r"https://\S+", labels["org.opencontainers.image.source"])
+
+
+@pytest.mark.parametrize("variable", ["PG_MAJOR", "VERSION"])
+def test_stage_args_take_the_global_defaults(variable: str) -> None:
+    """A global ARG is only visible in a stage that declares it again; a stage that forgot to
+    would install `postgresql-client-` or label version ``."""
+    final = dockerfile().final
+    assert final.variables.get(variable) == dockerfile().global_args[variable]
