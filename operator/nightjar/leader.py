@@ -223,5 +223,7 @@ class LeaderElector:
             }
             self._coord.replace_namespaced_lease(self.name, self.namespace, body)
             log.info("released the lease %s/%s", self.namespace, self.name)
+        except ApiException as e:
+            log.warning("could not release the lease: %s %s", e.status, e.reason)
         except Exception as e:
             log.warning("could not release the lease: %s", e)

@@ -160,6 +160,11 @@ def release(
         "--timeout=3m",
         *install_values(rel.metrics_port),
     )
-    wait_for("the operator to lead", lambda: lease_holder(api_client), 60)
+    # A Lease left by an earlier release expires within its 15 s before the new Pod takes it.
+    wait_for(
+        "the operator Pod to lead",
+        lambda: (pods := operator_pods(core)) and lease_holder(api_client) == pods[0].metadata.name,
+        60,
+    )
     yield rel
     helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout=2m", check=False)

@@ -4,13 +4,41 @@ leader goes. Runs last (it changes the release)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
+import pytest
 from kubernetes import client
 
 from tests.e2e.conftest import CHART, RELEASE, SYSTEM_NS, WATCHED, Helm, Release, lease_holder, operator_pods
+from tests.integration.helpers import psql
 from tests.support import wait_for
 
 G, V = "nightjar.dev", "v1alpha1"
+
+
+@pytest.fixture
+def ha_db(env: dict[str, str], core: client.CoreV1Api) -> Iterator[str]:
+    """A small database of its own in "shop", with its Secret "ha-db"."""
+    db, password = f"ha_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    psql(env, "postgres", f"create role {db} login password '{password}'")
+    psql(env, "postgres", f"create database {db} owner {db}")
+    psql(env, db, f"set role {db}; create table t (id int primary key); insert into t values (1), (2);")
+    core.create_namespaced_secret(
+        WATCHED[0],
+        {
+            "metadata": {"name": "ha-db"},
+            "stringData": {
+                "host": "127.0.0.1",
+                "port": env["NIGHTJAR_PG_PORT"],
+                "dbname": db,
+                "user": db,
+                "password": password,
+            },
+        },
+    )
+    yield db
+    core.delete_namespaced_secret("ha-db", WATCHED[0])
+    psql(env, "postgres", f"drop database if exists {db} with (force)")
 
 
 def backup_completes(custom: client.CustomObjectsApi, name: str) -> None:
@@ -18,10 +46,10 @@ def backup_completes(custom: client.CustomObjectsApi, name: str) -> None:
         "apiVersion": f"{G}/{V}",
         "kind": "Backup",
         "metadata": {"name": name},
-        # The examples' storage and source in "shop" (test_examples ran first).
+        # The examples' BackupStorage "primary" in "shop" (test_examples applied it).
         "spec": {
             "storageRef": {"name": "primary"},
-            "source": {"database": {"secretRef": {"name": "shop-db"}}},
+            "source": {"database": {"secretRef": {"name": "ha-db"}}},
         },
     }
     custom.create_namespaced_custom_object(G, V, WATCHED[0], "backups", body)
@@ -36,6 +64,7 @@ def backup_completes(custom: client.CustomObjectsApi, name: str) -> None:
 
 def test_two_replicas_one_leader_and_a_takeover(
     release: Release,
+    ha_db: str,
     helm: Helm,
     core: client.CoreV1Api,
     custom: client.CustomObjectsApi,

@@ -187,3 +187,91 @@ class PathMap:
 def termination_message(raw: bytes) -> str:
     """The kubelet keeps at most 4096 bytes of the message file."""
     return raw[:TERMINATION_MESSAGE_LIMIT].decode("utf-8", errors="replace")
+
+
+# --- service account automount (what the ServiceAccount admission plugin + kubelet do) -------
+
+SERVICE_ACCOUNT_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+# The kubelet asks for 3607 s: the API server recognises the number and (with its default
+# --service-account-extend-token-expiration) keeps the token valid longer, only warning after
+# an hour, for clients that never re-read their token.
+SERVICE_ACCOUNT_TOKEN_SECONDS = 3607
+# The kubelet refreshes a projected token once 80% of its lifetime has passed.
+TOKEN_REFRESH_FRACTION = 0.8
+
+
+def service_account_name(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("spec") or {}).get("serviceAccountName") or "default")
+
+
+def automount_token(pod: Mapping[str, Any], service_account: Mapping[str, Any] | None) -> bool:
+    """Whether the Pod gets its service account's token: the Pod's
+    ``automountServiceAccountToken`` wins, else the ServiceAccount's, else true."""
+    own = (pod.get("spec") or {}).get("automountServiceAccountToken")
+    if own is not None:
+        return bool(own)
+    sa_value = (service_account or {}).get("automountServiceAccountToken")
+    return True if sa_value is None else bool(sa_value)
+
+
+def mounts_service_account_path(container: Mapping[str, Any]) -> bool:
+    """The container mounts a volume of its own at the token path: the automount skips it."""
+    return any(
+        (vm.get("mountPath") or "").rstrip("/") == SERVICE_ACCOUNT_MOUNT_PATH
+        for vm in container.get("volumeMounts") or []
+    )
+
+
+def service_account_kubeconfig(
+    server: str, ca_file: str, token: str, namespace: str, service_account: str
+) -> dict[str, Any]:
+    """A kubeconfig carrying a Pod's service account token.
+
+    Clients read the in-cluster credentials from the fixed path
+    ``/var/run/secrets/kubernetes.io/serviceaccount``, which a local process cannot be shown
+    without a mount namespace; with ``KUBECONFIG`` pointing here they fall back to this file
+    (the kubernetes client and kopf try in-cluster first, then ``KUBECONFIG``).
+    """
+    user = f"system:serviceaccount:{namespace}:{service_account}"
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "in-cluster", "cluster": {"server": server, "certificate-authority": ca_file}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [
+            {"name": "in-cluster", "context": {"cluster": "in-cluster", "user": user, "namespace": namespace}}
+        ],
+        "current-context": "in-cluster",
+    }
+
+
+def token_refresh_due(issued_at: float, expires_at: float, now: float) -> bool:
+    """True once ``TOKEN_REFRESH_FRACTION`` of the token's lifetime has passed (any clock, seconds)."""
+    return now >= issued_at + TOKEN_REFRESH_FRACTION * max(0.0, expires_at - issued_at)
+
+
+def process_env(
+    *,
+    path: str,
+    home: str,
+    hostname: str,
+    api_host: str,
+    api_port: int,
+    pod_env: Mapping[str, str],
+    kubeconfig: str | None = None,
+    service_env: bool = True,
+) -> dict[str, str]:
+    """The whole environment of a container's process, built from nothing.
+
+    Nothing is inherited from the node (whose environment may hold the admin ``KUBECONFIG``):
+    ``PATH``, ``HOME``, ``HOSTNAME``, ``LANG``, the API server's service variables, the service
+    account ``KUBECONFIG`` when the Pod automounts a token, then the Pod's own env, which wins
+    (a container that sets ``KUBECONFIG`` keeps its own).
+    """
+    env = {"PATH": path, "HOME": home, "HOSTNAME": hostname, "LANG": "C.UTF-8"}
+    if service_env:
+        env["KUBERNETES_SERVICE_HOST"] = api_host
+        env["KUBERNETES_SERVICE_PORT"] = str(api_port)
+    if kubeconfig:
+        env["KUBECONFIG"] = kubeconfig
+    return {**env, **pod_env}

@@ -6,7 +6,11 @@ the kubelet runs the Jobs' containers from the image built by the Dockerfile.
 It registers a Node, binds every pending Pod to it (there is no scheduler in the local
 stack), and runs each container's command as a local process with the Pod's env resolved
 (values, Secret/ConfigMap refs, envFrom, fieldRefs) and its volumes (hostPath, PVCs bound to
-hostPath/local PVs, emptyDir, Secret, ConfigMap) mapped to local directories. It honours each
+hostPath/local PVs, emptyDir, Secret, ConfigMap) mapped to local directories. Like the
+ServiceAccount admission plugin and the kubelet together, it gives a Pod its service account's
+token (bound to the Pod, refreshed at 80% of its lifetime), with ``ca.crt``, ``namespace`` and a
+kubeconfig made of them in ``KUBECONFIG``; a Pod whose ServiceAccount does not exist does not
+start. A container's environment is built from nothing, never inherited. It honours each
 container's ``terminationMessagePath`` and reports Pod status with the real exit code, so the
 real Job controller does retries, backoff limits and completion. Deleting a Pod kills its
 processes (the whole process group), then finalises the deletion, as a kubelet does.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -44,6 +49,48 @@ log = logging.getLogger("nightjar.processnode")
 NODE_LABEL = "nightjar.dev/process-node"
 RESTART_BACKOFF_START = 10.0
 RESTART_BACKOFF_MAX = 300.0
+TOKEN_RETRY_SECONDS = 10.0
+
+
+class ServiceAccountError(podspec.ContainerConfigError):
+    """The Pod's ServiceAccount is missing or its token cannot be had: the Pod does not start."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _service_account_error(name: str, what: str, e: ApiException) -> ServiceAccountError:
+    if e.status == 404:
+        return ServiceAccountError(f'serviceaccount "{name}" not found', "ServiceAccountNotFound")
+    detail = f"{e.status} {e.reason}"
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        detail += f": {json.loads(e.body)['message']}"
+    return ServiceAccountError(f'serviceaccount "{name}": {what} failed ({detail})')
+
+
+def _write_atomic(path: Path, data: str | bytes, mode: int) -> None:
+    """Readers (a client re-reading its token) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _cluster_ca(api: client.CoreV1Api, work_dir: Path) -> bytes | None:
+    """The CA the node itself trusts for the API server: the kubeconfig's
+    ``certificate-authority-data`` (the client keeps it in a file), else the stack's PKI."""
+    candidates = [
+        getattr(getattr(getattr(api, "api_client", None), "configuration", None), "ssl_ca_cert", None),
+        work_dir.parent / "pki" / "apiserver" / "apiserver.crt",
+    ]
+    for c in candidates:
+        if c:
+            with contextlib.suppress(OSError):
+                return Path(c).read_bytes()
+    return None
 
 
 def _now() -> str:
@@ -68,6 +115,12 @@ class ProcessNode:
         self.entrypoints = dict(entrypoints)
         self.api_host = api_host
         self.api_port = api_port
+        configured = getattr(getattr(getattr(api, "api_client", None), "configuration", None), "host", None)
+        self.api_server = str(configured) if configured else f"https://{api_host}:{api_port}"
+        self.ca_cert = _cluster_ca(api, work_dir)
+        # On a host that is itself a Pod, the in-cluster path holds *its* token: a client that
+        # saw KUBERNETES_SERVICE_HOST would use it (against our API server) instead of KUBECONFIG.
+        self.host_has_incluster_token = Path(podspec.SERVICE_ACCOUNT_MOUNT_PATH, "token").exists()
         self.runners: dict[str, PodRunner] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -294,6 +347,13 @@ class PodRunner:
         self.done = threading.Event()
         self.start_time = _now()
         self.lock = threading.Lock()
+        # The automounted service account token: its directory (None: the Pod gets none),
+        # when it was issued and expires (time.monotonic()), and when a failed refresh retries.
+        self.sa_checked = False
+        self.sa_dir: Path | None = None
+        self.sa_issued = 0.0
+        self.sa_expires = 0.0
+        self.sa_retry_at = 0.0
         self.thread = threading.Thread(
             target=self._run, daemon=True, name=f"pod-{self.namespace}/{self.name}"
         )
@@ -439,11 +499,9 @@ class PodRunner:
         """A bound service account token, as the kubelet gets it: TokenRequest for the Pod's
         service account, bound to the Pod (so it dies with it). Not refreshed: the process node
         runs short Jobs; the token lives ``expirationSeconds`` (default one hour)."""
-        sa = self.pod["spec"].get("serviceAccountName") or "default"
-        spec: dict[str, Any] = {
-            "expirationSeconds": int(src.get("expirationSeconds") or 3600),
-            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid},
-        }
+        sa = podspec.service_account_name(self.pod)
+        spec: dict[str, Any] = {"expirationSeconds": int(src.get("expirationSeconds") or 3600)}
+        spec.update(self._token_binding())
         if src.get("audience"):
             spec["audiences"] = [src["audience"]]
         try:
@@ -455,6 +513,93 @@ class PodRunner:
         target = p / src.get("path", "token")
         target.write_text(tr.status.token, encoding="utf-8")
         target.chmod(0o600)
+
+    # --- service account automount -----------------------------------------------------
+
+    def _token_binding(self) -> dict[str, Any]:
+        """Bind a token to the Pod, as the kubelet does, so it dies with the Pod.
+
+        The API server binds a token only to a Pod that names the same ServiceAccount. On a
+        cluster the admission plugin fills in ``serviceAccountName: default``; here it is off, so
+        a Pod that names none gets an unbound token of ``default`` (valid until it expires).
+        """
+        if not self.pod["spec"].get("serviceAccountName"):
+            return {}
+        return {"boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid}}
+
+    def _setup_service_account(self) -> None:
+        """What the ServiceAccount admission plugin and the kubelet do for a Pod.
+
+        The ServiceAccount must exist (a cluster refuses the Pod otherwise); unless the Pod (or
+        else the ServiceAccount) opts out, the Pod gets a token bound to it in a per-pod
+        directory that stands for ``/var/run/secrets/kubernetes.io/serviceaccount``, for every
+        container that mounts nothing of its own there.
+        """
+        name = podspec.service_account_name(self.pod)
+        try:
+            sa = self.api.read_namespaced_service_account(name, self.namespace)
+        except ApiException as e:
+            raise _service_account_error(name, "lookup", e) from e
+        spec = self.pod["spec"]
+        containers = [*(spec.get("initContainers") or []), *spec["containers"]]
+        if podspec.automount_token(self.pod, client.ApiClient().sanitize_for_serialization(sa)) and not all(
+            podspec.mounts_service_account_path(c) for c in containers
+        ):
+            if self.node.ca_cert is None:
+                raise ServiceAccountError("process node: the cluster CA is unknown; cannot automount a token")
+            self.sa_dir = self.dir / "serviceaccount"
+            self._write_service_account(self.sa_dir, self.node.ca_cert)
+        self.sa_checked = True
+
+    def _write_service_account(self, d: Path, ca_cert: bytes) -> None:
+        """TokenRequest as the kubelet makes it, then ``token``, ``ca.crt``, ``namespace`` and
+        ``kubeconfig`` in ``d`` (all four rewritten on refresh, each atomically)."""
+        name = podspec.service_account_name(self.pod)
+        seconds = podspec.SERVICE_ACCOUNT_TOKEN_SECONDS
+        body = {"spec": {"expirationSeconds": seconds, **self._token_binding()}}
+        requested = time.monotonic()
+        try:
+            tr = self.api.create_namespaced_service_account_token(name, self.namespace, body)
+        except ApiException as e:
+            raise _service_account_error(name, "token request", e) from e
+        lifetime = float(seconds)
+        expires = getattr(tr.status, "expiration_timestamp", None)
+        if isinstance(expires, dt.datetime):
+            left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
+            lifetime = max(60.0, min(lifetime, left))
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = str(tr.status.token)
+        _write_atomic(d / "token", token, 0o600)
+        _write_atomic(d / "ca.crt", ca_cert, 0o644)
+        _write_atomic(d / "namespace", self.namespace, 0o644)
+        kubeconfig = podspec.service_account_kubeconfig(
+            self.node.api_server, str(d / "ca.crt"), token, self.namespace, name
+        )
+        _write_atomic(d / "kubeconfig", json.dumps(kubeconfig, indent=2), 0o600)
+        self.sa_issued, self.sa_expires = requested, requested + lifetime
+        log.info(
+            "token of serviceaccount %s/%s for pod %s written (refresh in %.0fs)",
+            self.namespace,
+            name,
+            self.name,
+            podspec.TOKEN_REFRESH_FRACTION * lifetime,
+        )
+
+    def _refresh_service_account(self) -> None:
+        """Called from the supervision loop: a new token once 80% of the old one's life is gone."""
+        now = time.monotonic()
+        if (
+            self.sa_dir is None
+            or self.node.ca_cert is None
+            or now < self.sa_retry_at
+            or not podspec.token_refresh_due(self.sa_issued, self.sa_expires, now)
+        ):
+            return
+        try:
+            self._write_service_account(self.sa_dir, self.node.ca_cert)
+        except (podspec.ContainerConfigError, ApiException, OSError) as e:
+            self.sa_retry_at = now + TOKEN_RETRY_SECONDS
+            log.warning("refreshing the token of pod %s/%s failed: %s", self.namespace, self.name, e)
 
     def _pvc_path(self, claim: str) -> Path:
         try:
@@ -499,20 +644,27 @@ class PodRunner:
         term_local.unlink(missing_ok=True)
         term_local.touch()
         pmap.add(term_path, str(term_local))
+        kubeconfig: str | None = None
+        if self.sa_dir is not None and not podspec.mounts_service_account_path(container):
+            pmap.add(podspec.SERVICE_ACCOUNT_MOUNT_PATH, str(self.sa_dir))
+            kubeconfig = str(self.sa_dir / "kubeconfig")
         env = podspec.resolve_env(self.pod, container, self._lookups())
         argv = podspec.argv(container, env, self.node.entrypoints, rewrite=pmap.rewrite)
         env = {k: pmap.rewrite(v) for k, v in env.items()}
-        base = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": str(cdir),
-            "HOSTNAME": self.name,
-            "LANG": "C.UTF-8",
-            "KUBERNETES_SERVICE_HOST": self.node.api_host,
-            "KUBERNETES_SERVICE_PORT": str(self.node.api_port),
-        }
+        # Built from nothing: the node's own environment (the admin KUBECONFIG) never leaks in.
+        full_env = podspec.process_env(
+            path=os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            home=str(cdir),
+            hostname=self.name,
+            api_host=self.node.api_host,
+            api_port=self.node.api_port,
+            pod_env=env,
+            kubeconfig=kubeconfig,
+            service_env=not (kubeconfig and self.node.host_has_incluster_token),
+        )
         workdir = pmap.rewrite(container["workingDir"]) if container.get("workingDir") else str(cdir)
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        return argv, {**base, **env}, workdir, term_local
+        return argv, full_env, workdir, term_local
 
     def _spawn(
         self, container: dict[str, Any], volumes: Mapping[str, Path]
@@ -631,10 +783,10 @@ class PodRunner:
         }
         if self.init_statuses:
             status["initContainerStatuses"] = list(self.init_statuses.values())
-        if reason:
-            status["reason"] = reason
-        if message:
-            status["message"] = message
+        # Always sent, null when unset: a patch would otherwise keep an earlier reason (say
+        # ServiceAccountNotFound) on a Pod that has since started.
+        status["reason"] = reason or None
+        status["message"] = message or None
         self.pod["status"] = status
         try:
             self.api.patch_namespaced_pod_status(self.name, self.namespace, {"status": status})
@@ -643,13 +795,19 @@ class PodRunner:
                 log.warning("status of %s/%s: %s", self.namespace, self.name, e.reason)
 
     def _config_error(self, err: Exception) -> None:
-        """Report CreateContainerConfigError on every container not yet started, and wait."""
+        """Report CreateContainerConfigError on every container not yet started, and wait.
+
+        A ServiceAccount problem is the Pod's, not a container's: the Pod's status says it too.
+        """
         for c in self.pod["spec"]["containers"]:
             if c["name"] not in self.statuses:
                 self.statuses[c["name"]] = self._status_entry(
                     c, {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
                 )
-        self._report("Pending")
+        if isinstance(err, ServiceAccountError):
+            self._report("Pending", reason=err.reason, message=str(err))
+        else:
+            self._report("Pending")
         for c in self.pod["spec"]["containers"]:
             if (
                 self.statuses[c["name"]]["state"].get("waiting", {}).get("reason")
@@ -672,12 +830,15 @@ class PodRunner:
         policy = spec.get("restartPolicy") or "Always"
         deadline = spec.get("activeDeadlineSeconds")
         deadline_at = time.monotonic() + float(deadline) if deadline else None
-        # Volumes and env resolve before anything starts; a missing Secret keeps the Pod
-        # Pending with CreateContainerConfigError until it appears, as with a kubelet.
+        # The ServiceAccount, volumes and env resolve before anything starts; a missing
+        # ServiceAccount or Secret keeps the Pod Pending with CreateContainerConfigError until it
+        # appears, as with a kubelet.
         while True:
             if self.killed.is_set():
                 return
             try:
+                if not self.sa_checked:
+                    self._setup_service_account()
                 volumes = self._volume_paths()
                 for c in [*(spec.get("initContainers") or []), *spec["containers"]]:
                     self._prepare(c, volumes)
@@ -711,19 +872,19 @@ class PodRunner:
             t = threading.Thread(target=self._supervise, args=(c, volumes, policy), daemon=True)
             threads.append(t)
             t.start()
-        if deadline_at is not None:
-            while any(t.is_alive() for t in threads):
-                if time.monotonic() >= deadline_at:
-                    self.kill(grace=5.0)
-                    self._report(
-                        "Failed",
-                        reason="DeadlineExceeded",
-                        message="Pod was active on the node longer than the specified deadline",
-                    )
-                    return
-                time.sleep(0.5)
-        for t in threads:
-            t.join()
+        # One supervision loop per Pod: the deadline and the token refresh, no timer threads.
+        while alive := [t for t in threads if t.is_alive()]:
+            if deadline_at is not None and time.monotonic() >= deadline_at:
+                self.kill(grace=5.0)
+                self._report(
+                    "Failed",
+                    reason="DeadlineExceeded",
+                    message="Pod was active on the node longer than the specified deadline",
+                )
+                return
+            if not self.killed.is_set():
+                self._refresh_service_account()
+            alive[0].join(timeout=0.5)
         if self.killed.is_set():
             return
         codes = [s["state"].get("terminated", {}).get("exitCode", 1) for s in self.statuses.values()]
