@@ -13,16 +13,18 @@
 # pyproject.toml; tests/unit/test_dockerfile.py checks it.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# PostgreSQL client tools (pg_dump, pg_restore) from the PGDG apt repository (apt.postgresql.org).
-# Support matrix with PG_MAJOR=17 (docs/upgrading.md has the table; a test keeps them in step):
-#   backups  (pg_dump 17):    PostgreSQL servers 12, 13, 14, 15, 16 and 17;
-#                             pg_dump refuses a server newer than itself (18 and later).
-#   restores (pg_restore 17): into PostgreSQL 17. Into 12 to 16 the restore fails before it
-#                             changes anything: pg_restore 17 starts with
-#                             `SET transaction_timeout = 0`, which those servers do not know, and
-#                             Nightjar runs it with --exit-on-error in one transaction.
-# For an environment whose servers are all on one older major, build with
-# --build-arg PG_MAJOR=<that major>: restores into it then work, backups of newer servers do not.
+# PostgreSQL client tools (psql, pg_dump, pg_restore) from the PGDG apt repository
+# (apt.postgresql.org): one client per supported server major, side by side under
+# /usr/lib/postgresql/<major>/bin. The agent asks the server its version (psql of the newest major,
+# `SHOW server_version_num`) and runs pg_dump / pg_restore of the server's own major:
+#   backups  of PostgreSQL 12 to 17 with that major's pg_dump (so 12 to 15 give archive version
+#            1.14, the one Mendix Cloud takes);
+#   restores into PostgreSQL 12 to 17 with that major's pg_restore (pg_restore 17's
+#            `SET transaction_timeout = 0` never reaches a server before 17).
+# docs/upgrading.md has the matrix; tests/unit/test_dockerfile.py keeps PG_MAJORS equal to its
+# rows. PG_MAJOR is the newest of PG_MAJORS: it is on PATH (for people in a shell) and its psql
+# asks the server's version. NIGHTJAR_PG_BINDIR, when set on the agent, overrides the choice.
+ARG PG_MAJORS="12 13 14 15 16 17"
 ARG PG_MAJOR=17
 # Keep in step with [project].version in pyproject.toml (a test checks it).
 ARG VERSION=0.1.0
@@ -50,6 +52,7 @@ RUN python -m pip wheel --no-deps --wheel-dir /dist . \
 # --- runtime: the same base, the PostgreSQL client, the venv; no compilers, no build tools ------
 FROM ${BASE_IMAGE} AS runtime
 
+ARG PG_MAJORS
 ARG PG_MAJOR
 ARG VERSION
 ARG SOURCE_URL=https://github.com/nightjar-dev/nightjar
@@ -76,12 +79,16 @@ RUN set -eux; \
     . /etc/os-release; \
     printf 'Types: deb\nURIs: https://apt.postgresql.org/pub/repos/apt\nSuites: %s-pgdg\nComponents: main\nSigned-By: /usr/share/keyrings/apt.postgresql.org.gpg\n' \
         "$VERSION_CODENAME" > /etc/apt/sources.list.d/pgdg.sources; \
+    case " ${PG_MAJORS} " in *" ${PG_MAJOR} "*) ;; *) echo "PG_MAJOR ${PG_MAJOR} is not in PG_MAJORS" >&2; exit 1;; esac; \
+    pkgs=""; \
+    for major in ${PG_MAJORS}; do pkgs="$pkgs postgresql-client-$major"; done; \
     apt-get update; \
-    apt-get install -y --no-install-recommends "postgresql-client-${PG_MAJOR}"; \
+    apt-get install -y --no-install-recommends $pkgs; \
     apt-get clean; \
     rm -rf /var/lib/apt/lists/*; \
-    "/usr/lib/postgresql/${PG_MAJOR}/bin/pg_dump" --version; \
-    "/usr/lib/postgresql/${PG_MAJOR}/bin/pg_restore" --version
+    for major in ${PG_MAJORS}; do \
+        for tool in psql pg_dump pg_restore; do "/usr/lib/postgresql/$major/bin/$tool" --version; done; \
+    done
 
 # uid/gid 65532 = OperatorConfig.agent_run_as_user, the user the Jobs' pods run as. No home, no
 # login shell: the agent runs argv lists, never a shell, and the Jobs set HOME=/tmp (an emptyDir).
@@ -92,10 +99,12 @@ RUN groupadd --system --gid 65532 nightjar \
 # Owned by root and read-only for the user that runs it.
 COPY --from=builder /opt/nightjar /opt/nightjar
 
-# The agent finds pg_dump and pg_restore through NIGHTJAR_PG_BINDIR (else PATH). The versioned
-# directory comes before /usr/bin, where Debian's pg_wrapper would pick a version by itself.
+# The agent runs the client of the server's major from NIGHTJAR_PG_ROOT/<major>/bin; an agent
+# env NIGHTJAR_PG_BINDIR (not set here) overrides that with one directory. The newest major is on
+# PATH for people in a shell, before /usr/bin, where Debian's pg_wrapper would pick a version by
+# itself.
 ENV PATH="/opt/nightjar/bin:/usr/lib/postgresql/${PG_MAJOR}/bin:${PATH}" \
-    NIGHTJAR_PG_BINDIR="/usr/lib/postgresql/${PG_MAJOR}/bin" \
+    NIGHTJAR_PG_ROOT="/usr/lib/postgresql" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nightjar.devstack.stack import parse_env
+from nightjar.devstack.stack import S3_SERVERS, Stack, parse_env
 
 T = TypeVar("T")
 
@@ -22,6 +23,24 @@ def stack_env() -> dict[str, str]:
             f"no local stack at {state} (no {envf}): run the tests with `make test`, or `make up` first"
         )
     return parse_env(envf)
+
+
+def s3_endpoint(which: str) -> str:
+    """The endpoint URL of S3 server ``which`` ("primary" or "replica") in the running stack."""
+    return stack_env()[f"{S3_SERVERS[which].env_prefix}ENDPOINT"]
+
+
+@contextlib.contextmanager
+def stopped_s3(which: str) -> Iterator[str]:
+    """S3 server ``which`` ("primary" or "replica") is down inside the block: its endpoint (yielded)
+    refuses connections. Afterwards it always runs again, on the same endpoint, keys and data."""
+    stack = Stack(Path(stack_env()["NIGHTJAR_STATE_DIR"]), out=lambda _line: None)
+    endpoint = s3_endpoint(which)
+    stack.stop_s3(which)
+    try:
+        yield endpoint
+    finally:
+        stack.start_s3(which)
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.25) -> T:

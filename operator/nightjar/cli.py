@@ -294,6 +294,8 @@ def download(backup: str, namespace: str | None, what: str, output: str | None, 
     with _failures():
         ns = _namespace(namespace)
         snap = dl.open_snapshot(connect(), ns, backup)
+        if snap.note:
+            click.echo(f"note: {snap.note}", err=True)
         target = output or archive_filename(snap.name, snap.created, what)
         label = f"{backup} ({what})"
         if target == "-":

@@ -42,6 +42,9 @@ class OperatorConfig:
     #: NIGHTJAR_DEFAULT_RETENTION_ONDEMAND / _UPLOADED, e.g. "3mo", "6w", "1y". Scheduled
     #: Backups take their schedule's retention.
     default_retention: dict[str, str] = field(default_factory=dict)
+    #: A YAML residency policy (which replica jurisdictions a primary may use); empty: the
+    #: built-in Mendix rules (nightjar.domain.residency.DEFAULT_POLICY).
+    residency_policy_file: str = ""
     #: Environment passed to every agent container (e.g. NIGHTJAR_PG_BINDIR on the dev stack).
     agent_extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -63,6 +66,7 @@ class OperatorConfig:
                 retention[backup_type] = raw
         return cls(
             default_retention=retention,
+            residency_policy_file=os.environ.get("NIGHTJAR_RESIDENCY_POLICY_FILE", ""),
             agent_image=os.environ.get("NIGHTJAR_AGENT_IMAGE", cls.agent_image),
             agent_image_pull_policy=os.environ.get(
                 "NIGHTJAR_AGENT_IMAGE_PULL_POLICY", cls.agent_image_pull_policy

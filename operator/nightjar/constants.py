@@ -22,6 +22,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_BACKUP = f"{GROUP}/backup"
 LABEL_SCHEDULE = f"{GROUP}/schedule"
 LABEL_RESTORE = f"{GROUP}/restore"
+#: On a replication Job: the Backup it copies, and the replica BackupStorage it copies into.
+LABEL_REPLICATION = f"{GROUP}/replication-of"
+LABEL_REPLICA = f"{GROUP}/replica"
 #: "true" once a Backup is Completed or Failed. The kopf layer watches only Backups without it
 #: (server-side selector), so 20,000 finished Backups cost the operator no per-object state; a
 #: lightweight watch of its own handles their deletion.

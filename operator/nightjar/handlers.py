@@ -22,17 +22,20 @@ from nightjar.constants import (
     KOPF_PERSISTENCE_PREFIX,
     LABEL_BACKUP,
     LABEL_FINISHED,
+    LABEL_REPLICATION,
     LABEL_RESTORE,
     VERSION,
 )
+from nightjar.domain import residency
 from nightjar.kube import Kube, load_client
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import BackupReconciler, Retry, watch_finished_deletions
+from nightjar.reconcile.replication import Replicator
 from nightjar.reconcile.restore import PLURAL as RESTORES
 from nightjar.reconcile.restore import RestoreReconciler
 from nightjar.reconcile.schedule import PLURAL as SCHEDULES
-from nightjar.reconcile.schedule import Scheduler, gc_sweep
+from nightjar.reconcile.schedule import Scheduler, gc_sweep, list_all
 
 log = logging.getLogger("nightjar")
 
@@ -44,6 +47,7 @@ class _State:
     backups: BackupReconciler
     restores: RestoreReconciler
     scheduler: Scheduler
+    replicator: Replicator
     config: OperatorConfig
     stop: threading.Event
 
@@ -75,7 +79,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.label_selectors[(GROUP, BACKUPS)] = f"!{LABEL_FINISHED}"
     config = OperatorConfig.from_env()
     STATE.kube = Kube(load_client(), namespaces=tuple(SCOPE))
-    STATE.backups = BackupReconciler(STATE.kube, config)
+    policy = residency.load(config.residency_policy_file)  # a malformed policy stops the start
+    STATE.replicator = Replicator(STATE.kube, config, policy)
+    STATE.backups = BackupReconciler(STATE.kube, config, STATE.replicator)
     STATE.restores = RestoreReconciler(STATE.kube, config)
     STATE.scheduler = Scheduler(STATE.kube)
     STATE.config = config
@@ -132,6 +138,12 @@ def _periodic() -> None:
                 )
             except Exception:
                 log.exception("gc sweep failed; the next sweep retries")
+            try:
+                rep = STATE.replicator.sweep(list(list_all(STATE.kube, BACKUPS, f"{LABEL_FINISHED}=true")))
+                if rep.started:
+                    log.info("replication: started copies of %s", ", ".join(rep.started))
+            except Exception:
+                log.exception("replication sweep failed; the next sweep retries")
             next_gc = time.monotonic() + STATE.config.gc_interval_seconds
         STATE.stop.wait(STATE.config.scheduler_interval_seconds)
 
@@ -153,7 +165,7 @@ def schedule_changed(body: kopf.Body, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, storage_rec.PLURAL, field="spec")
 @kopf.on.resume(GROUP, VERSION, storage_rec.PLURAL)
 def storage_check(body: kopf.Body, **_: Any) -> None:
-    storage_rec.reconcile_storage(STATE.kube, dict(body), dt.datetime.now(dt.UTC))
+    storage_rec.reconcile_storage(STATE.kube, dict(body), dt.datetime.now(dt.UTC), STATE.replicator.policy)
 
 
 # --- Backup --------------------------------------------------------------------------------------
@@ -172,15 +184,18 @@ def backup_reconcile(body: kopf.Body, **_: Any) -> None:
 def backup_job_changed(
     body: kopf.Body, type: str | None, **_: Any
 ) -> None:  # kopf passes the event type as `type`
-    if type == "DELETED":
-        return
-    owner = next((o for o in body.metadata.get("ownerReferences") or [] if o.get("kind") == "Backup"), None)
-    if owner is None:
-        return
-    backup = STATE.kube.get(BACKUPS, body.metadata.namespace or "", owner["name"])
-    if backup is None or backup["metadata"]["uid"] != owner["uid"]:
+    backup = _owner(body, type, "Backup", BACKUPS)
+    if backup is None:
         return
     STATE.backups.sync_from_job(backup, _plain(body))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_REPLICATION: kopf.PRESENT})
+def replication_job_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+    backup = _owner(body, type, "Backup", BACKUPS)
+    if backup is None:
+        return
+    STATE.replicator.sync_from_job(backup, _plain(body))
 
 
 @kopf.on.delete(GROUP, VERSION, BACKUPS, retries=DELETE_TRIES)
@@ -222,15 +237,23 @@ def restore_deleted(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RESTORE: kopf.PRESENT})
 def restore_job_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
-    if type == "DELETED":
-        return
-    owner = next((o for o in body.metadata.get("ownerReferences") or [] if o.get("kind") == "Restore"), None)
-    if owner is None:
-        return
-    restore = STATE.kube.get(RESTORES, body.metadata.namespace or "", owner["name"])
-    if restore is None or restore["metadata"]["uid"] != owner["uid"]:
+    restore = _owner(body, type, "Restore", RESTORES)
+    if restore is None:
         return
     STATE.restores.sync_from_job(restore, _plain(body))
+
+
+def _owner(body: kopf.Body, event_type: str | None, kind: str, plural: str) -> dict[str, Any] | None:
+    """The live object of ``kind`` that owns a Job (same uid), or None (gone, or the Job is)."""
+    if event_type == "DELETED":
+        return None
+    owner = next((o for o in body.metadata.get("ownerReferences") or [] if o.get("kind") == kind), None)
+    if owner is None:
+        return None
+    obj = STATE.kube.get(plural, body.metadata.namespace or "", owner["name"])
+    if obj is None or obj["metadata"]["uid"] != owner["uid"]:
+        return None
+    return obj
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

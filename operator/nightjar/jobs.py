@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nightjar.config import OperatorConfig
-from nightjar.constants import API_VERSION, LABEL_BACKUP, LABEL_MANAGED_BY, LABEL_RESTORE, MANAGED_BY
+from nightjar.constants import (
+    API_VERSION,
+    LABEL_BACKUP,
+    LABEL_MANAGED_BY,
+    LABEL_REPLICA,
+    LABEL_REPLICATION,
+    LABEL_RESTORE,
+    MANAGED_BY,
+)
 
 FILES_MOUNT = "/nightjar/files"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -152,21 +160,27 @@ class _Wiring:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     mounts: list[dict[str, Any]] = field(default_factory=list)
 
-    def storage_credentials(self, st: StorageRef) -> None:
-        """The BackupStorage's access key pair (by Secret reference) and its CA bundle, if any."""
+    def storage_credentials(self, st: StorageRef, role: str = "") -> None:
+        """The BackupStorage's access key pair (by Secret reference) and its CA bundle, if any.
+
+        ``role`` "replica" wires a second storage (a replication's destination) beside the first:
+        its own env names, CA mount and ``--replica-ca-file``.
+        """
+        env = "NIGHTJAR_REPLICA_S3" if role == "replica" else "NIGHTJAR_S3"
         self.env += [
-            _secret_env("NIGHTJAR_S3_ACCESS_KEY_ID", st.secret_name, st.access_key_key),
-            _secret_env("NIGHTJAR_S3_SECRET_ACCESS_KEY", st.secret_name, st.secret_key_key),
+            _secret_env(f"{env}_ACCESS_KEY_ID", st.secret_name, st.access_key_key),
+            _secret_env(f"{env}_SECRET_ACCESS_KEY", st.secret_name, st.secret_key_key),
         ]
         if st.ca_secret:
+            name = f"{role or 'storage'}-ca"
             self.volumes.append(
                 {
-                    "name": "storage-ca",
+                    "name": name,
                     "secret": {"secretName": st.ca_secret, "items": [{"key": st.ca_key, "path": "ca.crt"}]},
                 }
             )
-            self.mounts.append({"name": "storage-ca", "mountPath": "/nightjar/storage-ca", "readOnly": True})
-            self.args += ["--ca-file", "/nightjar/storage-ca/ca.crt"]
+            self.mounts.append({"name": name, "mountPath": f"/nightjar/{name}", "readOnly": True})
+            self.args += [f"--{role + '-' if role else ''}ca-file", f"/nightjar/{name}/ca.crt"]
 
     def files(self, files: dict[str, Any], read_only: bool) -> None:
         """The app's files: a PVC directory (read-only for a backup) or an S3 prefix."""
@@ -310,6 +324,8 @@ class RestorePlan:
     db_secret: str
     db_keys: tuple[str, ...]
     presigned: bool = False
+    #: Set when reading a replica: the primary's prefix, which the manifest's keys carry.
+    primary_prefix: str | None = None
 
 
 def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, Any]:
@@ -344,6 +360,8 @@ def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, An
     ]
     if st.insecure:
         args.append("--insecure")
+    if plan.primary_prefix is not None:
+        args += ["--primary-prefix", plan.primary_prefix]
     pod = _Wiring(args)
     pod.env += [_secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS]
     pod.volumes.append(
@@ -445,3 +463,100 @@ def build_restore_access(plan: RestorePlan) -> list[dict[str, Any]]:
             "subjects": [{"kind": "ServiceAccount", "name": access, "namespace": plan.namespace}],
         },
     ]
+
+
+# --- replication ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicatePlan:
+    """One copy of one Backup's snapshot from its primary storage into one replica."""
+
+    backup_name: str
+    backup_uid: str
+    namespace: str
+    replica_name: str
+    attempt: int
+    primary: StorageRef
+    replica: StorageRef
+    #: The primary's prefix when the snapshot was written (its keys in the manifest carry it).
+    primary_prefix: str
+    manifest_key: str
+    manifest_sha256: str
+    retain_until: str
+
+
+def replicate_job_name(backup_name: str, replica_name: str, attempt: int) -> str:
+    """One Job per (Backup, replica, attempt): a retry is a new attempt, a restart finds the Job."""
+    digest = hashlib.sha256(f"{backup_name}/{replica_name}".encode()).hexdigest()[:6]
+    return job_name("replicate", f"{backup_name}-{digest}-{attempt}")
+
+
+def build_replicate_job(plan: ReplicatePlan, config: OperatorConfig) -> dict[str, Any]:
+    """The Job that runs ``nightjar agent replicate``: primary → replica, streamed and verified."""
+    p, r = plan.primary, plan.replica
+    args = [
+        "agent",
+        "replicate",
+        "--endpoint",
+        p.endpoint,
+        "--bucket",
+        p.bucket,
+        "--region",
+        p.region,
+        "--prefix",
+        plan.primary_prefix,
+        "--replica-endpoint",
+        r.endpoint,
+        "--replica-bucket",
+        r.bucket,
+        "--replica-region",
+        r.region,
+        "--replica-prefix",
+        r.prefix,
+        "--replica-lock-mode",
+        r.lock_mode,
+        "--manifest-key",
+        plan.manifest_key,
+        "--manifest-sha256",
+        plan.manifest_sha256,
+        "--retain-until",
+        plan.retain_until,
+        "--result-file",
+        TERMINATION_MESSAGE_PATH,
+    ]
+    if p.insecure:
+        args.append("--insecure")
+    if r.insecure:
+        args.append("--replica-insecure")
+    pod = _Wiring(args)
+    pod.storage_credentials(p)
+    pod.storage_credentials(r, role="replica")
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": replicate_job_name(plan.backup_name, plan.replica_name, plan.attempt),
+            "namespace": plan.namespace,
+            "annotations": {"nightjar.dev/replica": plan.replica_name},
+        },
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"name": "agent", "args": pod.args, "env": pod.env, "volumeMounts": pod.mounts}
+                    ],
+                    "volumes": pod.volumes,
+                }
+            }
+        },
+    }
+    owner = {"apiVersion": API_VERSION, "kind": "Backup", "name": plan.backup_name, "uid": plan.backup_uid}
+    job = stamp(
+        job,
+        owner=owner,
+        labels={LABEL_REPLICATION: plan.backup_name, LABEL_REPLICA: plan.replica_name},
+        config=config,
+    )
+    job["spec"]["backoffLimit"] = 0  # the operator retries, as a new attempt, when the replica is back
+    return job

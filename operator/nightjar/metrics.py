@@ -120,6 +120,22 @@ GC_DEFERRED = Counter(
     "Expired Backups left for a later sweep because their storage was unreachable (once per sweep).",
     ["namespace"],
 )
+REPLICATION_LAG = Histogram(
+    "nightjar_replication_lag_seconds",
+    "From a Backup's completion in its primary storage to its snapshot verified in a replica.",
+    ["namespace", "replica"],
+    buckets=DURATION_BUCKETS,
+)
+REPLICATIONS_TOTAL = Counter(
+    "nightjar_replications_total",
+    "Finished copies of snapshots into replicas, by result (Replicated or Failed).",
+    ["namespace", "replica", "result"],
+)
+UNREPLICATED = Gauge(
+    "nightjar_backups_unreplicated",
+    "Completed Backups whose snapshot is not yet in every location (as of the last sweep).",
+    ["namespace"],
+)
 
 #: (namespace, source) -> completion time already in the gauges: they only ever move forward.
 _last: dict[tuple[str, str], float] = {}
@@ -232,6 +248,31 @@ def gc_deleted(namespace: str) -> None:
 @_safe
 def gc_deferred(namespace: str) -> None:
     GC_DEFERRED.labels(namespace).inc()
+
+
+@_safe
+def replication_done(namespace: str, replica: str, lag_seconds: float | None) -> None:
+    REPLICATIONS_TOTAL.labels(namespace, replica, "Replicated").inc()
+    if lag_seconds is not None and lag_seconds >= 0:
+        REPLICATION_LAG.labels(namespace, replica).observe(lag_seconds)
+
+
+@_safe
+def replication_failed(namespace: str, replica: str) -> None:
+    REPLICATIONS_TOTAL.labels(namespace, replica, "Failed").inc()
+
+
+_unreplicated_seen: set[str] = set()
+
+
+@_safe
+def unreplicated(by_namespace: dict[str, int]) -> None:
+    """Set the gauge from one sweep; namespaces that had some and have none now go to 0."""
+    for ns in _unreplicated_seen - set(by_namespace):
+        UNREPLICATED.labels(ns).set(0)
+    for ns, n in by_namespace.items():
+        UNREPLICATED.labels(ns).set(n)
+    _unreplicated_seen.update(by_namespace)
 
 
 def start_server(port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the Pod

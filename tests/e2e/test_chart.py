@@ -12,6 +12,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from nightjar import __version__
+from nightjar.domain.residency import Policy
 from tests.e2e.conftest import (
     CHART,
     OUTSIDER,
@@ -29,6 +30,11 @@ VARIANTS = {
     "defaults (every namespace)": [],
     "watched namespaces, two replicas": ["--set=watchNamespaces={a,b}", "--set=replicaCount=2"],
     "no metrics, no leader election": ["--set=metrics.enabled=false", "--set=leaderElection.enabled=false"],
+    "own residency policy": [
+        "--set=residencyPolicy.rules[0].name=eu-and-ch",
+        "--set=residencyPolicy.rules[0].primary={EU,CH}",
+        "--set=residencyPolicy.rules[0].replicasIn={EU,CH}",
+    ],
     "pinned digest, own agent image": [
         "--set=image.digest=sha256:" + "ab" * 32,
         "--set=agent.image.repository=registry.example/nightjar-agent",
@@ -106,6 +112,20 @@ def test_service_monitor_renders_when_asked(helm: Helm) -> None:
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
     assert sm["metadata"]["labels"]["release"] == "kps"
     assert not any(d["kind"] == "ServiceMonitor" for d in render(helm))
+
+
+def test_a_residency_policy_reaches_the_operator_as_a_file_it_parses(helm: Helm) -> None:
+    docs = render(helm, *VARIANTS["own residency policy"])
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-residency"))
+    policy = Policy.parse(yaml.safe_load(cm["data"]["policy.yaml"]))
+    assert policy.check("CH", "EU").allowed and not policy.check("EU", "UK").allowed
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "residency")
+    assert env["NIGHTJAR_RESIDENCY_POLICY_FILE"] == mount["mountPath"] + "/policy.yaml"
+    # Without one, the built-in Mendix rules apply: no ConfigMap, no file.
+    assert not any(d["kind"] == "ConfigMap" for d in render(helm))
 
 
 def test_watched_namespaces_get_roles_and_nothing_cluster_wide(helm: Helm) -> None:

@@ -127,10 +127,12 @@ def sites(
 def localize(doc: dict[str, Any], env: dict[str, str], sites: dict[str, Site]) -> dict[str, Any]:
     """Replace what names a machine; nothing else."""
     kind, ns = doc["kind"], doc["metadata"].get("namespace", "")
+    # The secondary location is the stack's second S3 server.
+    server = "NIGHTJAR_S3_REPLICA_" if "secondary" in doc["metadata"]["name"] else "NIGHTJAR_S3_"
     if kind == "Secret" and "AWS_ACCESS_KEY_ID" in doc["stringData"]:
         doc["stringData"] = {
-            "AWS_ACCESS_KEY_ID": env["NIGHTJAR_S3_ACCESS_KEY"],
-            "AWS_SECRET_ACCESS_KEY": env["NIGHTJAR_S3_SECRET_KEY"],
+            "AWS_ACCESS_KEY_ID": env[f"{server}ACCESS_KEY"],
+            "AWS_SECRET_ACCESS_KEY": env[f"{server}SECRET_KEY"],
         }
     elif kind == "Secret" and "password" in doc["stringData"]:
         site = sites[ns]
@@ -143,9 +145,9 @@ def localize(doc: dict[str, Any], env: dict[str, str], sites: dict[str, Site]) -
         )
     elif kind == "BackupStorage":
         doc["spec"].update(
-            endpoint=env["NIGHTJAR_S3_ENDPOINT"],
-            bucket=env["NIGHTJAR_S3_BUCKET_LOCKED"],
-            region=env["NIGHTJAR_S3_REGION"],
+            endpoint=env[f"{server}ENDPOINT"],
+            bucket=env[f"{server}BUCKET_LOCKED"],
+            region="us-east-1",
             prefix=f"e2e-{uuid.uuid4().hex[:8]}",
         )
     assert "REPLACE-ME" not in yaml.safe_dump(doc), (
@@ -205,11 +207,14 @@ def test_examples_reach_their_expected_state(
     }
 
     apply(env, docs["backupstorage.yaml"])
-    wait_for(
-        "BackupStorage primary Ready",
-        lambda: phase_is(custom, "backupstorages", "shop", "primary", "Ready"),
-        60,
-    )
+    for storage in ("secondary", "primary"):
+        wait_for(
+            f"BackupStorage {storage} Ready",
+            lambda s=storage: phase_is(custom, "backupstorages", "shop", s, "Ready"),
+            60,
+        )
+    primary = get(custom, "backupstorages", "shop", "primary")
+    assert primary["status"]["replicaSummary"] == "secondary (EU)"
 
     apply(env, docs["backup.yaml"])
     backup = wait_for(
@@ -220,6 +225,16 @@ def test_examples_reach_their_expected_state(
     assert backup["status"]["phase"] == "Completed", backup["status"].get("message")
     assert backup["status"]["modelVersion"] == "10.4.1"
     assert backup["status"]["snapshotId"] and backup["status"]["sizeUncompressedBytes"] > 0
+    # ... and then in its secondary location too, every object verified.
+    backup = wait_for(
+        "Backup before-upgrade in both locations",
+        lambda: (
+            (b := get(custom, "backups", "shop", "before-upgrade"))["status"].get("replication") == "2/2"
+            and b
+        ),
+        120,
+    )
+    assert [loc["state"] for loc in backup["status"]["locations"]] == ["Replicated", "Replicated"]
 
     apply(env, docs["backupschedule.yaml"])
     schedule = wait_for(

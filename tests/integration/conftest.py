@@ -152,3 +152,51 @@ def files_pvc(core: client.CoreV1Api, namespace: str, tmp_path: Path) -> Iterato
     pv = hostpath_claim(core, namespace, "files", root)
     yield docs
     core.delete_persistent_volume(pv)
+
+
+class Env:
+    """A second environment: namespace, empty database with its Secret "db", files PVC "files"."""
+
+    def __init__(self, ns: str, db: str, files: Path) -> None:
+        self.ns, self.db, self.files = ns, db, files
+
+
+@pytest.fixture
+def acceptance(core: client.CoreV1Api, env: dict[str, str], tmp_path: Path) -> Iterator[Env]:
+    ns = f"acc-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": ns, "labels": {"nightjar.dev/test": "true"}}})
+    db = f"acc_{ns.replace('-', '_')}"
+    password = uuid.uuid4().hex
+    psql(env, "postgres", f"create role {db} login password '{password}'")
+    psql(env, "postgres", f"create database {db} owner {db}")
+    # What acceptance held before: an older customers table with other rows.
+    psql(
+        env,
+        db,
+        f"set role {db}; create table customers (id int primary key, name text, note text);"
+        " insert into customers values (1, 'stale', 'old');",
+    )
+    core.create_namespaced_secret(
+        ns,
+        {
+            "metadata": {"name": "db"},
+            "stringData": {
+                "host": "127.0.0.1",
+                "port": env["NIGHTJAR_PG_PORT"],
+                "dbname": db,
+                "user": db,
+                "password": password,
+            },
+        },
+    )
+    root = tmp_path / "acc-pv"
+    docs = root / "docs"
+    (docs / "00").mkdir(parents=True)
+    (docs / "00" / "stale.bin").write_bytes(b"stale")
+    (docs / "only-in-acceptance").mkdir()
+    (docs / "only-in-acceptance" / "x.txt").write_text("x")
+    pv = hostpath_claim(core, ns, "files", root)
+    yield Env(ns, db, docs)
+    core.delete_persistent_volume(pv)
+    core.delete_namespace(ns)
+    psql(env, "postgres", f"drop database if exists {db} with (force)")

@@ -91,7 +91,9 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
     assert st["database"]["serverVersion"].startswith("15.")
     assert st["files"]["count"] == 300 + 6 + 1
     assert st["sizeUncompressedBytes"] == st["database"]["bytes"] + st["files"]["bytes"]
-    assert [c["type"] for c in st["conditions"] if c["status"] == "True"] == ["Completed"]
+    # No replicas: the one location holds it, so it is fully replicated (1/1).
+    assert [c["type"] for c in st["conditions"] if c["status"] == "True"] == ["Completed", "Replicated"]
+    assert st["replication"] == "1/1" and [loc["role"] for loc in st["locations"]] == ["Primary"]
     jobs = batch.list_namespaced_job(namespace, label_selector="nightjar.dev/backup=first").items
     assert len(jobs) == 1
 
@@ -181,6 +183,7 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
         "SIZE(MB)",
         "MODEL",
         "COMMENT",
+        "REPLICATED",
         "AGE",
         "SNAPSHOT",
     ]

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tarfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from tests.integration.conftest import Env
 from tests.integration.helpers import (
     TABLE_CHECKSUMS,
     G,
@@ -28,7 +28,7 @@ from tests.integration.helpers import (
     psql,
     take_backup,
 )
-from tests.support import hostpath_claim, wait_for
+from tests.support import wait_for
 
 
 def tree(root: Path) -> dict[str, Any]:
@@ -88,54 +88,6 @@ def deployment(name: str, version: str, replicas: int) -> dict[str, Any]:
             },
         },
     }
-
-
-class Env:
-    """A second environment: namespace, empty database with its Secret "db", files PVC "files"."""
-
-    def __init__(self, ns: str, db: str, files: Path) -> None:
-        self.ns, self.db, self.files = ns, db, files
-
-
-@pytest.fixture
-def acceptance(core: client.CoreV1Api, env: dict[str, str], tmp_path: Path) -> Iterator[Env]:
-    ns = f"acc-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": ns, "labels": {"nightjar.dev/test": "true"}}})
-    db = f"acc_{ns.replace('-', '_')}"
-    password = uuid.uuid4().hex
-    psql(env, "postgres", f"create role {db} login password '{password}'")
-    psql(env, "postgres", f"create database {db} owner {db}")
-    # What acceptance held before: an older customers table with other rows.
-    psql(
-        env,
-        db,
-        f"set role {db}; create table customers (id int primary key, name text, note text);"
-        " insert into customers values (1, 'stale', 'old');",
-    )
-    core.create_namespaced_secret(
-        ns,
-        {
-            "metadata": {"name": "db"},
-            "stringData": {
-                "host": "127.0.0.1",
-                "port": env["NIGHTJAR_PG_PORT"],
-                "dbname": db,
-                "user": db,
-                "password": password,
-            },
-        },
-    )
-    root = tmp_path / "acc-pv"
-    docs = root / "docs"
-    (docs / "00").mkdir(parents=True)
-    (docs / "00" / "stale.bin").write_bytes(b"stale")
-    (docs / "only-in-acceptance").mkdir()
-    (docs / "only-in-acceptance" / "x.txt").write_text("x")
-    pv = hostpath_claim(core, ns, "files", root)
-    yield Env(ns, db, docs)
-    core.delete_persistent_volume(pv)
-    core.delete_namespace(ns)
-    psql(env, "postgres", f"drop database if exists {db} with (force)")
 
 
 def test_restore_into_another_namespace_gives_identical_rows_and_files(

@@ -34,6 +34,7 @@ def test_up_is_idempotent_and_down_stops_every_process_it_started(tmp_path: Path
             "kube-controller-manager",
             "postgres",
             "minio",
+            "minio-replica",
             "process-node",
             "operator",
         }
@@ -45,7 +46,7 @@ def test_up_is_idempotent_and_down_stops_every_process_it_started(tmp_path: Path
         assert {p.name: p.pid for p in again.procs} == pids
     finally:
         stopped = stack.down(quiet=True)
-    assert stopped == 7
+    assert stopped == 8
     assert [name for name, pid in pids.items() if running(pid)] == []
     assert _processes_mentioning(str(tmp_path / "stack")) == []
     assert State.load(tmp_path / "stack") is None

@@ -1,7 +1,7 @@
 """The Dockerfile, checked without a Docker engine: what it copies reaches the build context, what it
 runs is a declared console script, the base image's Python satisfies the project, the PostgreSQL
-client is the newest major of the documented support matrix, and the runtime stage runs as the
-agent's non-root uid with no build tools.
+clients are one per server major of the documented support matrix (the newest on PATH), and the
+runtime stage runs as the agent's non-root uid with no build tools.
 
 The Dockerfile is parsed as Docker does it: parser directives, line continuations (comment lines
 inside a continuation dropped), stages by ``FROM ... AS name``, ``ARG`` defaults (global ones only in
@@ -225,17 +225,44 @@ def run_text(stage: Stage) -> str:
     return "\n".join(substitute(i.args, stage.variables) for i in stage.of("RUN"))
 
 
+#: The one shell loop the test expands: `for m in <words>; do pkgs="$pkgs <name-$m>"; done`, a
+#: package list built from a list of majors (the Dockerfile's PG_MAJORS).
+_PACKAGE_LOOP = re.compile(r'for (\w+) in ([^;]*); do (\w+)="\$\3 ([^"$]*)\$\1"; done')
+
+
+def package_lists(text: str) -> dict[str, list[str]]:
+    """The package lists a RUN builds in a shell variable with :data:`_PACKAGE_LOOP`, by name."""
+    lists: dict[str, list[str]] = {}
+    for m in _PACKAGE_LOOP.finditer(text):
+        _var, words, target, prefix = m.groups()
+        lists.setdefault(target, []).extend(prefix + w for w in words.split())
+    return lists
+
+
 def apt_installed(stage: Stage) -> list[str]:
-    """Every package an `apt-get install` in the stage names (flags left out)."""
+    """Every package an `apt-get install` in the stage names (flags left out; a `$pkgs` built by a
+    loop of :data:`_PACKAGE_LOOP` stands for its packages)."""
     packages: list[str] = []
     for ins in stage.of("RUN"):
-        for command in re.split(r"&&|;|\|\|", substitute(ins.args, stage.variables)):
+        text = substitute(ins.args, stage.variables)
+        lists = package_lists(text)
+        for command in re.split(r"&&|;|\|\|", text):
             try:
                 words = shlex.split(command)
             except ValueError:  # a quoted string that held a separator: not an install
                 continue
             if len(words) >= 2 and words[0] in ("apt-get", "apt") and words[1] == "install":
-                packages += [w.split("=")[0] for w in words[2:] if not w.startswith("-")]
+                for w in words[2:]:
+                    if w.startswith("-"):
+                        continue
+                    m = re.fullmatch(r"\$\{?(\w+)\}?", w)
+                    if m:
+                        assert m.group(1) in lists, (
+                            f"line {ins.line}: apt-get install {w} is not a known list"
+                        )
+                        packages += lists[m.group(1)]
+                    else:
+                        packages.append(w.split("=")[0])
     return packages
 
 
@@ -478,26 +505,49 @@ def test_no_image_is_unpinned_or_latest() -> None:
     assert re.search(r"@sha256:", text), "the Dockerfile says how to pin the base image by digest"
 
 
-def test_pg_major_is_the_newest_major_of_the_documented_support_matrix() -> None:
+def test_the_package_loop_is_expanded() -> None:
+    text = (
+        'set -eux; pkgs=""; for m in 12 13; do pkgs="$pkgs postgresql-client-$m"; done; '
+        "apt-get install -y $pkgs"
+    )
+    stage = Stage(0, "t", "img", instructions=[Instruction("RUN", text, 1)])
+    assert apt_installed(stage) == ["postgresql-client-12", "postgresql-client-13"]
+
+
+def test_one_client_per_documented_server_major_and_the_newest_on_path() -> None:
+    from nightjar.domain import pgclient
+
     df = dockerfile()
-    pg_major = df.global_args["PG_MAJOR"]
-    header, matrix = documented_pg_matrix()
+    majors = [int(m) for m in df.global_args["PG_MAJORS"].split()]
+    pg_major = int(df.global_args["PG_MAJOR"])
+    _header, matrix = documented_pg_matrix()
     assert matrix, "the support matrix lists no server majors"
-    assert int(pg_major) == max(matrix)
-    assert f"pg_dump {pg_major}" in header
-    assert f"pg_restore {pg_major}" in header
-    # Every documented major can be backed up; restores work into the client's own major.
-    assert all(cells[0].lower().startswith("yes") for cells in matrix.values())
-    assert matrix[int(pg_major)][1].lower().startswith("yes")
+    assert sorted(majors) == sorted(matrix), "PG_MAJORS and the documented server majors differ"
+    assert pg_major == max(majors) == max(matrix)
+    # Backups and restores of every documented major work, each with the client of its major.
+    for major, cells in matrix.items():
+        assert cells[0].lower().startswith("yes"), f"backups of PostgreSQL {major}"
+        assert cells[1].lower().startswith("yes"), f"restores into PostgreSQL {major}"
+        assert f"/usr/lib/postgresql/{major}/bin" in cells[2], f"the client row of {major}"
     final = df.final
-    assert f"postgresql-client-{pg_major}" in apt_installed(final)
+    assert final.variables["PG_MAJORS"] == df.global_args["PG_MAJORS"]
+    installed = apt_installed(final)
+    for major in majors:
+        assert f"postgresql-client-{major}" in installed
+    # Each client lands in <root>/<major>/bin, where the agent looks for it; the image does not
+    # pin one (NIGHTJAR_PG_BINDIR is an override for the agent's env, not the image's).
+    assert "NIGHTJAR_PG_BINDIR" not in final.variables
+    assert final.variables["NIGHTJAR_PG_ROOT"] == pgclient.DEFAULT_ROOT == "/usr/lib/postgresql"
+    runs = run_text(final)
+    assert '"/usr/lib/postgresql/$major/bin/$tool" --version' in runs
+    assert re.search(r"for tool in psql pg_dump pg_restore;", runs), "the build checks each client"
     bindir = f"/usr/lib/postgresql/{pg_major}/bin"
-    assert final.variables["NIGHTJAR_PG_BINDIR"] == bindir
     path = final.variables["PATH"].split(":")
     assert bindir in path
     assert "/usr/bin" not in path[: path.index(bindir)], "Debian's pg_wrapper in /usr/bin would win"
     agent_cli = (ROOT / "operator" / "nightjar" / "agent" / "cli.py").read_text()
     assert 'pg_bindir=_env("NIGHTJAR_PG_BINDIR")' in agent_cli, "the agent no longer reads NIGHTJAR_PG_BINDIR"
+    assert 'pg_root=_env("NIGHTJAR_PG_ROOT")' in agent_cli, "the agent does not read NIGHTJAR_PG_ROOT"
 
 
 def test_final_stage_runs_as_the_agent_uid_not_root() -> None:
@@ -543,7 +593,7 @@ def test_python_environment_and_oci_labels() -> None:
     assert re.fullmatch(r"https://\S+", labels["org.opencontainers.image.source"])
 
 
-@pytest.mark.parametrize("variable", ["PG_MAJOR", "VERSION"])
+@pytest.mark.parametrize("variable", ["PG_MAJORS", "PG_MAJOR", "VERSION"])
 def test_stage_args_take_the_global_defaults(variable: str) -> None:
     """A global ARG is only visible in a stage that declares it again; a stage that forgot to
     would install `postgresql-client-` or label version ``."""

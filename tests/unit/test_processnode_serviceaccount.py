@@ -319,10 +319,13 @@ def test_running_pod_refreshes_its_token_from_the_supervision_loop(tmp_path: Pat
         assert conditions["Ready"] == conditions["ContainersReady"] == "True"
         assert len(api.token_requests) == 1
         runner.sa_expires = runner.sa_issued  # the token's whole life has passed
-        while len(api.token_requests) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 20  # its own patience: a loaded machine took the first's
+        token = runner.dir / "serviceaccount" / "token"
+        # The request comes first, the file is written right after: wait for both.
+        while (len(api.token_requests) < 2 or token.read_text() != "token-2") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(api.token_requests) == 2
-        assert (runner.dir / "serviceaccount" / "token").read_text() == "token-2"
+        assert token.read_text() == "token-2"
     finally:
         runner.kill(grace=1.0)
     assert runner.done.is_set()

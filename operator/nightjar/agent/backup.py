@@ -21,8 +21,6 @@ import datetime as dt
 import gzip
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import threading
 import urllib.parse
@@ -34,6 +32,7 @@ from typing import IO, Any
 from botocore.exceptions import ClientError
 
 from nightjar.agent import files as filesmod
+from nightjar.agent.pgtools import PgClient, PgClientError, find_client, tool_env
 from nightjar.domain import pgdump
 from nightjar.domain.retention import format_time
 from nightjar.storage import layout
@@ -125,30 +124,30 @@ class BackupRequest:
     files_s3: S3Target | None = None
     previous_manifest: str = ""
     model_version: str = ""
+    #: NIGHTJAR_PG_BINDIR: the directory of the pg_dump to run, whatever the server's version.
     pg_bindir: str = ""
+    #: NIGHTJAR_PG_ROOT: where the versioned clients are (``<root>/<major>/bin``).
+    pg_root: str = ""
 
 
-def _pg_tool(bindir: str, name: str) -> str:
-    if bindir:
-        return str(Path(bindir) / name)
-    found = shutil.which(name)
-    if not found:
-        raise BackupFailed(f"{name} is not installed in the agent image")
-    return found
+def _dump_client(req: BackupRequest, env: dict[str, str], display: str) -> PgClient:
+    """pg_dump of the server's major (or NIGHTJAR_PG_BINDIR's)."""
+    try:
+        return find_client("pg_dump", env, override=req.pg_bindir, root=req.pg_root)
+    except PgClientError as e:
+        raise BackupFailed(f"pg_dump of {display} failed: {e}") from e
 
 
 def _dump_database(req: BackupRequest, s3: Any, bucket: str, key: str) -> dict[str, Any]:
     env, display = req.db.libpq_env()
-    pg_dump = _pg_tool(req.pg_bindir, "pg_dump")
-    version = subprocess.run(
-        [pg_dump, "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    client = _dump_client(req, env, display)
+    pg_dump, version = client.path, client.version
     proc = subprocess.Popen(
         [pg_dump, "-Fc", "-O", "-x", "--no-password"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "."), **env},
+        env=tool_env(env),
     )
     stdout, stderr = proc.stdout, proc.stderr
     if stdout is None or stderr is None:
@@ -189,6 +188,7 @@ def _dump_database(req: BackupRequest, s3: Any, bucket: str, key: str) -> dict[s
         "serverVersion": header.server_version,
         "archiveVersion": header.archive_version_text,
         "dbname": header.database,
+        "pgClient": client.summary(),
     }
 
 
@@ -291,6 +291,7 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     objects: dict[str, dict[str, Any]] = {}
     database = _dump_database(req, s3, bucket, loc.db_dump)
+    pg_client = database.pop("pgClient")  # for the result, not the manifest
     objects[database["key"]] = {
         "key": database["key"],
         "bytes": database["bytes"],
@@ -390,6 +391,7 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
         "createdOn": manifest["createdOn"],
         "sizeUncompressedBytes": size,
         "database": {k: database[k] for k in ("bytes", "pgDumpVersion", "serverVersion")},
+        "pgClient": pg_client,
         "files": {
             "count": files_summary["count"],
             "bytes": files_summary["bytes"],

@@ -94,6 +94,7 @@ def backup_cmd(**o: Any) -> None:
             previous_manifest=o["previous_manifest"],
             model_version=o["model_version"],
             pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
+            pg_root=_env("NIGHTJAR_PG_ROOT"),
         )
         result = run_backup(req)
     except BackupFailed as e:
@@ -138,6 +139,11 @@ def _files_s3(o: dict[str, Any]) -> S3Target | None:
 @click.option("--restore-name", default="")
 @click.option("--api-dir", default="", help="Directory with the service account token and ca.crt.")
 @click.option("--presigned-file", default="", help="JSON of presigned URLs (restores across namespaces).")
+@click.option(
+    "--primary-prefix",
+    default=None,
+    help="Reading a replica: the primary storage's prefix, which the manifest's keys carry.",
+)
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def restore_cmd(**o: Any) -> None:
     """Restore one snapshot into a database (and files); result to --result-file."""
@@ -175,7 +181,9 @@ def restore_cmd(**o: Any) -> None:
             files_dir=o["files_dir"],
             files_s3=_files_s3(o),
             pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
+            pg_root=_env("NIGHTJAR_PG_ROOT"),
             reporter=Reporter(o["restore_namespace"], o["restore_name"], o["api_dir"]),
+            primary_prefix=o["primary_prefix"],
         )
         result = run_restore(req)
     except RestoreFailed as e:
@@ -190,6 +198,84 @@ def restore_cmd(**o: Any) -> None:
     write_result(o["result_file"], result)
 
 
+@click.command("replicate")
+@click.option("--endpoint", required=True, help="S3 endpoint of the primary BackupStorage.")
+@click.option("--bucket", required=True)
+@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--prefix", default="", help="The primary's prefix, which the manifest's keys carry.")
+@click.option("--ca-file", default=None)
+@click.option("--insecure", is_flag=True)
+@click.option("--replica-endpoint", required=True, help="S3 endpoint of the replica BackupStorage.")
+@click.option("--replica-bucket", required=True)
+@click.option("--replica-region", default="us-east-1", show_default=True)
+@click.option("--replica-prefix", default="")
+@click.option("--replica-ca-file", default=None)
+@click.option("--replica-insecure", is_flag=True)
+@click.option("--replica-lock-mode", type=click.Choice(["None", "Governance", "Compliance"]), default="None")
+@click.option("--manifest-key", required=True, help="The snapshot's manifest in the primary.")
+@click.option("--manifest-sha256", default="", help="sha256 the manifest must have.")
+@click.option("--retain-until", default="", help="RFC 3339: Object Lock retention in the replica.")
+@click.option("--result-file", default="/dev/termination-log", show_default=True)
+def replicate_cmd(**o: Any) -> None:
+    """Copy one snapshot from its primary storage into a replica, streamed, every object verified."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from nightjar.storage import layout
+    from nightjar.storage.replicate import replicate_snapshot
+    from nightjar.storage.s3 import describe_error
+    from nightjar.storage.snapshot import IntegrityError
+
+    started = time.monotonic()
+    src = S3Target(
+        endpoint=o["endpoint"],
+        bucket=o["bucket"],
+        region=o["region"],
+        access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
+        secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
+        prefix=o["prefix"],
+        ca_bundle=o["ca_file"],
+        insecure=o["insecure"],
+    )
+    dst = S3Target(
+        endpoint=o["replica_endpoint"],
+        bucket=o["replica_bucket"],
+        region=o["replica_region"],
+        access_key=_env("NIGHTJAR_REPLICA_S3_ACCESS_KEY_ID"),
+        secret_key=_env("NIGHTJAR_REPLICA_S3_SECRET_ACCESS_KEY"),
+        prefix=o["replica_prefix"],
+        ca_bundle=o["replica_ca_file"],
+        insecure=o["replica_insecure"],
+    )
+    stage = "primary"
+    try:
+        src_client = src.client()
+        stage = "replica"
+        dst_client = dst.client()
+        stage = "copy"
+        report = replicate_snapshot(
+            src_client,
+            src.bucket,
+            layout.normalize_prefix(o["prefix"]),
+            dst_client,
+            dst.bucket,
+            layout.normalize_prefix(o["replica_prefix"]),
+            o["manifest_key"],
+            o["manifest_sha256"],
+            o["replica_lock_mode"],
+            parse_time(o["retain_until"]) if o["retain_until"] else None,
+        )
+    except IntegrityError as e:
+        write_result(o["result_file"], {"error": f"verification failed: {e}"})
+        sys.exit(1)
+    except (ClientError, BotoCoreError) as e:
+        write_result(o["result_file"], {"error": describe_error(e, f"storage ({stage})")})
+        sys.exit(1)
+    result = report.as_dict()
+    result["durationSeconds"] = round(time.monotonic() - started, 3)
+    write_result(o["result_file"], result)
+
+
 def register(group: click.Group) -> None:
     group.add_command(backup_cmd)
     group.add_command(restore_cmd)
+    group.add_command(replicate_cmd)

@@ -34,9 +34,12 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from nightjar.agent.backup import BackupFailed, DatabaseConn, _pg_tool
+from nightjar.agent.backup import BackupFailed, DatabaseConn
 from nightjar.agent.files import walk
+from nightjar.agent.pgtools import PgClientError, find_client, tool_env
 from nightjar.agent.progress import Counters, Reporter, Ticker
+from nightjar.domain import pgclient
+from nightjar.storage import layout
 from nightjar.storage.index import Entry
 from nightjar.storage.s3 import S3Target, describe_error
 from nightjar.storage.snapshot import IntegrityError, SnapshotReader
@@ -69,9 +72,14 @@ class RestoreRequest:
     db: DatabaseConn
     files_dir: Path | None = None
     files_s3: S3Target | None = None
+    #: NIGHTJAR_PG_BINDIR: the directory of the pg_restore to run, whatever the server's version.
     pg_bindir: str = ""
+    #: NIGHTJAR_PG_ROOT: where the versioned clients are (``<root>/<major>/bin``).
+    pg_root: str = ""
     reporter: Reporter | None = None
     s3: Any = None  # a ready client (presigned URLs) instead of storage's credentials
+    #: Reading a replica: the primary's prefix, which the manifest's keys carry.
+    primary_prefix: str | None = None
 
 
 def conninfo_dbname(name: str) -> str:
@@ -84,7 +92,35 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
         env, display = req.db.libpq_env()
     except BackupFailed as e:
         raise RestoreFailed(f"{e}; nothing was restored", UNCHANGED) from e
-    pg_restore = _pg_tool(req.pg_bindir, "pg_restore")
+
+    def failed(what: str) -> RestoreFailed:
+        return RestoreFailed(
+            f"{what}; the database {display} is unchanged (the restore ran in one transaction "
+            "and was rolled back) and the files were not touched",
+            UNCHANGED,
+        )
+
+    try:
+        client = find_client("pg_restore", env, override=req.pg_bindir, root=req.pg_root)
+    except PgClientError as e:
+        raise RestoreFailed(
+            f"pg_restore into {display} failed: {e}; the database is unchanged and the files were "
+            "not touched",
+            UNCHANGED,
+        ) from e
+    if client.choice is not None:
+        unreadable = pgclient.unreadable_archive(
+            str(reader.database.get("archiveVersion") or ""),
+            client.choice,
+            str(reader.database.get("pgDumpVersion") or ""),
+        )
+        if unreadable:
+            raise RestoreFailed(
+                f"pg_restore into {display} refused: {unreadable}; the database is unchanged and "
+                "the files were not touched",
+                UNCHANGED,
+            )
+    pg_restore = client.path
     proc = subprocess.Popen(
         [
             pg_restore,
@@ -100,7 +136,7 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "."), **env},
+        env=tool_env(env),
     )
     stdin, stderr = proc.stdin, proc.stderr
     if stdin is None or stderr is None:
@@ -114,13 +150,6 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
 
     t = threading.Thread(target=drain_stderr, daemon=True)
     t.start()
-
-    def failed(what: str) -> RestoreFailed:
-        return RestoreFailed(
-            f"{what}; the database {display} is unchanged (the restore ran in one transaction "
-            "and was rolled back) and the files were not touched",
-            UNCHANGED,
-        )
 
     try:
         dump = reader.open_dump()
@@ -145,7 +174,7 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
         last = errors[-1] if errors else f"exit code {code}"
         detail = next((ln for ln in errors if "error" in ln.lower()), last)
         raise failed(f"pg_restore into {display} failed: {detail.removeprefix('pg_restore: error: ')}")
-    return {"database": display, "bytes": reader.database["bytes"]}
+    return {"database": display, "bytes": reader.database["bytes"], "pgClient": client.summary()}
 
 
 # --- files into a directory -------------------------------------------------------------------
@@ -316,7 +345,10 @@ def restore_s3_files(reader: SnapshotReader, target: S3Target, counters: Counter
 def run_restore(req: RestoreRequest) -> dict[str, Any]:
     s3 = req.s3 if req.s3 is not None else req.storage.client()
     try:
-        reader = SnapshotReader(s3, req.storage.bucket, req.manifest_key, req.manifest_sha256)
+        rebase = None
+        if req.primary_prefix is not None:
+            rebase = (req.primary_prefix, layout.normalize_prefix(req.storage.prefix))
+        reader = SnapshotReader(s3, req.storage.bucket, req.manifest_key, req.manifest_sha256, rebase=rebase)
     except IntegrityError as e:
         raise RestoreFailed(f"snapshot: {e}; nothing was restored", UNCHANGED) from e
     files = reader.files if req.contents == "Full" else None
@@ -330,6 +362,7 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
     counters.stage = "database"
     with Ticker(reporter, counters):
         result["database"] = restore_database(req, reader, counters)
+        result["pgClient"] = result["database"].pop("pgClient")
         if files and has_files_target:
             counters.stage = "files"
             try:

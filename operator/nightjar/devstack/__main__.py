@@ -1,4 +1,4 @@
-"""``python -m nightjar.devstack {up,down,status,node}`` — TEST/DEV ONLY (see the package doc)."""
+"""``python -m nightjar.devstack {up,down,status,s3,node}`` — TEST/DEV ONLY (see the package doc)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import FrameType
 
 import click
 
-from nightjar.devstack.stack import NODE_NAME, Stack, StackError, describe
+from nightjar.devstack.stack import NODE_NAME, S3_SERVERS, Stack, StackError, describe
 
 
 def _state_option(f: click.decorators.FC) -> click.decorators.FC:
@@ -34,7 +34,7 @@ def main() -> None:
 @_state_option
 @click.option("--operator/--no-operator", default=True, help="Also start the Nightjar operator.")
 def up(state_dir: Path, operator: bool) -> None:
-    """Start etcd, kube-apiserver, kube-controller-manager, the process node, MinIO, PostgreSQL."""
+    """Start etcd, kube-apiserver, kube-controller-manager, the process node, two MinIOs, PostgreSQL."""
     stack = Stack(state_dir)
     try:
         stack.up(with_operator=operator)
@@ -53,10 +53,41 @@ def down(state_dir: Path) -> None:
 @main.command()
 @_state_option
 def status(state_dir: Path) -> None:
-    """Show each recorded process and whether it runs; exits 1 unless all run."""
+    """Show each recorded process and whether it runs; exits 1 unless all run (an S3 server
+    stopped with `s3 stop` is shown as stopped and does not count)."""
     st, alive, dead = Stack(state_dir).status()
     click.echo(describe(st, alive, dead))
     sys.exit(0 if st is not None and not dead else 1)
+
+
+@main.group()
+def s3() -> None:
+    """Stop or start one S3 server (primary or replica) of a running stack."""
+
+
+_WHICH = click.argument("which", type=click.Choice(list(S3_SERVERS)))
+
+
+@s3.command("stop")
+@_WHICH
+@_state_option
+def s3_stop(which: str, state_dir: Path) -> None:
+    """Kill the S3 server WHICH: its endpoint refuses connections until `s3 start`."""
+    try:
+        Stack(state_dir).stop_s3(which)
+    except StackError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@s3.command("start")
+@_WHICH
+@_state_option
+def s3_start(which: str, state_dir: Path) -> None:
+    """Start the S3 server WHICH again (same port, data and keys) and wait until it serves."""
+    try:
+        Stack(state_dir).start_s3(which)
+    except StackError as e:
+        raise click.ClickException(str(e)) from e
 
 
 @main.command()

@@ -8,8 +8,12 @@ then any container process the process node left behind.
 
 State layout (``<state>`` is ``.local`` for ``make up``, ``.local/test`` for ``make test``):
 ``kubeconfig``, ``env`` (shell ``export`` lines), ``state.json``, ``logs/``, ``pids/``,
-``pki/``, ``etcd/``, ``s3/``, ``node/``; PostgreSQL's data dir lives in a temp dir owned by a
-non-root user (the server refuses to run as root).
+``pki/``, ``etcd/``, ``s3/``, ``s3-replica/``, ``node/``; PostgreSQL's data dir lives in a temp dir
+owned by a non-root user (the server refuses to run as root).
+
+Two independent S3 servers (MinIO) run: the primary and a replica, each with its own port, data dir
+and root keys (see ``S3_SERVERS``). ``stop_s3``/``start_s3`` stop one and start it again on the same
+port, data dir and keys, so tests can take a storage location down and bring it back.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONTROLLERS = ",".join(
@@ -55,6 +60,49 @@ ADMIN_TOKEN_USER = "nightjar-admin"  # noqa: S105 - a user name, not a secret
 BUCKET_LOCKED = "nightjar-locked"
 BUCKET_PLAIN = "nightjar-plain"
 NODE_NAME = "nightjar-process-node"
+S3_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """One of the stack's MinIO servers: what tells it apart from the other."""
+
+    which: str  # "primary" | "replica": the name the CLI and the tests use
+    proc: str  # process name in state.json, logs/<proc>.log, pids/<proc>.pid
+    data: str  # data dir under <state>
+    port_key: str  # key in State.ports
+    env_prefix: str  # prefix of its lines in <state>/env
+    bucket_locked: str
+    bucket_plain: str
+
+    def env(self, port: int, access_key: str, secret_key: str) -> dict[str, str]:
+        """Its lines of ``<state>/env``."""
+        p = self.env_prefix
+        return {
+            f"{p}ENDPOINT": f"http://127.0.0.1:{port}",
+            f"{p}REGION": S3_REGION,
+            f"{p}ACCESS_KEY": access_key,
+            f"{p}SECRET_KEY": secret_key,
+            f"{p}BUCKET_LOCKED": self.bucket_locked,
+            f"{p}BUCKET_PLAIN": self.bucket_plain,
+        }
+
+
+S3_SERVERS = {
+    s.which: s
+    for s in (
+        S3Server("primary", "minio", "s3", "s3", "NIGHTJAR_S3_", BUCKET_LOCKED, BUCKET_PLAIN),
+        S3Server(
+            "replica",
+            "minio-replica",
+            "s3-replica",
+            "s3_replica",
+            "NIGHTJAR_S3_REPLICA_",
+            "nightjar-replica-locked",
+            "nightjar-replica-plain",
+        ),
+    )
+}
 
 
 class StackError(Exception):
@@ -104,11 +152,16 @@ def postgres_bindir() -> Path:
     return found[-1]
 
 
-def free_port() -> int:
-    """A port nothing listens on now; each component gets its own, so a busy port is never chosen."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(avoid: Iterable[int] = ()) -> int:
+    """A port nothing listens on now and not in ``avoid`` (the ports already handed out, which may
+    not listen yet); each component gets its own, so a busy port is never chosen."""
+    taken = set(avoid)
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in taken:
+            return port
 
 
 @dataclass
@@ -124,9 +177,11 @@ class State:
     procs: list[Proc] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     pg_datadir: str = ""
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
+    # S3Server.which -> {"access_key": ..., "secret_key": ...}: set once by `up`, reused by start_s3.
+    s3_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     pg_password: str = ""
+    # Processes stopped on purpose (`stop_s3`): not running, and not a broken stack either.
+    stopped: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -144,7 +199,17 @@ class State:
             return None
         raw = json.loads(f.read_text(encoding="utf-8"))
         raw["procs"] = [Proc(**p) for p in raw.get("procs", [])]
-        return cls(**raw)
+        # Fields an older stack recorded and this code no longer has are dropped, so `status` and
+        # `down` still work on a stack that an earlier version started.
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def s3_server(which: str) -> S3Server:
+    try:
+        return S3_SERVERS[which]
+    except KeyError:
+        raise StackError(f"no S3 server {which!r}: choose one of {', '.join(S3_SERVERS)}") from None
 
 
 def _alive(p: Proc) -> bool:
@@ -157,6 +222,36 @@ def _alive(p: Proc) -> bool:
     if stat.rsplit(")", 1)[-1].split()[0] == "Z":
         return False
     return os.path.realpath(exe.removesuffix(" (deleted)")) == os.path.realpath(p.exe)
+
+
+def _terminate(p: Proc, sig: signal.Signals, grace: float = 15) -> None:
+    """Send ``sig`` to ``p``'s process group, SIGKILL it after ``grace`` seconds; return once it is
+    gone (or 5 s after the SIGKILL)."""
+    if not _alive(p):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, sig)
+    deadline = time.monotonic() + grace
+    while _alive(p) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(p):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _alive(p) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # Reap our own children so they do not linger as zombies.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(p.pid, os.WNOHANG)
+
+
+def _refuses(port: int) -> bool:
+    """Nothing accepts connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
 
 
 def _wait_for(
@@ -243,13 +338,21 @@ class Stack:
                 "kube-controller-manager",
                 "process-node",
                 "postgres",
-                "minio",
+                *(srv.proc for srv in S3_SERVERS.values()),
             }
             if with_operator:
                 wanted.add("operator")
-            if wanted <= {p.name for p in alive}:
-                self.out(f"The stack in {self.dir} is already up ({len(alive)} processes); nothing changed.")
-                return st
+            if wanted <= {p.name for p in alive} | set(st.stopped):
+                msg = f"The stack in {self.dir} is already up ({len(alive)} processes)"
+                again = [srv for srv in S3_SERVERS.values() if srv.proc in st.stopped]
+                if not again:
+                    self.out(f"{msg}; nothing changed.")
+                    return st
+                # A server stopped with `s3 stop` is part of the stack: `up` starts it again.
+                for srv in again:
+                    self.start_s3(srv.which)
+                self.out(f"{msg}; started the stopped S3 server {', '.join(s.which for s in again)} again.")
+                return self._recorded()
         if st is not None:
             self.out(
                 f"Stopping the rest of an earlier stack in {self.dir} ({len(alive)} alive, {len(dead)} dead)."
@@ -257,9 +360,10 @@ class Stack:
             self.down(quiet=True)
         # Every `up` starts from empty data: the stack is for development and tests, and its
         # credentials are new each time.
-        for sub in ("pids", "pki", "etcd", "s3", "node"):
+        data = ("pids", "pki", "etcd", *(srv.data for srv in S3_SERVERS.values()), "node")
+        for sub in data:
             shutil.rmtree(self.dir / sub, ignore_errors=True)
-        for sub in ("logs", "pids", "pki", "etcd", "s3", "node"):
+        for sub in ("logs", *data):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         st = State(dir=str(self.dir))
         st.save()
@@ -300,7 +404,8 @@ class Stack:
             (pki / f).chmod(0o600)
 
     def _etcd(self, st: State) -> None:
-        client_port, peer_port = free_port(), free_port()
+        client_port = free_port(st.ports.values())
+        peer_port = free_port([*st.ports.values(), client_port])
         st.ports.update(etcd=client_port, etcd_peer=peer_port)
         url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
         proc = self._spawn(
@@ -323,7 +428,7 @@ class Stack:
         self.out(f"  etcd                     {url}")
 
     def _apiserver(self, st: State) -> None:
-        port = free_port()
+        port = free_port(st.ports.values())
         st.ports["apiserver"] = port
         pki = self.dir / "pki"
         proc = self._spawn(
@@ -392,7 +497,7 @@ class Stack:
         path.chmod(0o600)
 
     def _controller_manager(self, st: State) -> None:
-        port = free_port()
+        port = free_port(st.ports.values())
         st.ports["controller_manager"] = port
         proc = self._spawn(
             st,
@@ -466,7 +571,7 @@ class Stack:
         pwfile.unlink()
         if res.returncode != 0:
             raise StackError(f"initdb failed: {res.stderr.decode(errors='replace')}")
-        port = free_port()
+        port = free_port(st.ports.values())
         st.ports["postgres"] = port
         proc = self._spawn(
             st,
@@ -506,48 +611,77 @@ class Stack:
         self.out(f"  postgres                 127.0.0.1:{port} ({bindir.parent.name}, data in {datadir})")
 
     def _minio(self, st: State) -> None:
-        port = free_port()
-        st.ports["s3"] = port
-        st.s3_access_key = "nightjar" + secrets.token_hex(4)
-        st.s3_secret_key = secrets.token_hex(20)
-        st.save()
-        proc = self._spawn(
+        """Every S3 server: all are started first, then each is waited for, so they start together."""
+        started = []
+        for srv in S3_SERVERS.values():
+            st.ports[srv.port_key] = free_port(st.ports.values())
+            st.s3_keys[srv.which] = {
+                "access_key": "nightjar" + secrets.token_hex(4),
+                "secret_key": secrets.token_hex(20),
+            }
+            started.append((srv, self._spawn_minio(st, srv)))
+        for srv, proc in started:
+            self._wait_minio(st, srv, proc)
+            s3 = self.s3_client(srv.which, st)
+            s3.create_bucket(Bucket=srv.bucket_locked, ObjectLockEnabledForBucket=True)
+            s3.create_bucket(Bucket=srv.bucket_plain)
+            self.out(
+                f"  {srv.proc + ' (S3)':<24} {self._s3_url(st, srv)} buckets {srv.bucket_locked} "
+                f"(Object Lock), {srv.bucket_plain}"
+            )
+
+    def _s3_url(self, st: State, srv: S3Server) -> str:
+        return f"http://127.0.0.1:{st.ports[srv.port_key]}"
+
+    def _spawn_minio(self, st: State, srv: S3Server) -> subprocess.Popen[bytes]:
+        """Start ``srv`` on its recorded port, data dir and keys (the same each time it starts)."""
+        keys = st.s3_keys[srv.which]
+        return self._spawn(
             st,
-            "minio",
+            srv.proc,
             [
                 str(binary("minio", "minio")),
                 "server",
                 "--quiet",
                 "--address",
-                f"127.0.0.1:{port}",
-                str(self.dir / "s3"),
+                f"127.0.0.1:{st.ports[srv.port_key]}",
+                str(self.dir / srv.data),
             ],
             env={
-                "MINIO_ROOT_USER": st.s3_access_key,
-                "MINIO_ROOT_PASSWORD": st.s3_secret_key,
+                "MINIO_ROOT_USER": keys["access_key"],
+                "MINIO_ROOT_PASSWORD": keys["secret_key"],
                 "MINIO_BROWSER": "off",
                 "MINIO_UPDATE": "off",
                 "MINIO_CI_CD": "1",
             },
         )
-        url = f"http://127.0.0.1:{port}"
+
+    def _wait_minio(self, st: State, srv: S3Server, proc: subprocess.Popen[bytes]) -> None:
+        url = self._s3_url(st, srv)
         _wait_for(
-            "minio", lambda: _http_ok(f"{url}/minio/health/ready"), 60, proc, self.dir / "logs" / "minio.log"
+            srv.proc,
+            lambda: _http_ok(f"{url}/minio/health/ready"),
+            60,
+            proc,
+            self.dir / "logs" / f"{srv.proc}.log",
         )
+
+    def s3_client(self, which: str, st: State | None = None) -> Any:
+        """A boto3 client for S3 server ``which`` with its root keys (path-style, as MinIO wants)."""
         import boto3
         from botocore.config import Config
 
-        s3 = boto3.client(
+        srv = s3_server(which)
+        st = st or self._recorded()
+        keys = st.s3_keys[srv.which]
+        return boto3.client(
             "s3",
-            endpoint_url=url,
-            aws_access_key_id=st.s3_access_key,
-            aws_secret_access_key=st.s3_secret_key,
-            region_name="us-east-1",
+            endpoint_url=self._s3_url(st, srv),
+            aws_access_key_id=keys["access_key"],
+            aws_secret_access_key=keys["secret_key"],
+            region_name=S3_REGION,
             config=Config(s3={"addressing_style": "path"}),
         )
-        s3.create_bucket(Bucket=BUCKET_LOCKED, ObjectLockEnabledForBucket=True)
-        s3.create_bucket(Bucket=BUCKET_PLAIN)
-        self.out(f"  minio (S3, Object Lock)  {url} buckets {BUCKET_LOCKED} (Object Lock), {BUCKET_PLAIN}")
 
     def _write_env(self, st: State) -> None:
         p = st.ports
@@ -555,12 +689,6 @@ class Stack:
         lines = {
             "KUBECONFIG": str(self.dir / "kubeconfig"),
             "NIGHTJAR_STATE_DIR": str(self.dir),
-            "NIGHTJAR_S3_ENDPOINT": f"http://127.0.0.1:{p['s3']}",
-            "NIGHTJAR_S3_REGION": "us-east-1",
-            "NIGHTJAR_S3_ACCESS_KEY": st.s3_access_key,
-            "NIGHTJAR_S3_SECRET_KEY": st.s3_secret_key,
-            "NIGHTJAR_S3_BUCKET_LOCKED": BUCKET_LOCKED,
-            "NIGHTJAR_S3_BUCKET_PLAIN": BUCKET_PLAIN,
             "NIGHTJAR_PG_HOST": "127.0.0.1",
             "NIGHTJAR_PG_PORT": str(p["postgres"]),
             "NIGHTJAR_PG_USER": "postgres",
@@ -569,6 +697,9 @@ class Stack:
             "NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
             "NIGHTJAR_KUBECTL": str(binary("kubernetes", "kubectl")),
         }
+        for srv in S3_SERVERS.values():
+            keys = st.s3_keys[srv.which]
+            lines.update(srv.env(p[srv.port_key], keys["access_key"], keys["secret_key"]))
         if p.get("operator_metrics"):
             lines["NIGHTJAR_METRICS_URL"] = f"http://127.0.0.1:{p['operator_metrics']}/metrics"
         text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in lines.items())
@@ -609,7 +740,7 @@ class Stack:
     def _operator(self, st: State) -> None:
         exe = Path(sys.executable).with_name("nightjar")
         log = self.dir / "logs" / "operator.log"
-        port = st.ports.get("operator_metrics") or free_port()
+        port = st.ports.get("operator_metrics") or free_port(st.ports.values())
         if st.ports.get("operator_metrics") != port:
             st.ports["operator_metrics"] = port
             st.save()
@@ -649,9 +780,7 @@ class Stack:
 
     def restart_operator(self) -> None:
         """Stop the operator (if it runs) and start a new one: what a crash and a restart look like."""
-        st = State.load(self.dir)
-        if st is None:
-            raise StackError(f"no stack in {self.dir}")
+        st = self._recorded()
         for p in [p for p in st.procs if p.name == "operator"]:
             if _alive(p):
                 with contextlib.suppress(ProcessLookupError):
@@ -661,6 +790,74 @@ class Stack:
             st.procs.remove(p)
         st.save()
         self._operator(st)
+
+    # --- one S3 server down and up again -------------------------------------------------
+
+    def stop_s3(self, which: str) -> None:
+        """Kill S3 server ``which`` ("primary" or "replica"), as an outage would: its port refuses
+        connections until ``start_s3``. The state records it as stopped on purpose, so ``status``
+        does not call the stack broken and ``up`` starts it again."""
+        srv = s3_server(which)
+        st = self._recorded()
+        procs = [p for p in st.procs if p.name == srv.proc]
+        if not procs and srv.proc in st.stopped:
+            self.out(f"S3 server {which} ({srv.proc}) is already stopped.")
+            return
+        if srv.which not in st.s3_keys:
+            raise StackError(f"the stack in {self.dir} has no S3 server {which}: run `down`, then `up`")
+        for p in procs:
+            _terminate(p, signal.SIGKILL)
+        # The pid reads as gone once its main thread has exited; the other threads may hold the
+        # listening socket a moment longer.
+        port = st.ports[srv.port_key]
+        deadline = time.monotonic() + 15
+        while not _refuses(port):
+            if time.monotonic() > deadline:
+                raise StackError(f"port {port} of {srv.proc} still accepts connections 15s after SIGKILL")
+            time.sleep(0.05)
+        st.procs = [p for p in st.procs if p.name != srv.proc]
+        if srv.proc not in st.stopped:
+            st.stopped.append(srv.proc)
+        (self.dir / "pids" / f"{srv.proc}.pid").unlink(missing_ok=True)
+        st.save()
+        self.out(f"Stopped S3 server {which} ({srv.proc}, {self._s3_url(st, srv)}).")
+
+    def start_s3(self, which: str) -> None:
+        """Start S3 server ``which`` again on the same port, data dir and keys (objects and clients
+        survive) and wait until it serves its buckets. Does nothing if it runs."""
+        srv = s3_server(which)
+        st = self._recorded()
+        if any(p.name == srv.proc and _alive(p) for p in st.procs):
+            self.out(f"S3 server {which} ({srv.proc}) is already running.")
+            return
+        if srv.which not in st.s3_keys or srv.port_key not in st.ports:
+            raise StackError(f"the stack in {self.dir} has no S3 server {which}: run `down`, then `up`")
+        # A record of it that died on its own is replaced; from here it is no longer stopped on
+        # purpose: if it fails to start, `status` shows it as not running.
+        st.procs = [p for p in st.procs if p.name != srv.proc]
+        with contextlib.suppress(ValueError):
+            st.stopped.remove(srv.proc)
+        proc = self._spawn_minio(st, srv)
+        try:
+            self._wait_minio(st, srv, proc)
+            s3 = self.s3_client(srv.which, st)
+
+            def serving() -> bool:
+                s3.head_bucket(Bucket=srv.bucket_locked)
+                s3.head_bucket(Bucket=srv.bucket_plain)
+                return True
+
+            _wait_for(f"{srv.proc} buckets", serving, 30, proc, self.dir / "logs" / f"{srv.proc}.log")
+        except BaseException:
+            _terminate(next(p for p in st.procs if p.pid == proc.pid), signal.SIGKILL)
+            raise
+        self.out(f"Started S3 server {which} ({srv.proc}, {self._s3_url(st, srv)}) again.")
+
+    def _recorded(self) -> State:
+        st = State.load(self.dir)
+        if st is None:
+            raise StackError(f"no stack in {self.dir}: start one with `python -m nightjar.devstack up`")
+        return st
 
     # --- down ---------------------------------------------------------------------------
 
@@ -677,18 +874,7 @@ class Stack:
                 continue
             stopped += 1
             # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients to leave.
-            sig = signal.SIGINT if p.name == "postgres" else signal.SIGTERM
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, sig)
-            deadline = time.monotonic() + 15
-            while _alive(p) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(p):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-            # Reap our own children so they do not linger as zombies.
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p.pid, os.WNOHANG)
+            _terminate(p, signal.SIGINT if p.name == "postgres" else signal.SIGTERM)
         self._kill_node_leftovers()
         if st.pg_datadir and Path(st.pg_datadir).name.startswith("nightjar-pg-"):
             shutil.rmtree(st.pg_datadir, ignore_errors=True)
@@ -717,7 +903,8 @@ class Stack:
             f"  export KUBECONFIG=$PWD/{rel}/kubeconfig\n"
             "  kubectl get nodes,crds\n"
             "  kubectl get backups -A\n"
-            f"  source {rel}/env   # S3 endpoint and keys, PostgreSQL DSN\n"
+            f"  source {rel}/env   # S3 endpoints and keys (primary, replica), PostgreSQL DSN\n"
+            f"  python -m nightjar.devstack s3 stop|start primary|replica --state {rel}\n"
             f"Logs: {rel}/logs/ (operator: {rel}/logs/operator.log). Stop it with: make down\n"
         )
 
@@ -738,4 +925,7 @@ def describe(state: State | None, alive: list[Proc], dead: list[Proc]) -> str:
     rows = [
         f"  {p.name:<24} pid {p.pid:<8} {'running' if p in alive else 'NOT RUNNING'}" for p in state.procs
     ]
+    for srv in S3_SERVERS.values():
+        if srv.proc in state.stopped:
+            rows.append(f"  {srv.proc:<24} {'-':<12} stopped (`s3 start {srv.which}` or `up` starts it)")
     return "\n".join(rows)

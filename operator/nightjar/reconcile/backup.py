@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -28,11 +29,13 @@ from nightjar.constants import (
     LABEL_FINISHED,
     VERSION,
 )
+from nightjar.domain import residency
 from nightjar.domain.retention import default_expiry, format_time, parse_time
 from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
 from nightjar.kube import Kube, SecretMissing
-from nightjar.reconcile import preflight
+from nightjar.reconcile import preflight, replication
 from nightjar.reconcile import storage as storage_rec
+from nightjar.reconcile.replication import Replicator
 from nightjar.storage import layout
 from nightjar.storage.s3 import (
     LOCK_MODES,
@@ -110,9 +113,38 @@ def _cond(ctype: str, ok: bool, reason: str, message: str, now: dt.datetime) -> 
 
 
 class BackupReconciler:
-    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+    def __init__(self, kube: Kube, config: OperatorConfig, replicator: Replicator | None = None) -> None:
         self.kube = kube
         self.config = config
+        self.replicator = replicator or Replicator(kube, config, residency.load(config.residency_policy_file))
+
+    def _with_locations(self, backup: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """A Completed status gains its locations: the primary (verified) and each replica
+        (Pending), the n/m summary, the Replicated condition and the primary's key prefix."""
+        ns = backup["metadata"]["namespace"]
+        storage = self.kube.get(storage_rec.PLURAL, ns, backup["spec"]["storageRef"]["name"])
+        if storage is None:
+            return status
+        now = _now()
+        checks = replication.check_replicas(self.kube, self.replicator.policy, ns, storage)
+        locs = replication.initial_locations(storage, [c for c in checks if not c.refused], now)
+        status["storage"] = {
+            **status.get("storage", {}),
+            "prefix": layout.normalize_prefix(storage["spec"].get("prefix") or ""),
+        }
+        return {**status, **replication.with_conditions(status, locs, now)}
+
+    def _replicate(self, backup: dict[str, Any]) -> None:
+        """Start the copies of a just-Completed Backup (the sweep retries what cannot start)."""
+        fresh = self.kube.get(PLURAL, backup["metadata"]["namespace"], backup["metadata"]["name"])
+        if fresh is None:
+            return
+        try:
+            self.replicator.start(fresh)
+        except Exception:
+            log.exception(
+                "starting the replication of %s/%s", fresh["metadata"]["namespace"], fresh["metadata"]["name"]
+            )
 
     # --- status --------------------------------------------------------------------------
 
@@ -281,6 +313,11 @@ class BackupReconciler:
             self.kube.secret_keys(ns, ref.secret_name, [ref.access_key_key, ref.secret_key_key])
         except SecretMissing as e:
             raise PreflightFailed(f"BackupStorage {storage_name} credentials: {e}") from e
+        refusal = replication.residency_refusal(
+            replication.check_replicas(self.kube, self.replicator.policy, ns, storage), storage_name
+        )
+        if refusal:
+            raise PreflightFailed(f"BackupStorage {storage_name}: {refusal}")
         db_secret = spec["source"]["database"]["secretRef"]["name"]
         try:
             db_keys = preflight.database_keys(self.kube, ns, db_secret)
@@ -423,15 +460,16 @@ class BackupReconciler:
             },
             "conditions": [_cond("Completed", True, "SnapshotVerified", "snapshot stored and verified", now)],
         }
-        self._set(
+        if self._set(
             backup,
-            status,
+            self._with_locations(backup, status),
             (
                 "Normal",
                 "Completed",
                 f"snapshot {result['snapshotId']} completed, {status['sizeUncompressedMB']} MB",
             ),
-        )
+        ):
+            self._replicate(backup)
 
     def _verify_manifest(self, backup: dict[str, Any], result: dict[str, Any]) -> None:
         """The manifest the agent reported is in the bucket with the digest it reported."""
@@ -498,15 +536,16 @@ class BackupReconciler:
                 ("Warning", "Retrying", f"{e} (attempt {attempts} of {self.config.attempts}, retrying)"),
             )
             raise Retry(str(e), 10.0 * 2 ** (attempts - 1)) from e
-        self._set(
+        if self._set(
             backup,
-            done,
+            self._with_locations(backup, done),
             (
                 "Normal",
                 "Completed",
                 f"uploaded snapshot {done['snapshotId']}, {done['sizeUncompressedMB']} MB",
             ),
-        )
+        ):
+            self._replicate(backup)
 
     def _adopt_upload(self, backup: dict[str, Any], attempts: int) -> dict[str, Any]:
         """Check and lock the uploaded snapshot; returns the Completed status."""
@@ -616,6 +655,7 @@ class BackupReconciler:
                 "endpoint": target.endpoint,
                 "bucket": target.bucket,
                 "manifestKey": key,
+                "manifestSha256": want_sha,
             },
             "conditions": [_cond("Completed", True, "UploadVerified", "uploaded snapshot verified", now)],
         }
@@ -680,23 +720,46 @@ class BackupReconciler:
     # --- deletion ------------------------------------------------------------------------------
 
     def delete_stored(self, backup: dict[str, Any]) -> str:
-        """Delete the Backup's objects; content other live snapshots still use stays.
+        """Delete the Backup's objects in every location (the primary, then each replica);
+        content other live snapshots still use stays.
 
-        Returns a summary. Raises Retry when the storage cannot be reached (the caller gives up
+        Returns a summary. Raises Retry when a storage cannot be reached (the caller gives up
         after a few tries, so a lost bucket never blocks deletion forever).
         """
         meta, spec = backup["metadata"], backup["spec"]
         ns = meta["namespace"]
-        storage = self.kube.get(storage_rec.PLURAL, ns, spec["storageRef"]["name"])
-        if storage is None:
-            return f'BackupStorage "{spec["storageRef"]["name"]}" is gone; nothing to delete'
-        try:
-            target = storage_rec.target_for(self.kube, ns, storage["spec"])
-        except SecretMissing as e:
-            raise Retry(f"cannot delete stored objects: {e}", 30) from e
+        st = backup.get("status") or {}
+        primary = spec["storageRef"]["name"]
+        replicas = [loc["storage"] for loc in st.get("locations") or [] if loc.get("role") == "Replica"]
+        primary_prefix = (st.get("storage") or {}).get("prefix")
+        done = []
+        for name in [primary, *replicas]:
+            storage = self.kube.get(storage_rec.PLURAL, ns, name)
+            if storage is None:
+                done.append(f'BackupStorage "{name}" is gone; nothing to delete there')
+                continue
+            try:
+                target = storage_rec.target_for(self.kube, ns, storage["spec"])
+            except SecretMissing as e:
+                raise Retry(f"cannot delete stored objects in {name}: {e}", 30) from e
+            where = "" if name == primary else name
+            done.append(self._delete_in(backup, target, where, primary_prefix))
+        return "; ".join(done) if len(done) > 1 else done[0]
+
+    def _delete_in(
+        self, backup: dict[str, Any], target: Any, replica: str, primary_prefix: str | None
+    ) -> str:
+        """Delete in one location. In a replica, keys are the primary's under the replica's prefix."""
+        meta, spec = backup["metadata"], backup["spec"]
+        ns = meta["namespace"]
         s3 = target.client()
+
+        def here(key: str) -> str:
+            return layout.relocate(key, target.prefix, primary_prefix) if replica else key
+
+        label = f"in replica {replica}: " if replica else ""
         if spec.get("type") == UPLOADED:
-            return self._delete_upload(backup, s3, target.bucket, target.prefix)
+            return label + self._delete_upload(backup, s3, target.bucket, target.prefix, here)
         sid = layout.source_id(spec["source"])
         mine = layout.backup_prefix(target.prefix, ns, sid, meta["uid"])
         try:
@@ -707,7 +770,7 @@ class BackupReconciler:
                 if not layout.is_manifest(key):
                     continue
                 objs = {
-                    o["key"]
+                    layout.relocate(o["key"], target.prefix) if replica else o["key"]
                     for o in json.loads(s3.get_object(Bucket=target.bucket, Key=key)["Body"].read()).get(
                         "objects", []
                     )
@@ -719,16 +782,29 @@ class BackupReconciler:
             doomed = sorted((own | referenced) - keep)
             deleted, locked = delete_all_versions(s3, target.bucket, doomed)
         except ClientError as e:
-            raise Retry(describe_error(e, "deleting stored objects"), 30) from e
+            raise Retry(describe_error(e, f"deleting stored objects {label}".strip()), 30) from e
         except Exception as e:
-            raise Retry(f"deleting stored objects: {type(e).__name__}: {e}", 30) from e
-        return self._deleted(backup, f"deleted {deleted} object versions of {len(doomed)} objects", locked)
+            raise Retry(f"deleting stored objects {label}{type(e).__name__}: {e}", 30) from e
+        return label + self._deleted(
+            backup, f"deleted {deleted} object versions of {len(doomed)} objects", locked
+        )
 
-    def _delete_upload(self, backup: dict[str, Any], s3: Any, bucket: str, storage_prefix: str) -> str:
+    def _delete_upload(
+        self,
+        backup: dict[str, Any],
+        s3: Any,
+        bucket: str,
+        storage_prefix: str,
+        here: Callable[[str], str] = str,
+    ) -> str:
         """An upload shares nothing: its objects are everything under its own upload prefix. A key
         outside this namespace's uploads is never touched, nor one another Backup still uses."""
         meta = backup["metadata"]
         key = (backup["spec"].get("upload") or {}).get("manifestKey") or ""
+        try:
+            key = here(key)
+        except ValueError:
+            return "nothing deleted: spec.upload.manifestKey is not an upload of this namespace"
         mine = upload_prefix(storage_prefix, meta["namespace"], key)
         if mine is None:
             return "nothing deleted: spec.upload.manifestKey is not an upload of this namespace"

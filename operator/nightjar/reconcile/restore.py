@@ -44,10 +44,11 @@ from nightjar.jobs import (
     restore_access_name,
 )
 from nightjar.kube import Kube, SecretMissing
-from nightjar.reconcile import preflight
+from nightjar.reconcile import preflight, replication
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import Retry, _cond, _now
+from nightjar.storage import layout
 from nightjar.storage.s3 import describe_error
 from nightjar.storage.snapshot import presign_snapshot
 
@@ -240,12 +241,18 @@ class RestoreReconciler:
         manifest_key = st_storage.get("manifestKey") or ""
         if not manifest_key:
             raise Refused(f"Backup {bns}/{ref['name']} records no manifest")
+        storage, source = self._location(restore, backup, storage)
+        primary_prefix = None
+        if source["role"] == "Replica":
+            primary_prefix = st_storage.get("prefix") or ""
+            manifest_key = layout.relocate(manifest_key, storage["spec"].get("prefix") or "", primary_prefix)
         plan = RestorePlan(
             name=meta["name"],
             namespace=ns,
             uid=meta["uid"],
             storage=StorageRef.from_spec(storage["spec"]),
             manifest_key=manifest_key,
+            primary_prefix=primary_prefix,
             manifest_sha256=st_storage.get("manifestSha256")
             or (backup["spec"].get("upload") or {}).get("manifestSha256")
             or "",
@@ -256,6 +263,58 @@ class RestoreReconciler:
             presigned=bns != ns,
         )
         return plan, bns, storage["spec"]
+
+    def _location(
+        self, restore: dict[str, Any], backup: dict[str, Any], primary: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The primary storage when it answers, else the first replica holding a verified copy
+        that does; recorded in status.source (and told in an Event when it is a replica)."""
+        bns = backup["metadata"]["namespace"]
+        why = replication.unreachable(self.kube, bns, primary)
+        choice: tuple[dict[str, Any], dict[str, str]] | None = None
+        if not why:
+            choice = (primary, _source(primary, "Primary", "the primary storage answers"))
+        else:
+            tried = []
+            for loc in (backup.get("status") or {}).get("locations") or []:
+                if loc.get("role") != "Replica":
+                    continue
+                if loc.get("state") != "Replicated":
+                    tried.append(f"{loc['storage']}: {loc.get('state')}, no verified copy")
+                    continue
+                replica = self.kube.get(storage_rec.PLURAL, bns, loc["storage"])
+                rwhy = (
+                    f'BackupStorage "{loc["storage"]}" not found'
+                    if replica is None
+                    else replication.unreachable(self.kube, bns, replica)
+                )
+                if replica is not None and not rwhy:
+                    reason = f"the primary {primary['metadata']['name']} cannot be reached: {why}"
+                    choice = (replica, _source(replica, "Replica", reason))
+                    break
+                tried.append(f"{loc['storage']}: {rwhy}")
+            if choice is None:
+                raise Refused(
+                    f"the Backup's storage {primary['metadata']['name']} cannot be reached ({why})"
+                    + (
+                        f" and no replica can serve it ({'; '.join(tried)})"
+                        if tried
+                        else " and it has no replica"
+                    )
+                )
+        storage, source = choice
+        if (restore.get("status") or {}).get("source") != source:
+            event = (
+                (
+                    "Warning",
+                    "UsingReplica",
+                    f"reading the snapshot from replica {source['storage']}: {source['reason']}",
+                )
+                if source["role"] == "Replica"
+                else None
+            )
+            self._set(restore, {"source": source}, event)
+        return storage, source
 
     def _model_versions(
         self, restore: dict[str, Any], ns: str, app: dict[str, Any] | None, backup_version: str
@@ -393,6 +452,8 @@ class RestoreReconciler:
         except (SecretMissing, ClientError, BotoCoreError) as e:
             raise Refused(describe_error(e, "reading the backup's manifest")) from e
         keys = [o["key"] for o in manifest.get("objects", [])]
+        if plan.primary_prefix is not None:  # a replica: the same objects under its own prefix
+            keys = [layout.relocate(k, target.prefix, plan.primary_prefix) for k in keys]
         expires = self.config.job_active_deadline_seconds + PRESIGN_MARGIN
         urls = presign_snapshot(s3, target.bucket, plan.manifest_key, keys, min(expires, 7 * 24 * 3600))
         payload = json.dumps({"urls": urls}, separators=(",", ":")).encode()
@@ -485,6 +546,15 @@ class RestoreReconciler:
                 },
                 ("Normal", "Running", f"restore Job {name} running"),
             )
+
+
+def _source(storage: dict[str, Any], role: str, reason: str) -> dict[str, str]:
+    return {
+        "storage": storage["metadata"]["name"],
+        "role": role,
+        "jurisdiction": storage["spec"].get("jurisdiction") or "",
+        "reason": reason,
+    }
 
 
 def _ident(restore: dict[str, Any]) -> tuple[str, str]:

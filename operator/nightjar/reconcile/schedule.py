@@ -392,11 +392,17 @@ def gc_sweep(
             continue
         if expires > now or (b.get("status") or {}).get("phase") not in ("Completed", "Failed"):
             continue
-        ns, storage_name = meta["namespace"], b["spec"]["storageRef"]["name"]
-        key = (ns, storage_name)
-        if key not in reachable:
-            reachable[key] = _storage_reachable(kube, ns, storage_name)
-        if not reachable[key]:
+        ns = meta["namespace"]
+        # Every location must answer: deleting now would strand the objects of one that does not.
+        names = [b["spec"]["storageRef"]["name"]] + [
+            loc["storage"]
+            for loc in (b.get("status") or {}).get("locations") or []
+            if loc.get("role") == "Replica"
+        ]
+        for name in names:
+            if (ns, name) not in reachable:
+                reachable[(ns, name)] = _storage_reachable(kube, ns, name)
+        if not all(reachable[(ns, name)] for name in names):
             report.deferred.append(f"{ns}/{meta['name']}")
             metrics.gc_deferred(ns)
             continue

@@ -11,6 +11,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from kubernetes.client.rest import ApiException
 
+from nightjar.domain.residency import Policy, default_policy
 from nightjar.domain.retention import format_time
 from nightjar.jobs import StorageRef
 from nightjar.kube import Kube, SecretMissing
@@ -91,16 +92,55 @@ def check(kube: Kube, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, 
     return True, f"bucket {target.bucket} reachable, {lock_text}", lock_enabled
 
 
-def reconcile_storage(kube: Kube, body: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
-    """Check the storage and write its status; returns the status written."""
+def replicas_status(
+    kube: Kube, policy: Policy, body: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str, str]:
+    """(each replica's state, the printer summary, the residency refusal or "")."""
+    from nightjar.reconcile import replication  # replication builds on this module
+
+    ns = body["metadata"]["namespace"]
+    checks = replication.check_replicas(kube, policy, ns, body)
+    out = []
+    for c in checks:
+        if c.storage is None:
+            out.append(
+                {"name": c.name, "state": "Unavailable", "message": f'BackupStorage "{c.name}" not found'}
+            )
+        elif c.refused and c.verdict is not None:
+            out.append(
+                {
+                    "name": c.name,
+                    "jurisdiction": c.jurisdiction,
+                    "state": "Refused",
+                    "message": c.verdict.message,
+                }
+            )
+        else:
+            entry = {"name": c.name, "jurisdiction": c.jurisdiction, "state": "Ready"}
+            phase = (c.storage.get("status") or {}).get("phase")
+            if phase == "Unavailable":
+                entry.update(state="Unavailable", message=(c.storage.get("status") or {}).get("message", ""))
+            out.append(entry)
+    summary = ", ".join(f"{r['name']} ({r.get('jurisdiction') or '?'})" for r in out)
+    return out, summary, replication.residency_refusal(checks, body["metadata"]["name"])
+
+
+def reconcile_storage(
+    kube: Kube, body: dict[str, Any], now: dt.datetime, policy: Policy | None = None
+) -> dict[str, Any]:
+    """Check the storage (and its replicas against the residency policy) and write its status;
+    returns the status written."""
     meta = body["metadata"]
     ready, message, lock = check(kube, meta["namespace"], body["spec"])
+    replicas, replica_summary, refusal = replicas_status(kube, policy or default_policy(), body)
+    if refusal:
+        ready, message = False, refusal
     previous = (body.get("status") or {}).get("phase")
     phase = "Ready" if ready else "Unavailable"
     cond = {
         "type": "Ready",
         "status": "True" if ready else "False",
-        "reason": "BucketReachable" if ready else "CheckFailed",
+        "reason": "BucketReachable" if ready else ("ResidencyRefused" if refusal else "CheckFailed"),
         "message": message,
         "lastTransitionTime": format_time(now),
         "observedGeneration": meta.get("generation", 0),
@@ -113,6 +153,8 @@ def reconcile_storage(kube: Kube, body: dict[str, Any], now: dt.datetime) -> dic
         "message": message,
         "lastCheckedAt": format_time(now),
         "objectLockEnabled": lock,
+        "replicas": replicas,
+        "replicaSummary": replica_summary,
         "observedGeneration": meta.get("generation", 0),
         "conditions": [cond],
     }

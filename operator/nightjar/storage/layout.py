@@ -95,5 +95,19 @@ def source_prefix(prefix: str, namespace: str, source: str) -> str:
     return f"{normalize_prefix(prefix)}{ROOT}/{namespace}/{source}/"
 
 
+def relocate(key: str, to_prefix: str, from_prefix: str | None = None) -> str:
+    """The same object's key in a storage with prefix ``to_prefix`` (a replica keeps the primary's
+    layout under its own prefix). ``from_prefix``, when known, is stripped; otherwise everything
+    before the layout's root is."""
+    if from_prefix is not None and key.startswith(from_prefix):
+        rel = key[len(from_prefix) :]
+    else:
+        at = key.find(ROOT + "/")
+        if at < 0:
+            raise ValueError(f"{key} is not a Nightjar snapshot key")
+        rel = key[at:]
+    return normalize_prefix(to_prefix) + rel
+
+
 def is_manifest(key: str) -> bool:
     return key.endswith("/" + MANIFEST)

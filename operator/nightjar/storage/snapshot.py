@@ -79,10 +79,20 @@ class _Verified:
 class SnapshotReader:
     """One snapshot in a bucket, addressed by its manifest key."""
 
-    def __init__(self, s3: Any, bucket: str, manifest_key: str, manifest_sha256: str = "") -> None:
+    def __init__(
+        self,
+        s3: Any,
+        bucket: str,
+        manifest_key: str,
+        manifest_sha256: str = "",
+        rebase: tuple[str, str] | None = None,
+    ) -> None:
+        """``rebase`` = (primary prefix, this storage's prefix) when reading a replica: the
+        manifest names objects by their keys in the primary."""
         self.s3 = s3
         self.bucket = bucket
         self.manifest_key = manifest_key
+        self.rebase = rebase
         raw = self._get(manifest_key)["Body"].read()
         if manifest_sha256 and hashlib.sha256(raw).hexdigest() != manifest_sha256:
             raise IntegrityError(f"manifest {manifest_key} does not match the digest the Backup recorded")
@@ -91,6 +101,15 @@ class SnapshotReader:
         except ValueError as e:
             raise IntegrityError(f"manifest {manifest_key} is not JSON: {e}") from e
         self.objects = {o["key"]: o for o in self.manifest.get("objects", [])}
+
+    def key(self, key: str) -> str:
+        """Where an object the manifest names is in this bucket."""
+        if self.rebase is None:
+            return key
+        old, new = self.rebase
+        if old and not key.startswith(old):
+            raise IntegrityError(f"object {key} is not under the primary's prefix {old!r}")
+        return new + key[len(old) :]
 
     def _get(self, key: str, **kw: Any) -> dict[str, Any]:
         try:
@@ -121,7 +140,7 @@ class SnapshotReader:
     def open_dump(self) -> _Verified:
         """The custom-format dump as a stream; its sha256 is checked at its last byte."""
         db = self.database
-        body = self._get(db["key"])["Body"]
+        body = self._get(self.key(db["key"]))["Body"]
         return _Verified(body, int(db["bytes"]), db.get("sha256", ""), f"database dump {db['key']}")
 
     def entries(self) -> Iterator[Entry]:
@@ -130,7 +149,9 @@ class SnapshotReader:
         if not files:
             return
         idx = files["index"]
-        stream = _Verified(self._get(idx["key"])["Body"], int(idx["bytes"]), idx["sha256"], idx["key"])
+        stream = _Verified(
+            self._get(self.key(idx["key"]))["Body"], int(idx["bytes"]), idx["sha256"], idx["key"]
+        )
         yield from read_index(stream)  # type: ignore[arg-type]
         stream.drain()
 
@@ -170,7 +191,7 @@ class _PackCursor:
             self.close()
             if e.pack not in self.reader.objects:
                 raise IntegrityError(f"file {e.path}: its pack {e.pack} is not in the manifest")
-            self.body = self.reader._get(e.pack, Range=f"bytes={e.offset}-")["Body"]
+            self.body = self.reader._get(self.reader.key(e.pack), Range=f"bytes={e.offset}-")["Body"]
             self.key, self.pos = e.pack, e.offset
             self.requests += 1
         while self.pos < e.offset:

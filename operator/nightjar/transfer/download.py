@@ -33,10 +33,12 @@ CHUNK = 1024 * 1024
 
 @dataclass
 class Snapshot:
-    """A Completed Backup and a reader of its stored snapshot."""
+    """A Completed Backup and a reader of its stored snapshot (``location``: where it is read)."""
 
     backup: dict[str, Any]
     reader: SnapshotReader
+    location: str = ""
+    note: str = ""
 
     @property
     def name(self) -> str:
@@ -59,7 +61,8 @@ class Snapshot:
 
 
 def open_snapshot(kube: Kube, namespace: str, name: str) -> Snapshot:
-    """The Backup ``name`` and its snapshot, read with its BackupStorage's credentials."""
+    """The Backup ``name`` and its snapshot, read with its BackupStorage's credentials; from a
+    replica holding a verified copy when the primary storage cannot be reached."""
     backup = cluster.get_backup(kube, namespace, name)
     st = backup.get("status") or {}
     if st.get("phase") != "Completed":
@@ -83,12 +86,68 @@ def open_snapshot(kube: Kube, namespace: str, name: str) -> Snapshot:
             f"BackupStorage {storage.name} now points at bucket {t.bucket} at {t.endpoint}, but the snapshot "
             f"of Backup {name} is in bucket {where['bucket']} at {where.get('endpoint')}"
         )
-    sha = ((backup.get("spec") or {}).get("upload") or {}).get("manifestSha256") or ""
+    sha = (
+        where.get("manifestSha256")
+        or ((backup.get("spec") or {}).get("upload") or {}).get("manifestSha256")
+        or ""
+    )
+    why = _unreachable(t)
+    if why:
+        return _from_replica(kube, namespace, backup, storage.name, why, sha)
     try:
         reader = SnapshotReader(t.client(), t.bucket, key, sha)
     except IntegrityError as e:
         raise CommandError(f'cannot read the snapshot of Backup "{name}": {e}') from e
-    return Snapshot(backup, reader)
+    return Snapshot(backup, reader, location=storage.name)
+
+
+def _unreachable(t: Any) -> str:
+    from nightjar.storage.s3 import describe_error
+
+    try:
+        t.client().head_bucket(Bucket=t.bucket)
+    except Exception as e:
+        return describe_error(e, f"bucket {t.bucket} at {t.endpoint}")
+    return ""
+
+
+def _from_replica(
+    kube: Kube, namespace: str, backup: dict[str, Any], primary: str, why: str, sha: str
+) -> Snapshot:
+    from nightjar.storage import layout
+
+    st = backup["status"]
+    tried = []
+    for loc in st.get("locations") or []:
+        if loc.get("role") != "Replica":
+            continue
+        if loc.get("state") != "Replicated":
+            tried.append(f"{loc['storage']}: {loc.get('state')}, no verified copy")
+            continue
+        replica = cluster.storage(kube, namespace, loc["storage"])
+        rwhy = _unreachable(replica.target)
+        if rwhy:
+            tried.append(f"{loc['storage']}: {rwhy}")
+            continue
+        prefix = st["storage"].get("prefix") or ""
+        rt = replica.target
+        key = layout.relocate(st["storage"]["manifestKey"], rt.prefix, prefix)
+        try:
+            reader = SnapshotReader(
+                rt.client(), rt.bucket, key, sha, rebase=(prefix, layout.normalize_prefix(rt.prefix))
+            )
+        except IntegrityError as e:
+            tried.append(f"{loc['storage']}: {e}")
+            continue
+        note = (
+            f"read from replica {loc['storage']} ({loc.get('jurisdiction') or '?'}): "
+            f"the primary {primary} cannot be reached ({why})"
+        )
+        return Snapshot(backup, reader, location=loc["storage"], note=note)
+    raise CommandError(
+        f"the storage {primary} of Backup {backup['metadata']['name']} cannot be reached ({why})"
+        + (f" and no replica can serve it ({'; '.join(tried)})" if tried else " and it has no replica")
+    )
 
 
 @dataclass

@@ -1,0 +1,438 @@
+"""Secondary locations: every Completed snapshot copied to each replica of its storage.
+
+A Backup is Completed when its snapshot is verified in the primary. Its ``status.locations``
+then lists the primary (Replicated) and each replica of the primary BackupStorage (Pending). For
+each replica a Job (``nightjar agent replicate``) streams the snapshot across, verifying every
+object's sha256; its result makes the location Replicated, or Failed with the reason. A replica
+that cannot be reached (down, missing, refused by the residency policy) gets no Job: it stays
+Pending and the periodic sweep starts the copy when it can be reached again, so nothing is
+lost. One Job per (Backup, replica, attempt): a restarted operator finds it instead of making
+another.
+
+Residency: a replica is used only when the policy allows the primary's jurisdiction to be
+replicated into the replica's; a BackupStorage that breaks the rule is Unavailable, and its
+Backups do not start (no data goes anywhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from nightjar import metrics
+from nightjar.config import OperatorConfig
+from nightjar.constants import LABEL_REPLICA
+from nightjar.domain.residency import Policy, Verdict
+from nightjar.domain.retention import format_time, parse_time
+from nightjar.jobs import ReplicatePlan, StorageRef, build_replicate_job, replicate_job_name
+from nightjar.kube import Kube, SecretMissing
+from nightjar.reconcile import storage as storage_rec
+from nightjar.storage.s3 import describe_error
+
+log = logging.getLogger("nightjar.replication")
+
+BACKUPS = "backups"
+REPLICATED, PENDING, FAILED = "Replicated", "Pending", "Failed"
+
+
+@dataclass(frozen=True)
+class ReplicaCheck:
+    """One replica of a storage, as the policy and the API see it now."""
+
+    name: str
+    storage: dict[str, Any] | None
+    jurisdiction: str
+    verdict: Verdict | None
+
+    @property
+    def refused(self) -> bool:
+        return self.verdict is not None and not self.verdict.allowed
+
+
+def replica_names(storage: dict[str, Any]) -> list[str]:
+    return [r["name"] for r in (storage.get("spec") or {}).get("replicas") or []]
+
+
+def check_replicas(kube: Kube, policy: Policy, namespace: str, storage: dict[str, Any]) -> list[ReplicaCheck]:
+    """Each replica of ``storage``: does it exist, and may the primary's data go there?"""
+    primary_j = storage["spec"].get("jurisdiction") or ""
+    out = []
+    for name in replica_names(storage):
+        replica = kube.get(storage_rec.PLURAL, namespace, name)
+        if replica is None:
+            out.append(ReplicaCheck(name, None, "", None))
+            continue
+        j = replica["spec"].get("jurisdiction") or ""
+        out.append(ReplicaCheck(name, replica, j, policy.check(primary_j, j)))
+    return out
+
+
+def residency_refusal(checks: list[ReplicaCheck], storage_name: str) -> str:
+    """The message when a replica breaks the policy ("" when none does)."""
+    bad = [c for c in checks if c.refused]
+    if not bad:
+        return ""
+    return (
+        "; ".join(
+            f"replica {c.name} ({c.jurisdiction}) refused: {c.verdict.message}" for c in bad if c.verdict
+        )
+        + f" — no data is written to {storage_name} until spec.replicas keeps the rule"
+    )
+
+
+def summary(locations: list[dict[str, Any]]) -> str:
+    done = sum(1 for loc in locations if loc.get("state") == REPLICATED)
+    return f"{done}/{len(locations)}"
+
+
+def condition(locations: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
+    """The Backup's Replicated condition: True when every location holds the snapshot."""
+    missing = [loc for loc in locations if loc.get("state") != REPLICATED]
+    if not missing:
+        reason, message = "AllLocations", f"the snapshot is in all {len(locations)} locations"
+    else:
+        failed = [loc for loc in missing if loc.get("state") == FAILED]
+        reason = "ReplicationFailed" if failed else "ReplicationPending"
+        message = "; ".join(
+            f"{loc['storage']}: {loc.get('state')} {loc.get('message', '')}".strip() for loc in missing
+        )
+    return {
+        "type": "Replicated",
+        "status": "True" if not missing else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": format_time(now),
+    }
+
+
+def initial_locations(
+    storage: dict[str, Any], checks: list[ReplicaCheck], now: dt.datetime
+) -> list[dict[str, Any]]:
+    """The primary (the snapshot is verified there) and each replica (Pending)."""
+    locs = [
+        {
+            "storage": storage["metadata"]["name"],
+            "role": "Primary",
+            "jurisdiction": storage["spec"].get("jurisdiction") or "",
+            "state": REPLICATED,
+            "replicatedAt": format_time(now),
+            "message": "snapshot written and verified",
+        }
+    ]
+    for c in checks:
+        locs.append(
+            {
+                "storage": c.name,
+                "role": "Replica",
+                "jurisdiction": c.jurisdiction,
+                "state": PENDING,
+                "attempts": 0,
+                "message": "waiting for the copy",
+            }
+        )
+    return locs
+
+
+def with_conditions(
+    status: dict[str, Any], locations: list[dict[str, Any]], now: dt.datetime
+) -> dict[str, Any]:
+    """``status`` plus locations, the n/m summary and the Replicated condition (others kept)."""
+    conds = [c for c in status.get("conditions") or [] if c.get("type") != "Replicated"]
+    new = condition(locations, now)
+    old = next((c for c in status.get("conditions") or [] if c.get("type") == "Replicated"), None)
+    if old is not None and old.get("status") == new["status"]:
+        new["lastTransitionTime"] = old.get("lastTransitionTime", new["lastTransitionTime"])
+    return {"locations": locations, "replication": summary(locations), "conditions": [*conds, new]}
+
+
+@dataclass
+class SweepReport:
+    examined: int = 0
+    started: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+
+
+class Replicator:
+    def __init__(self, kube: Kube, config: OperatorConfig, policy: Policy) -> None:
+        self.kube = kube
+        self.config = config
+        self.policy = policy
+
+    # --- status -------------------------------------------------------------------------------
+
+    def _update(
+        self,
+        backup: dict[str, Any],
+        change: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None],
+        event: Callable[[dict[str, Any]], tuple[str, str, str] | None] | None = None,
+    ) -> dict[str, Any] | None:
+        """Apply ``change`` to the Backup's locations (conditional on its resourceVersion,
+        retried on a conflict); ``change`` returns None when there is nothing to do."""
+        meta = backup["metadata"]
+        for _ in range(5):
+            fresh = self.kube.get(BACKUPS, meta["namespace"], meta["name"])
+            if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
+                return None
+            st = fresh.get("status") or {}
+            if st.get("phase") != "Completed" or not st.get("locations"):
+                return None
+            locs = change(copy.deepcopy(st["locations"]))
+            if locs is None:
+                return None
+            patch = with_conditions(st, locs, dt.datetime.now(dt.UTC))
+            try:
+                out = self.kube.patch_status(
+                    BACKUPS,
+                    meta["namespace"],
+                    meta["name"],
+                    patch,
+                    resource_version=fresh["metadata"]["resourceVersion"],
+                )
+            except ApiException as e:
+                if e.status == 409:
+                    continue
+                if e.status == 404:
+                    return None
+                raise
+            if event is not None and (ev := event(fresh)) is not None:
+                self.kube.event(fresh, *ev)
+            return out
+        return None
+
+    # --- starting copies ---------------------------------------------------------------------
+
+    def start(self, backup: dict[str, Any], reachable: dict[str, str] | None = None) -> list[str]:
+        """Start a copy for each replica location not yet Replicated that has no Job running and
+        can be reached now; returns the replicas started. ``reachable`` caches storage checks
+        ("namespace/name" → "" when reachable, else why not) across Backups of one sweep."""
+        st = backup.get("status") or {}
+        if st.get("phase") != "Completed":
+            return []
+        ns = backup["metadata"]["namespace"]
+        todo = [
+            loc
+            for loc in st.get("locations") or []
+            if loc["role"] == "Replica" and loc["state"] != REPLICATED
+        ]
+        if not todo:
+            return []
+        primary = self.kube.get(storage_rec.PLURAL, ns, backup["spec"]["storageRef"]["name"])
+        if primary is None:
+            self._wait(backup, [loc["storage"] for loc in todo], "its primary BackupStorage is gone")
+            return []
+        checks = {c.name: c for c in check_replicas(self.kube, self.policy, ns, primary)}
+        cache = reachable if reachable is not None else {}
+        started = []
+        for loc in todo:
+            name = loc["storage"]
+            attempt = int(loc.get("attempts") or 0)
+            if attempt and loc["state"] == PENDING and self._job_active(ns, backup, name, attempt):
+                continue  # the copy runs
+            c = checks.get(name)
+            if c is None:
+                why = "no longer a replica of the primary storage (spec.replicas)"
+            elif c.storage is None:
+                why = f'BackupStorage "{name}" not found'
+            elif c.refused and c.verdict is not None:
+                why = c.verdict.message
+            else:
+                if f"{ns}/{name}" not in cache:
+                    cache[f"{ns}/{name}"] = unreachable(self.kube, ns, c.storage)
+                why = cache[f"{ns}/{name}"]
+            if why:
+                self._wait(backup, [name], why)
+                continue
+            if self._create_job(backup, primary, c.storage if c else None, attempt + 1):
+                started.append(name)
+        return started
+
+    def _job_active(self, ns: str, backup: dict[str, Any], replica: str, attempt: int) -> bool:
+        job = self.kube.read_job(ns, replicate_job_name(backup["metadata"]["name"], replica, attempt))
+        if job is None:
+            return False
+        s = job.get("status") or {}
+        return not (s.get("succeeded") or s.get("failed"))
+
+    def _wait(self, backup: dict[str, Any], names: list[str], why: str) -> None:
+        """The replica cannot take the copy now: say why (once), keep it Pending or Failed."""
+
+        def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            hit = False
+            for loc in locs:
+                if loc["storage"] in names and loc["state"] != REPLICATED:
+                    msg = f"waiting: {why}; retried every {self.config.gc_interval_seconds}s"
+                    if loc.get("message") != msg:
+                        loc["message"] = msg
+                        hit = True
+            return locs if hit else None
+
+        self._update(backup, change)
+
+    def _create_job(
+        self, backup: dict[str, Any], primary: dict[str, Any], replica: dict[str, Any] | None, attempt: int
+    ) -> bool:
+        if replica is None:
+            return False
+        meta, st = backup["metadata"], backup["status"]
+        name = replica["metadata"]["name"]
+        expires = (meta.get("annotations") or {}).get("nightjar.dev/expires-at") or st.get("expiresOn") or ""
+        plan = ReplicatePlan(
+            backup_name=meta["name"],
+            backup_uid=meta["uid"],
+            namespace=meta["namespace"],
+            replica_name=name,
+            attempt=attempt,
+            primary=StorageRef.from_spec(primary["spec"]),
+            replica=StorageRef.from_spec(replica["spec"]),
+            primary_prefix=_primary_prefix(st, primary),
+            manifest_key=st["storage"]["manifestKey"],
+            manifest_sha256=st["storage"].get("manifestSha256", ""),
+            retain_until=expires,
+        )
+        job = build_replicate_job(plan, self.config)
+        created = self.kube.create_job(meta["namespace"], job)
+
+        def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            for loc in locs:
+                if loc["storage"] == name:
+                    if int(loc.get("attempts") or 0) >= attempt:
+                        return None  # a concurrent sweep got there first
+                    loc.update(
+                        state=PENDING,
+                        attempts=attempt,
+                        jobName=job["metadata"]["name"],
+                        message=f"copying (attempt {attempt}, Job {job['metadata']['name']})",
+                    )
+            return locs
+
+        self._update(
+            backup,
+            change,
+            lambda _: (
+                (
+                    "Normal",
+                    "ReplicationStarted",
+                    f"copying the snapshot to {name} ({replica['spec'].get('jurisdiction', '')}), "
+                    f"attempt {attempt}",
+                )
+                if created
+                else None
+            ),
+        )
+        return created
+
+    # --- following the copy ------------------------------------------------------------------
+
+    def sync_from_job(self, backup: dict[str, Any], job: dict[str, Any]) -> None:
+        """A replication Job finished: its location becomes Replicated, or Failed with why."""
+        s = job.get("status") or {}
+        if not (s.get("succeeded") or s.get("failed")):
+            return
+        name = (job["metadata"].get("labels") or {}).get(LABEL_REPLICA, "")
+        job_name = job["metadata"]["name"]
+        ns = backup["metadata"]["namespace"]
+        results = self.kube.job_results(ns, job_name)
+        result = results[-1] if results else {}
+        ok = bool(s.get("succeeded")) and "manifestKey" in result
+        now = dt.datetime.now(dt.UTC)
+        completed_on = (backup.get("status") or {}).get("completedOn")
+
+        def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            for loc in locs:
+                if loc["storage"] != name or loc.get("jobName") != job_name or loc["state"] != PENDING:
+                    continue
+                if ok:
+                    loc.update(
+                        state=REPLICATED,
+                        replicatedAt=format_time(now),
+                        copiedObjects=int(result.get("copiedObjects") or 0),
+                        skippedObjects=int(result.get("skippedObjects") or 0),
+                        copiedBytes=int(result.get("copiedBytes") or 0),
+                        message=f"verified: {result.get('copiedObjects', 0)} objects copied, "
+                        f"{result.get('skippedObjects', 0)} already there",
+                    )
+                else:
+                    why = result.get("error") or f"the replication Job failed ({_job_reason(job)})"
+                    loc.update(state=FAILED, message=str(why)[:1000])
+                return locs
+            return None
+
+        def event(fresh: dict[str, Any]) -> tuple[str, str, str]:
+            if ok:
+                return (
+                    "Normal",
+                    "Replicated",
+                    f"snapshot verified in {name}: {result.get('copiedObjects', 0)} objects "
+                    f"({int(result.get('copiedBytes') or 0) / 1e6:.2f} MB) copied, "
+                    f"{result.get('skippedObjects', 0)} already there",
+                )
+            why = result.get("error") or _job_reason(job)
+            return ("Warning", "ReplicationFailed", f"copy to {name} failed: {why}; it is retried")
+
+        if self._update(backup, change, event) is not None:
+            if ok:
+                lag = (now - parse_time(completed_on)).total_seconds() if completed_on else None
+                metrics.replication_done(ns, name, lag)
+            else:
+                metrics.replication_failed(ns, name)
+
+    # --- the sweep ---------------------------------------------------------------------------
+
+    def sweep(self, backups: list[dict[str, Any]]) -> SweepReport:
+        """Start the copies that wait (a replica back up, a failed copy to retry)."""
+        report = SweepReport()
+        reachable: dict[str, str] = {}
+        pending: dict[str, int] = {}
+        for b in backups:
+            st = b.get("status") or {}
+            if st.get("phase") != "Completed" or b["metadata"].get("deletionTimestamp"):
+                continue
+            locs = st.get("locations") or []
+            if all(loc.get("state") == REPLICATED for loc in locs):
+                continue
+            ns = b["metadata"]["namespace"]
+            pending[ns] = pending.get(ns, 0) + 1
+            report.examined += 1
+            key = f"{ns}/{b['metadata']['name']}"
+            try:
+                started = self.start(b, reachable=reachable)
+            except Exception:
+                log.exception("replication of %s", key)
+                continue
+            (report.started if started else report.waiting).append(key)
+        metrics.unreplicated(pending)
+        return report
+
+
+def _primary_prefix(status: dict[str, Any], primary: dict[str, Any]) -> str:
+    """The prefix the snapshot's keys carry: recorded at completion, else the storage's now."""
+    from nightjar.storage import layout
+
+    recorded = (status.get("storage") or {}).get("prefix")
+    return recorded if recorded is not None else layout.normalize_prefix(primary["spec"].get("prefix") or "")
+
+
+def unreachable(kube: Kube, namespace: str, storage: dict[str, Any]) -> str:
+    """ "" when the storage's bucket answers with its credentials now, else why not."""
+    try:
+        target = storage_rec.target_for(kube, namespace, storage["spec"])
+    except SecretMissing as e:
+        return f"credentials: {e}"
+    try:
+        target.client().head_bucket(Bucket=target.bucket)
+    except Exception as e:
+        return describe_error(e, f"bucket {target.bucket} at {target.endpoint}")
+    return ""
+
+
+def _job_reason(job: dict[str, Any]) -> str:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Failed" and c.get("status") == "True":
+            return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
+    return "no result"
