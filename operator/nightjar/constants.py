@@ -25,6 +25,8 @@ LABEL_RESTORE = f"{GROUP}/restore"
 #: On a replication Job: the Backup it copies, and the replica BackupStorage it copies into.
 LABEL_REPLICATION = f"{GROUP}/replication-of"
 LABEL_REPLICA = f"{GROUP}/replica"
+#: On a replication Job: the replica BackupStorage's full name (a label value holds 63 characters).
+ANNOTATION_REPLICA = f"{GROUP}/replica"
 #: "true" once a Backup is Completed or Failed. The kopf layer watches only Backups without it
 #: (server-side selector), so 20,000 finished Backups cost the operator no per-object state; a
 #: lightweight watch of its own handles their deletion.

@@ -87,6 +87,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     STATE.config = config
     STATE.stop = threading.Event()
     threading.Thread(target=_periodic, name="nightjar-sweeps", daemon=True).start()
+    threading.Thread(target=_replication_sweeps, name="nightjar-replication", daemon=True).start()
     for ns in SCOPE or (None,):
         threading.Thread(
             target=watch_finished_deletions,
@@ -105,6 +106,19 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.cleanup()
 def shutdown(**_: Any) -> None:
     STATE.stop.set()
+
+
+def _replication_sweeps() -> None:
+    """Copies that wait for a replica (down, or a failed copy due again), on their own clock so
+    an unreachable replica never delays the scheduler."""
+    while not STATE.stop.wait(STATE.config.gc_interval_seconds):
+        try:
+            finished = list_all(STATE.kube, BACKUPS, f"{LABEL_FINISHED}=true")
+            rep = STATE.replicator.sweep(finished, dt.datetime.now(dt.UTC))
+            if rep.started or rep.extended:
+                log.info("replication: started copies of %s; new replicas for %s", rep.started, rep.extended)
+        except Exception:
+            log.exception("replication sweep failed; the next sweep retries")
 
 
 def _periodic() -> None:
@@ -138,12 +152,6 @@ def _periodic() -> None:
                 )
             except Exception:
                 log.exception("gc sweep failed; the next sweep retries")
-            try:
-                rep = STATE.replicator.sweep(list(list_all(STATE.kube, BACKUPS, f"{LABEL_FINISHED}=true")))
-                if rep.started:
-                    log.info("replication: started copies of %s", ", ".join(rep.started))
-            except Exception:
-                log.exception("replication sweep failed; the next sweep retries")
             next_gc = time.monotonic() + STATE.config.gc_interval_seconds
         STATE.stop.wait(STATE.config.scheduler_interval_seconds)
 
@@ -192,7 +200,8 @@ def backup_job_changed(
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_REPLICATION: kopf.PRESENT})
 def replication_job_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
-    backup = _owner(body, type, "Backup", BACKUPS)
+    done = body.get("status", {}).get("succeeded") or body.get("status", {}).get("failed")
+    backup = _owner(body, type, "Backup", BACKUPS) if done else None
     if backup is None:
         return
     STATE.replicator.sync_from_job(backup, _plain(body))

@@ -13,6 +13,7 @@ from typing import Any
 
 from nightjar.config import OperatorConfig
 from nightjar.constants import (
+    ANNOTATION_REPLICA,
     API_VERSION,
     LABEL_BACKUP,
     LABEL_MANAGED_BY,
@@ -42,6 +43,13 @@ def job_name(kind: str, name: str) -> str:
         return full
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{full[:54].rstrip('-')}-{digest}"
+
+
+def label_value(name: str) -> str:
+    """A name as a label value (at most 63 characters: long ones keep a prefix and a hash)."""
+    if len(name) <= 63:
+        return name
+    return f"{name[:54].rstrip('-.')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
@@ -538,7 +546,7 @@ def build_replicate_job(plan: ReplicatePlan, config: OperatorConfig) -> dict[str
         "metadata": {
             "name": replicate_job_name(plan.backup_name, plan.replica_name, plan.attempt),
             "namespace": plan.namespace,
-            "annotations": {"nightjar.dev/replica": plan.replica_name},
+            "annotations": {ANNOTATION_REPLICA: plan.replica_name},
         },
         "spec": {
             "template": {
@@ -555,7 +563,10 @@ def build_replicate_job(plan: ReplicatePlan, config: OperatorConfig) -> dict[str
     job = stamp(
         job,
         owner=owner,
-        labels={LABEL_REPLICATION: plan.backup_name, LABEL_REPLICA: plan.replica_name},
+        labels={
+            LABEL_REPLICATION: label_value(plan.backup_name),
+            LABEL_REPLICA: label_value(plan.replica_name),
+        },
         config=config,
     )
     job["spec"]["backoffLimit"] = 0  # the operator retries, as a new attempt, when the replica is back

@@ -25,7 +25,7 @@ from tests.integration.helpers import (
     take_backup,
     wait_terminal,
 )
-from tests.integration.test_restore import restore_body, tree, wait_restore
+from tests.integration.test_restore import cli, restore_body, tree, wait_restore
 from tests.support import stopped_s3, wait_for
 
 G, V = "nightjar.dev", "v1alpha1"
@@ -175,6 +175,7 @@ def test_with_the_primary_server_stopped_a_restore_reads_the_replica_and_gives_i
     app_db: str,
     files_pvc: Path,
     acceptance: Env,
+    tmp_path: Path,
 ) -> None:
     pair(custom, core, env, namespace)
     take_backup(custom, namespace, backup_body("b1"))
@@ -188,6 +189,11 @@ def test_with_the_primary_server_stopped_a_restore_reads_the_replica_and_gives_i
         )
         custom.create_namespaced_custom_object(G, V, acceptance.ns, "restores", body)
         st = wait_restore(custom, acceptance.ns, "r1", 240)
+        # nightjar download reads the replica too, and says so.
+        out = cli(env, "download", "b1", "-n", namespace, "-o", str(tmp_path / "b1.tar.gz"))
+        assert out.returncode == 0, out.stderr
+        assert "note: read from replica dr (EU): the primary s3 cannot be reached" in out.stderr
+        assert (tmp_path / "b1.tar.gz").stat().st_size > 1000
     assert st["phase"] == "Completed", st.get("message")
     assert st["source"]["storage"] == "dr" and st["source"]["role"] == "Replica"
     assert "cannot be reached" in st["source"]["reason"]
@@ -301,3 +307,27 @@ def _exists(custom: client.CustomObjectsApi, ns: str, name: str) -> bool:
             return False
         raise
     return True
+
+
+def test_a_replica_added_later_receives_the_existing_backups(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+) -> None:
+    storage(custom, core, env, namespace, "dr", "replica", "EU")
+    storage(custom, core, env, namespace, "s3", "primary", "EU")
+    wait_for("s3 Ready", lambda: storage_status(custom, namespace, "s3").get("phase") == "Ready", 30)
+    status = take_backup(custom, namespace, backup_body("before", files=False))
+    assert status["replication"] == "1/1"
+    custom.patch_namespaced_custom_object(
+        G, V, namespace, "backupstorages", "s3", {"spec": {"replicas": [{"name": "dr"}]}}
+    )
+    backup = wait_for(
+        "the older backup copied to the new replica",
+        lambda: (b := get_backup(custom, namespace, "before"))["status"]["replication"] == "2/2" and b,
+        120,
+    )
+    assert backup["status"]["replication"] == "2/2"
+    assert objects_match(env, backup) >= 1

@@ -74,6 +74,14 @@ def test_with_conditions_keeps_the_other_conditions_and_the_transition_time() ->
     assert with_conditions(status, locs, NOW)["conditions"][1]["lastTransitionTime"] == "2026-11-24T22:00:00Z"
 
 
+def test_a_replica_refused_at_completion_is_listed_as_failed_for_good() -> None:
+    locs = initial_locations(PRIMARY, [check("dr", "EU"), check("london", "UK")], NOW)
+    london = locs[2]
+    assert (london["state"], london["final"]) == ("Failed", True)
+    assert london["message"].startswith("not copied: residency rule eu-stays-in-eu")
+    assert summary(locs) == "1/3"
+
+
 def test_a_refused_replica_is_named_with_its_rule() -> None:
     msg = residency_refusal([check("dr", "EU"), check("london", "UK")], "frankfurt")
     assert msg.startswith("replica london (UK) refused: residency rule eu-stays-in-eu")
@@ -136,3 +144,21 @@ def test_the_replicate_job_has_both_key_pairs_by_reference_and_runs_once() -> No
     assert pod["automountServiceAccountToken"] is False
     assert job["metadata"]["labels"]["nightjar.dev/replica"] == "dr"
     assert job["metadata"]["ownerReferences"][0]["name"] == "b1"
+
+
+def test_failed_copies_back_off_and_expired_backups_are_left_to_gc() -> None:
+    from nightjar.reconcile.replication import _due, _expired, primary_prefix
+
+    loc = {"attempts": 3, "lastAttemptAt": "2026-11-24T21:59:00Z"}
+    assert not _due(loc, NOW, 30)  # 30 * 2^2 = 120 s after the last try
+    assert _due(loc, NOW + dt.timedelta(seconds=61), 30)
+    assert _due({"attempts": 40, "lastAttemptAt": "2026-11-24T16:00:00Z"}, NOW, 300)  # capped at 6 h
+    assert _expired({"metadata": {"annotations": {"nightjar.dev/expires-at": "2026-11-24T21:00:00Z"}}}, NOW)
+    assert not _expired(
+        {"metadata": {"annotations": {"nightjar.dev/expires-at": "2027-01-01T00:00:00Z"}}}, NOW
+    )
+    # The prefix the keys carry comes from the manifest key, whatever the storage says now.
+    assert (
+        primary_prefix({"storage": {"manifestKey": "old/p/nightjar/v1/ns/s/u/a/manifest.json"}}) == "old/p/"
+    )
+    assert primary_prefix({"storage": {"manifestKey": "nightjar/v1/ns/s/u/a/manifest.json"}}) == ""

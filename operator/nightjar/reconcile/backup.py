@@ -127,11 +127,8 @@ class BackupReconciler:
             return status
         now = _now()
         checks = replication.check_replicas(self.kube, self.replicator.policy, ns, storage)
-        locs = replication.initial_locations(storage, [c for c in checks if not c.refused], now)
-        status["storage"] = {
-            **status.get("storage", {}),
-            "prefix": layout.normalize_prefix(storage["spec"].get("prefix") or ""),
-        }
+        locs = replication.initial_locations(storage, checks, now)
+        status["storage"] = {**status.get("storage", {}), "prefix": replication.primary_prefix(status)}
         return {**status, **replication.with_conditions(status, locs, now)}
 
     def _replicate(self, backup: dict[str, Any]) -> None:
@@ -558,6 +555,11 @@ class BackupReconciler:
         if storage is None:
             raise PreflightFailed(f'BackupStorage "{storage_name}" not found in namespace {ns}')
         lock_mode = StorageRef.from_spec(storage["spec"]).lock_mode
+        refusal = replication.residency_refusal(
+            replication.check_replicas(self.kube, self.replicator.policy, ns, storage), storage_name
+        )
+        if refusal:
+            raise UploadRefused(f"BackupStorage {storage_name}: {refusal}", "ResidencyRefused")
         try:
             target = storage_rec.target_for(self.kube, ns, storage["spec"])
         except SecretMissing as e:
@@ -730,8 +732,18 @@ class BackupReconciler:
         ns = meta["namespace"]
         st = backup.get("status") or {}
         primary = spec["storageRef"]["name"]
-        replicas = [loc["storage"] for loc in st.get("locations") or [] if loc.get("role") == "Replica"]
-        primary_prefix = (st.get("storage") or {}).get("prefix")
+        written = [
+            loc
+            for loc in st.get("locations") or []
+            if loc.get("role") == "Replica" and (loc.get("state") == "Replicated" or loc.get("attempts"))
+        ]
+        for loc in written:  # a copy still running would write after the delete: wait for it
+            job = self.kube.read_job(ns, loc["jobName"]) if loc.get("jobName") else None
+            js = (job or {}).get("status") or {}
+            if job is not None and not (js.get("succeeded") or js.get("failed")):
+                raise Retry(f"a copy into replica {loc['storage']} is running; deleting when it ends", 15)
+        replicas = [loc["storage"] for loc in written]
+        primary_prefix = replication.primary_prefix(st) if st.get("storage") else None
         done = []
         for name in [primary, *replicas]:
             storage = self.kube.get(storage_rec.PLURAL, ns, name)
@@ -800,15 +812,15 @@ class BackupReconciler:
         """An upload shares nothing: its objects are everything under its own upload prefix. A key
         outside this namespace's uploads is never touched, nor one another Backup still uses."""
         meta = backup["metadata"]
-        key = (backup["spec"].get("upload") or {}).get("manifestKey") or ""
+        original = (backup["spec"].get("upload") or {}).get("manifestKey") or ""
         try:
-            key = here(key)
+            key = here(original)
         except ValueError:
             return "nothing deleted: spec.upload.manifestKey is not an upload of this namespace"
         mine = upload_prefix(storage_prefix, meta["namespace"], key)
         if mine is None:
             return "nothing deleted: spec.upload.manifestKey is not an upload of this namespace"
-        other = self._upload_claimed_by(backup, key, older_only=False)
+        other = self._upload_claimed_by(backup, original, older_only=False)
         if other:
             return f"kept the uploaded snapshot: Backup {other} uses it too"
         try:

@@ -17,9 +17,10 @@ Backups do not start (no data goes anywhere).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +28,13 @@ from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
 from nightjar.config import OperatorConfig
-from nightjar.constants import LABEL_REPLICA
+from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_REPLICA
 from nightjar.domain.residency import Policy, Verdict
 from nightjar.domain.retention import format_time, parse_time
 from nightjar.jobs import ReplicatePlan, StorageRef, build_replicate_job, replicate_job_name
 from nightjar.kube import Kube, SecretMissing
 from nightjar.reconcile import storage as storage_rec
+from nightjar.storage import layout
 from nightjar.storage.s3 import describe_error
 
 log = logging.getLogger("nightjar.replication")
@@ -126,16 +128,17 @@ def initial_locations(
         }
     ]
     for c in checks:
-        locs.append(
-            {
-                "storage": c.name,
-                "role": "Replica",
-                "jurisdiction": c.jurisdiction,
-                "state": PENDING,
-                "attempts": 0,
-                "message": "waiting for the copy",
-            }
-        )
+        loc: dict[str, Any] = {
+            "storage": c.name,
+            "role": "Replica",
+            "jurisdiction": c.jurisdiction,
+            "state": PENDING,
+            "attempts": 0,
+            "message": "waiting for the copy",
+        }
+        if c.refused and c.verdict is not None:  # never copied there: said, not dropped
+            loc.update(state=FAILED, final=True, message=f"not copied: {c.verdict.message}")
+        locs.append(loc)
     return locs
 
 
@@ -156,6 +159,7 @@ class SweepReport:
     examined: int = 0
     started: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
+    extended: list[str] = field(default_factory=list)
 
 
 class Replicator:
@@ -207,60 +211,103 @@ class Replicator:
 
     # --- starting copies ---------------------------------------------------------------------
 
-    def start(self, backup: dict[str, Any], reachable: dict[str, str] | None = None) -> list[str]:
-        """Start a copy for each replica location not yet Replicated that has no Job running and
-        can be reached now; returns the replicas started. ``reachable`` caches storage checks
-        ("namespace/name" → "" when reachable, else why not) across Backups of one sweep."""
-        st = backup.get("status") or {}
-        if st.get("phase") != "Completed":
+    def start(
+        self,
+        backup: dict[str, Any],
+        reachable: dict[str, str] | None = None,
+        storages: dict[str, dict[str, Any] | None] | None = None,
+    ) -> list[str]:
+        """Start a copy for each replica location not yet Replicated that has no Job running, is
+        due (failed copies back off), and can be reached now; returns the replicas started.
+
+        Decisions are made on a fresh read of the Backup. ``reachable`` ("namespace/name" → ""
+        or why not) and ``storages`` ("namespace/name" → object) cache lookups across one sweep.
+        """
+        meta = backup["metadata"]
+        ns = meta["namespace"]
+        fresh = self.kube.get(BACKUPS, ns, meta["name"])
+        if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
             return []
-        ns = backup["metadata"]["namespace"]
+        backup = fresh
+        st = backup.get("status") or {}
+        if st.get("phase") != "Completed" or backup["metadata"].get("deletionTimestamp"):
+            return []
         todo = [
             loc
             for loc in st.get("locations") or []
-            if loc["role"] == "Replica" and loc["state"] != REPLICATED
+            if loc["role"] == "Replica" and loc["state"] != REPLICATED and not loc.get("final")
         ]
         if not todo:
             return []
-        primary = self.kube.get(storage_rec.PLURAL, ns, backup["spec"]["storageRef"]["name"])
-        if primary is None:
-            self._wait(backup, [loc["storage"] for loc in todo], "its primary BackupStorage is gone")
-            return []
-        checks = {c.name: c for c in check_replicas(self.kube, self.policy, ns, primary)}
         cache = reachable if reachable is not None else {}
+        objs = storages if storages is not None else {}
+
+        def storage(name: str) -> dict[str, Any] | None:
+            if f"{ns}/{name}" not in objs:
+                objs[f"{ns}/{name}"] = self.kube.get(storage_rec.PLURAL, ns, name)
+            return objs[f"{ns}/{name}"]
+
+        primary = storage(backup["spec"]["storageRef"]["name"])
+        where = st.get("storage") or {}
+        moved = ""
+        if primary is None:
+            moved = "its primary BackupStorage is gone"
+        elif where.get("bucket") and (where["bucket"], where.get("endpoint")) != (
+            primary["spec"]["bucket"],
+            primary["spec"]["endpoint"],
+        ):
+            moved = (
+                f"BackupStorage {primary['metadata']['name']} now points at bucket "
+                f"{primary['spec']['bucket']} at {primary['spec']['endpoint']}; the snapshot is in "
+                f"bucket {where['bucket']}"
+            )
+        if moved or primary is None:
+            self._finish(backup, [loc["storage"] for loc in todo], moved)
+            return []
+        policy_j = primary["spec"].get("jurisdiction") or ""
+        wanted = set(replica_names(primary))
+        now = dt.datetime.now(dt.UTC)
         started = []
         for loc in todo:
             name = loc["storage"]
             attempt = int(loc.get("attempts") or 0)
-            if attempt and loc["state"] == PENDING and self._job_active(ns, backup, name, attempt):
-                continue  # the copy runs
-            c = checks.get(name)
-            if c is None:
-                why = "no longer a replica of the primary storage (spec.replicas)"
-            elif c.storage is None:
-                why = f'BackupStorage "{name}" not found'
-            elif c.refused and c.verdict is not None:
-                why = c.verdict.message
-            else:
-                if f"{ns}/{name}" not in cache:
-                    cache[f"{ns}/{name}"] = unreachable(self.kube, ns, c.storage)
-                why = cache[f"{ns}/{name}"]
-            if why:
-                self._wait(backup, [name], why)
+            if attempt and loc["state"] == PENDING:
+                job = self.kube.read_job(
+                    ns, loc.get("jobName") or replicate_job_name(meta["name"], name, attempt)
+                )
+                if job is not None:
+                    js = job.get("status") or {}
+                    if js.get("succeeded") or js.get("failed"):
+                        self.sync_from_job(backup, job)  # finished, its event not handled yet
+                    continue  # the copy runs, or just ended
+            if loc["state"] == FAILED and not _due(loc, now, self.config.gc_interval_seconds):
                 continue
-            if self._create_job(backup, primary, c.storage if c else None, attempt + 1):
-                started.append(name)
+            replica = storage(name)
+            if name not in wanted:
+                self._finish(backup, [name], "no longer a replica of the primary storage (spec.replicas)")
+                continue
+            if replica is None:
+                self._wait(backup, [name], f'BackupStorage "{name}" not found')
+                continue
+            verdict = self.policy.check(policy_j, replica["spec"].get("jurisdiction") or "")
+            if not verdict.allowed:
+                self._finish(backup, [name], verdict.message)
+                continue
+            if f"{ns}/{name}" not in cache:
+                cache[f"{ns}/{name}"] = unreachable(self.kube, ns, replica)
+            if cache[f"{ns}/{name}"]:
+                self._wait(backup, [name], cache[f"{ns}/{name}"])
+                continue
+            try:
+                if self._create_job(backup, primary, replica, loc, attempt + 1):
+                    started.append(name)
+            except ApiException as e:
+                self._fail_loc(backup, name, loc.get("jobName"), f"could not create the copy Job: {e.reason}")
         return started
 
-    def _job_active(self, ns: str, backup: dict[str, Any], replica: str, attempt: int) -> bool:
-        job = self.kube.read_job(ns, replicate_job_name(backup["metadata"]["name"], replica, attempt))
-        if job is None:
-            return False
-        s = job.get("status") or {}
-        return not (s.get("succeeded") or s.get("failed"))
-
     def _wait(self, backup: dict[str, Any], names: list[str], why: str) -> None:
-        """The replica cannot take the copy now: say why (once), keep it Pending or Failed."""
+        """The replica cannot take the copy now: say why (once); it stays Pending or Failed and
+        the sweep tries again."""
 
         def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
             hit = False
@@ -274,42 +321,85 @@ class Replicator:
 
         self._update(backup, change)
 
+    def _finish(self, backup: dict[str, Any], names: list[str], why: str) -> None:
+        """The copy can never happen (refused by the residency policy, no longer a replica, the
+        primary gone or moved): Failed for good, with the reason; not retried, not counted."""
+
+        def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            hit = False
+            for loc in locs:
+                if loc["storage"] in names and loc["state"] != REPLICATED and not loc.get("final"):
+                    loc.update(state=FAILED, final=True, message=f"not copied: {why}")
+                    hit = True
+            return locs if hit else None
+
+        self._update(
+            backup,
+            change,
+            lambda _: ("Warning", "ReplicationRefused", f"not copied to {', '.join(names)}: {why}"),
+        )
+
+    def _fail_loc(self, backup: dict[str, Any], name: str, job_name: str | None, why: str) -> None:
+        def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            for loc in locs:
+                if loc["storage"] == name and loc["state"] != REPLICATED and loc.get("jobName") == job_name:
+                    loc.update(
+                        state=FAILED, message=why[:1000], lastAttemptAt=format_time(dt.datetime.now(dt.UTC))
+                    )
+                    return locs
+            return None
+
+        self._update(backup, change)
+
     def _create_job(
-        self, backup: dict[str, Any], primary: dict[str, Any], replica: dict[str, Any] | None, attempt: int
+        self,
+        backup: dict[str, Any],
+        primary: dict[str, Any],
+        replica: dict[str, Any],
+        loc: dict[str, Any],
+        attempt: int,
     ) -> bool:
-        if replica is None:
-            return False
         meta, st = backup["metadata"], backup["status"]
         name = replica["metadata"]["name"]
         expires = (meta.get("annotations") or {}).get("nightjar.dev/expires-at") or st.get("expiresOn") or ""
+        primary_ref = StorageRef.from_spec(primary["spec"])
+        replica_ref = StorageRef.from_spec(replica["spec"])
+        if replica_ref.lock_mode == "None" and primary_ref.lock_mode != "None":
+            # Retention as in the primary: the replica's bucket must be able to hold it.
+            replica_ref = dataclasses.replace(replica_ref, lock_mode=primary_ref.lock_mode)
         plan = ReplicatePlan(
             backup_name=meta["name"],
             backup_uid=meta["uid"],
             namespace=meta["namespace"],
             replica_name=name,
             attempt=attempt,
-            primary=StorageRef.from_spec(primary["spec"]),
-            replica=StorageRef.from_spec(replica["spec"]),
-            primary_prefix=_primary_prefix(st, primary),
+            primary=primary_ref,
+            replica=replica_ref,
+            primary_prefix=primary_prefix(st),
             manifest_key=st["storage"]["manifestKey"],
             manifest_sha256=st["storage"].get("manifestSha256", ""),
             retain_until=expires,
         )
         job = build_replicate_job(plan, self.config)
         created = self.kube.create_job(meta["namespace"], job)
+        decided_on = (loc.get("jobName"), loc["state"])
 
         def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-            for loc in locs:
-                if loc["storage"] == name:
-                    if int(loc.get("attempts") or 0) >= attempt:
-                        return None  # a concurrent sweep got there first
-                    loc.update(
-                        state=PENDING,
-                        attempts=attempt,
-                        jobName=job["metadata"]["name"],
-                        message=f"copying (attempt {attempt}, Job {job['metadata']['name']})",
-                    )
-            return locs
+            for cur in locs:
+                if cur["storage"] != name:
+                    continue
+                # Somebody moved it on since the decision (a sync, another sweep): leave it.
+                if (cur.get("jobName"), cur["state"]) != decided_on or cur["state"] == REPLICATED:
+                    return None
+                cur.update(
+                    state=PENDING,
+                    attempts=attempt,
+                    jobName=job["metadata"]["name"],
+                    lastAttemptAt=format_time(dt.datetime.now(dt.UTC)),
+                    message=f"copying (attempt {attempt}, Job {job['metadata']['name']})",
+                )
+                return locs
+            return None
 
         self._update(
             backup,
@@ -334,7 +424,7 @@ class Replicator:
         s = job.get("status") or {}
         if not (s.get("succeeded") or s.get("failed")):
             return
-        name = (job["metadata"].get("labels") or {}).get(LABEL_REPLICA, "")
+        name = (job["metadata"].get("annotations") or {}).get(ANNOTATION_REPLICA, "")
         job_name = job["metadata"]["name"]
         ns = backup["metadata"]["namespace"]
         results = self.kube.job_results(ns, job_name)
@@ -359,7 +449,7 @@ class Replicator:
                     )
                 else:
                     why = result.get("error") or f"the replication Job failed ({_job_reason(job)})"
-                    loc.update(state=FAILED, message=str(why)[:1000])
+                    loc.update(state=FAILED, message=f"{str(why)[:900]}; retried with backoff")
                 return locs
             return None
 
@@ -384,24 +474,32 @@ class Replicator:
 
     # --- the sweep ---------------------------------------------------------------------------
 
-    def sweep(self, backups: list[dict[str, Any]]) -> SweepReport:
-        """Start the copies that wait (a replica back up, a failed copy to retry)."""
+    def sweep(self, backups: Iterable[dict[str, Any]], now: dt.datetime) -> SweepReport:
+        """Start the copies that wait (a replica back up, a failed copy due again), and give
+        Completed Backups the locations of replicas added to their storage since."""
         report = SweepReport()
         reachable: dict[str, str] = {}
+        storages: dict[str, dict[str, Any] | None] = {}
         pending: dict[str, int] = {}
-        for b in backups:
+        for b in backups:  # a page at a time: nothing kept per Backup
             st = b.get("status") or {}
-            if st.get("phase") != "Completed" or b["metadata"].get("deletionTimestamp"):
+            meta = b["metadata"]
+            if st.get("phase") != "Completed" or meta.get("deletionTimestamp") or _expired(b, now):
                 continue
-            locs = st.get("locations") or []
-            if all(loc.get("state") == REPLICATED for loc in locs):
-                continue
-            ns = b["metadata"]["namespace"]
-            pending[ns] = pending.get(ns, 0) + 1
-            report.examined += 1
-            key = f"{ns}/{b['metadata']['name']}"
+            ns = meta["namespace"]
+            key = f"{ns}/{meta['name']}"
             try:
-                started = self.start(b, reachable=reachable)
+                locs = st.get("locations") or []
+                if self._adopt_new_replicas(b, locs, storages):
+                    report.extended.append(key)
+                    locs = (self.kube.get(BACKUPS, ns, meta["name"]) or b).get("status", {}).get(
+                        "locations"
+                    ) or []
+                if all(loc.get("state") == REPLICATED or loc.get("final") for loc in locs):
+                    continue
+                pending[ns] = pending.get(ns, 0) + 1
+                report.examined += 1
+                started = self.start(b, reachable=reachable, storages=storages)
             except Exception:
                 log.exception("replication of %s", key)
                 continue
@@ -409,13 +507,59 @@ class Replicator:
         metrics.unreplicated(pending)
         return report
 
+    def _adopt_new_replicas(
+        self, backup: dict[str, Any], locs: list[dict[str, Any]], storages: dict[str, dict[str, Any] | None]
+    ) -> bool:
+        """A replica added to the storage after this Backup completed gets a Pending location,
+        so every snapshot ends up in every location, old ones too."""
+        ns = backup["metadata"]["namespace"]
+        name = backup["spec"]["storageRef"]["name"]
+        if f"{ns}/{name}" not in storages:
+            storages[f"{ns}/{name}"] = self.kube.get(storage_rec.PLURAL, ns, name)
+        primary = storages[f"{ns}/{name}"]
+        if primary is None or not locs:
+            return False
+        have = {loc["storage"] for loc in locs}
+        new = [r for r in replica_names(primary) if r not in have]
+        if not new:
+            return False
+        checks = [c for c in check_replicas(self.kube, self.policy, ns, primary) if c.name in new]
 
-def _primary_prefix(status: dict[str, Any], primary: dict[str, Any]) -> str:
-    """The prefix the snapshot's keys carry: recorded at completion, else the storage's now."""
-    from nightjar.storage import layout
+        def change(cur: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            names = {loc["storage"] for loc in cur}
+            added = [
+                loc
+                for loc in initial_locations(primary, checks, dt.datetime.now(dt.UTC))[1:]
+                if loc["storage"] not in names
+            ]
+            return [*cur, *added] if added else None
 
-    recorded = (status.get("storage") or {}).get("prefix")
-    return recorded if recorded is not None else layout.normalize_prefix(primary["spec"].get("prefix") or "")
+        return bool(self._update(backup, change) is not None)
+
+
+def _due(loc: dict[str, Any], now: dt.datetime, base: int) -> bool:
+    """A failed copy is retried after base * 2^(attempts-1) seconds, at most 6 hours apart."""
+    last = loc.get("lastAttemptAt")
+    if not last:
+        return True
+    wait: int = min(base * 2 ** max(int(loc.get("attempts") or 1) - 1, 0), 6 * 3600)
+    return (now - parse_time(str(last))).total_seconds() >= wait
+
+
+def _expired(backup: dict[str, Any], now: dt.datetime) -> bool:
+    raw = (backup["metadata"].get("annotations") or {}).get(ANNOTATION_EXPIRES_AT)
+    try:
+        return bool(raw) and parse_time(str(raw)) <= now
+    except ValueError:
+        return False
+
+
+def primary_prefix(status: dict[str, Any]) -> str:
+    """The prefix the snapshot's keys carry, read from its manifest key (everything before the
+    layout's root): right even when the storage's prefix changed since."""
+    key = (status.get("storage") or {}).get("manifestKey") or ""
+    at = key.find(layout.ROOT + "/")
+    return key[:at] if at >= 0 else (status.get("storage") or {}).get("prefix") or ""
 
 
 def unreachable(kube: Kube, namespace: str, storage: dict[str, Any]) -> str:

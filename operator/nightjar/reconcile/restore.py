@@ -268,40 +268,28 @@ class RestoreReconciler:
         self, restore: dict[str, Any], backup: dict[str, Any], primary: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """The primary storage when it answers, else the first replica holding a verified copy
-        that does; recorded in status.source (and told in an Event when it is a replica)."""
+        that does; recorded in status.source (and told in an Event when it is a replica).
+
+        Without a verified replica the primary is used as it always was: its Job then says
+        what is wrong with it, and an outage of a few seconds does not fail the Restore here.
+        """
         bns = backup["metadata"]["namespace"]
-        why = replication.unreachable(self.kube, bns, primary)
-        choice: tuple[dict[str, Any], dict[str, str]] | None = None
-        if not why:
-            choice = (primary, _source(primary, "Primary", "the primary storage answers"))
-        else:
-            tried = []
-            for loc in (backup.get("status") or {}).get("locations") or []:
-                if loc.get("role") != "Replica":
-                    continue
-                if loc.get("state") != "Replicated":
-                    tried.append(f"{loc['storage']}: {loc.get('state')}, no verified copy")
-                    continue
+        replicas = [
+            loc
+            for loc in (backup.get("status") or {}).get("locations") or []
+            if loc.get("role") == "Replica" and loc.get("state") == "Replicated"
+        ]
+        choice = (primary, _source(primary, "Primary", "the primary storage"))
+        why = replication.unreachable(self.kube, bns, primary) if replicas else ""
+        if why:
+            for loc in replicas:
                 replica = self.kube.get(storage_rec.PLURAL, bns, loc["storage"])
-                rwhy = (
-                    f'BackupStorage "{loc["storage"]}" not found'
-                    if replica is None
-                    else replication.unreachable(self.kube, bns, replica)
-                )
-                if replica is not None and not rwhy:
+                if replica is not None and not replication.unreachable(self.kube, bns, replica):
                     reason = f"the primary {primary['metadata']['name']} cannot be reached: {why}"
                     choice = (replica, _source(replica, "Replica", reason))
                     break
-                tried.append(f"{loc['storage']}: {rwhy}")
-            if choice is None:
-                raise Refused(
-                    f"the Backup's storage {primary['metadata']['name']} cannot be reached ({why})"
-                    + (
-                        f" and no replica can serve it ({'; '.join(tried)})"
-                        if tried
-                        else " and it has no replica"
-                    )
-                )
+            else:
+                choice = (primary, _source(primary, "Primary", f"no replica answers either; {why}"))
         storage, source = choice
         if (restore.get("status") or {}).get("source") != source:
             event = (

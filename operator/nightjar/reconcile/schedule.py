@@ -397,7 +397,7 @@ def gc_sweep(
         names = [b["spec"]["storageRef"]["name"]] + [
             loc["storage"]
             for loc in (b.get("status") or {}).get("locations") or []
-            if loc.get("role") == "Replica"
+            if loc.get("role") == "Replica" and (loc.get("state") == "Replicated" or loc.get("attempts"))
         ]
         for name in names:
             if (ns, name) not in reachable:

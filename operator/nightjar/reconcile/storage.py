@@ -117,6 +117,13 @@ def replicas_status(
             )
         else:
             entry = {"name": c.name, "jurisdiction": c.jurisdiction, "state": "Ready"}
+            mine = (body["spec"].get("objectLock") or {}).get("mode") or "None"
+            theirs = (c.storage["spec"].get("objectLock") or {}).get("mode") or "None"
+            if mine != "None" and theirs == "None":
+                entry["message"] = (
+                    f"copies keep this storage's Object Lock ({mine}): the replica's bucket must have "
+                    "Object Lock enabled"
+                )
             phase = (c.storage.get("status") or {}).get("phase")
             if phase == "Unavailable":
                 entry.update(state="Unavailable", message=(c.storage.get("status") or {}).get("message", ""))

@@ -143,8 +143,14 @@ def replicate_snapshot(
         )
         report.copied_objects += 1
         report.copied_bytes += len(manifest_body)
-    # Read back what landed: the replica holds the manifest the Backup's status names.
+    # Read back what landed: the replica holds the manifest the Backup's status names, and every
+    # object it lists (one skipped as "already there" may have been deleted meanwhile, by the
+    # deletion of the Backup that brought it; a retry then copies it again).
     landed = dst.get_object(Bucket=dst_bucket, Key=report.manifest_key)["Body"].read()
     if hashlib.sha256(landed).hexdigest() != digest:
         raise IntegrityError(f"manifest {report.manifest_key} in the replica does not read back intact")
+    for obj in manifest.get("objects", []):
+        dkey = rebase(obj["key"], src_prefix, dst_prefix)
+        if not _already_there(_head(dst, dst_bucket, dkey), int(obj["bytes"]), obj["sha256"]):
+            raise IntegrityError(f"object {dkey} vanished from the replica during the copy")
     return report

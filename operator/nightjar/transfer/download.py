@@ -124,7 +124,11 @@ def _from_replica(
         if loc.get("state") != "Replicated":
             tried.append(f"{loc['storage']}: {loc.get('state')}, no verified copy")
             continue
-        replica = cluster.storage(kube, namespace, loc["storage"])
+        try:
+            replica = cluster.storage(kube, namespace, loc["storage"])
+        except CommandError as e:
+            tried.append(f"{loc['storage']}: {e}")
+            continue
         rwhy = _unreachable(replica.target)
         if rwhy:
             tried.append(f"{loc['storage']}: {rwhy}")
