@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,17 @@ from bench.backup_files import make_tree, run_agent
 
 
 def replicate(env: dict[str, str], manifest: str, sha: str, prefix: str) -> tuple[dict[str, int], float, int]:
+    # The agent in a process of its own that reports its own peak RSS.
     args = [
-        str(Path(sys.executable).with_name("nightjar")),
+        sys.executable,
+        "-c",
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (big) parent through exec.
+        "import sys\n"
+        "from nightjar.cli import main\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+        "    print('maxrss', hwm, file=sys.stderr)",
         "agent",
         "replicate",
         "--endpoint",
@@ -57,12 +65,11 @@ def replicate(env: dict[str, str], manifest: str, sha: str, prefix: str) -> tupl
         "NIGHTJAR_REPLICA_S3_ACCESS_KEY_ID": env["NIGHTJAR_S3_REPLICA_ACCESS_KEY"],
         "NIGHTJAR_REPLICA_S3_SECRET_ACCESS_KEY": env["NIGHTJAR_S3_REPLICA_SECRET_KEY"],
     }
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.monotonic()
-    out = subprocess.run(args, env=agent_env, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(args, env=agent_env, capture_output=True, text=True, check=True)
     elapsed = time.monotonic() - t0
-    rss_kib = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
-    return json.loads(out.strip().splitlines()[-1]), elapsed, rss_kib
+    rss_kib = int(next(ln for ln in proc.stderr.splitlines() if ln.startswith("maxrss ")).split()[1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), elapsed, rss_kib
 
 
 def main() -> None:
