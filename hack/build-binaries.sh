@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the local stack's binaries from upstream source through the Go module proxy and
 # cache them by version outside the repository:
-#   $NIGHTJAR_CACHE/bin/kubernetes-<v>/{kube-apiserver,kube-controller-manager,kubectl}
+#   $NIGHTJAR_CACHE/bin/kubernetes-<v>+<build>/{kube-apiserver,kube-controller-manager,kubectl}
 #   $NIGHTJAR_CACHE/bin/etcd-<v>/etcd
 #   $NIGHTJAR_CACHE/bin/minio-<v>/minio
 #   $NIGHTJAR_CACHE/bin/helm-<v>/helm
@@ -65,7 +65,15 @@ build_kubernetes() {
     echo "require k8s.io/kubernetes $v"
     grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' upstream.mod | awk -v s="$staging" '{print "replace " $1 " => " $1 " " s}'
   } > go.mod
-  GOFLAGS="$GOFLAGS -mod=mod" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags='-s -w' \
+  # Stamp the version as upstream's release builds do, so /version (and Helm's kubeVersion
+  # checks) see v1.X.Y rather than v0.0.0-master.
+  local minor=${v#v1.}; minor=${minor%%.*}
+  local stamp="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    stamp+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+    stamp+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  GOFLAGS="$GOFLAGS -mod=mod" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags="-s -w$stamp" \
     -o ../out/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
   cd .. && rm -rf w
 }
@@ -91,7 +99,7 @@ build_helm() {
 want=${*:-kubernetes etcd minio helm}
 for c in $want; do
   case $c in
-    kubernetes) build_into "$bindir/kubernetes-$KUBERNETES_VERSION" build_kubernetes ;;
+    kubernetes) build_into "$bindir/kubernetes-$KUBERNETES_VERSION+$KUBERNETES_BUILD" build_kubernetes ;;
     etcd) build_into "$bindir/etcd-$ETCD_VERSION" build_etcd ;;
     minio) build_into "$bindir/minio-$MINIO_VERSION" build_minio ;;
     helm) build_into "$bindir/helm-$HELM_VERSION" build_helm ;;

@@ -88,6 +88,15 @@ def test_bad_values_are_refused_with_a_readable_message(helm: Helm) -> None:
         check=False,
     )
     assert out.returncode != 0 and "leaderElection" in out.stderr
+    out = helm("template", "nj", str(CHART), "--kube-version=1.29.5", check=False)
+    assert out.returncode != 0 and "kubeVersion" in out.stderr
+
+
+def test_the_stack_reports_a_real_kubernetes_version(env: dict[str, str]) -> None:
+    # helm install checks the chart's kubeVersion against it (the local stack's binaries are
+    # version-stamped like upstream's releases).
+    out = kubectl(env, "version", "-o", "json")
+    assert json.loads(out.stdout)["serverVersion"]["gitVersion"].startswith("v1.")
 
 
 def test_the_pod_is_restricted_and_every_container_runs_as_non_root(helm: Helm) -> None:

@@ -135,7 +135,10 @@ def binary(component: str, name: str) -> Path:
         "minio": "MINIO_VERSION",
         "helm": "HELM_VERSION",
     }[component]
-    p = cache_dir() / "bin" / f"{component}-{v[key]}" / name
+    version = v[key] + (
+        f"+{v['KUBERNETES_BUILD']}" if component == "kubernetes" and v.get("KUBERNETES_BUILD") else ""
+    )
+    p = cache_dir() / "bin" / f"{component}-{version}" / name
     if not p.is_file():
         raise StackError(f"{p} is missing: run `make binaries` (hack/build-binaries.sh) to build it")
     return p
