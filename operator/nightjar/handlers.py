@@ -109,9 +109,16 @@ def shutdown(**_: Any) -> None:
 
 
 def _replication_sweeps() -> None:
-    """Copies that wait for a replica (down, or a failed copy due again), on their own clock so
-    an unreachable replica never delays the scheduler."""
+    """Every storage re-checked, then the copies that wait for a replica (down, or a failed copy
+    due again); on their own clock, so an unreachable bucket never delays the scheduler."""
     while not STATE.stop.wait(STATE.config.gc_interval_seconds):
+        try:
+            now = dt.datetime.now(dt.UTC)
+            storage_rec.sweep(
+                STATE.kube, list_all(STATE.kube, storage_rec.PLURAL), now, STATE.replicator.policy
+            )
+        except Exception:
+            log.exception("storage check sweep failed; the next sweep retries")
         try:
             finished = list_all(STATE.kube, BACKUPS, f"{LABEL_FINISHED}=true")
             rep = STATE.replicator.sweep(finished, dt.datetime.now(dt.UTC))
@@ -173,7 +180,9 @@ def schedule_changed(body: kopf.Body, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, storage_rec.PLURAL, field="spec")
 @kopf.on.resume(GROUP, VERSION, storage_rec.PLURAL)
 def storage_check(body: kopf.Body, **_: Any) -> None:
-    storage_rec.reconcile_storage(STATE.kube, dict(body), dt.datetime.now(dt.UTC), STATE.replicator.policy)
+    now, policy = dt.datetime.now(dt.UTC), STATE.replicator.policy
+    storage_rec.reconcile_storage(STATE.kube, dict(body), now, policy)
+    storage_rec.reconcile_dependents(STATE.kube, dict(body), now, policy)
 
 
 # --- Backup --------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from nightjar.devstack.stack import binary, free_port, postgres_bindir
-from tests.support import stack_env, wait_for
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "nightjar"
@@ -34,31 +34,6 @@ IMAGE = "ghcr.io/nightjar-dev/nightjar"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.e2e)
-
-
-@pytest.fixture(scope="session")
-def env() -> dict[str, str]:
-    return stack_env()
-
-
-@pytest.fixture(scope="session")
-def api_client(env: dict[str, str]) -> client.ApiClient:
-    return config.new_client_from_config(env["KUBECONFIG"])
-
-
-@pytest.fixture(scope="session")
-def core(api_client: client.ApiClient) -> client.CoreV1Api:
-    return client.CoreV1Api(api_client)
-
-
-@pytest.fixture(scope="session")
-def apps(api_client: client.ApiClient) -> client.AppsV1Api:
-    return client.AppsV1Api(api_client)
-
-
-@pytest.fixture(scope="session")
-def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api_client)
 
 
 class Helm:

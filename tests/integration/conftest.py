@@ -16,45 +16,15 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from kubernetes import client, config
+from kubernetes import client
 
 from tests.integration.helpers import psql
-from tests.support import hostpath_claim, stack_env
+from tests.support import hostpath_claim
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.integration)
-
-
-@pytest.fixture(scope="session")
-def env() -> dict[str, str]:
-    return stack_env()
-
-
-@pytest.fixture(scope="session")
-def api_client(env: dict[str, str]) -> client.ApiClient:
-    return config.new_client_from_config(env["KUBECONFIG"])
-
-
-@pytest.fixture(scope="session")
-def core(api_client: client.ApiClient) -> client.CoreV1Api:
-    return client.CoreV1Api(api_client)
-
-
-@pytest.fixture(scope="session")
-def batch(api_client: client.ApiClient) -> client.BatchV1Api:
-    return client.BatchV1Api(api_client)
-
-
-@pytest.fixture(scope="session")
-def apiext(api_client: client.ApiClient) -> client.ApiextensionsV1Api:
-    return client.ApiextensionsV1Api(api_client)
-
-
-@pytest.fixture(scope="session")
-def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api_client)
 
 
 @pytest.fixture

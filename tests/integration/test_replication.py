@@ -331,3 +331,25 @@ def test_a_replica_added_later_receives_the_existing_backups(
     )
     assert backup["status"]["replication"] == "2/2"
     assert objects_match(env, backup) >= 1
+
+
+def test_storage_status_follows_its_server_down_and_back(
+    custom: client.CustomObjectsApi, core: client.CoreV1Api, env: dict[str, str], namespace: str
+) -> None:
+    pair(custom, core, env, namespace)
+    with stopped_s3("replica"):
+        st = wait_for(
+            "dr Unavailable while its server is down",
+            lambda: (s := storage_status(custom, namespace, "dr")).get("phase") == "Unavailable" and s,
+            90,
+        )
+        assert "cannot connect" in st["message"]
+        wait_for(
+            "the primary to show its replica down",
+            lambda: (
+                [r["state"] for r in storage_status(custom, namespace, "s3").get("replicas", [])]
+                == ["Unavailable"]
+            ),
+            90,
+        )
+    wait_for("dr Ready again", lambda: storage_status(custom, namespace, "dr").get("phase") == "Ready", 90)

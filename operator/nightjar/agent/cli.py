@@ -34,6 +34,23 @@ def _env(name: str) -> str:
     return os.environ.get(name, "")
 
 
+def _storage(o: dict[str, Any], role: str = "") -> S3Target:
+    """The storage the options name (``role`` "replica": the ``--replica-*`` ones), its key pair
+    from the environment the Job filled from the Secret."""
+    opt = f"{role}_" if role else ""
+    env = "NIGHTJAR_REPLICA_S3" if role else "NIGHTJAR_S3"
+    return S3Target(
+        endpoint=o[f"{opt}endpoint"],
+        bucket=o[f"{opt}bucket"],
+        region=o[f"{opt}region"],
+        access_key=_env(f"{env}_ACCESS_KEY_ID"),
+        secret_key=_env(f"{env}_SECRET_ACCESS_KEY"),
+        prefix=o[f"{opt}prefix"],
+        ca_bundle=o[f"{opt}ca_file"],
+        insecure=o[f"{opt}insecure"],
+    )
+
+
 @click.command("backup")
 @click.option("--endpoint", required=True, help="S3 endpoint of the BackupStorage.")
 @click.option("--bucket", required=True)
@@ -64,16 +81,7 @@ def backup_cmd(**o: Any) -> None:
 
     started = time.monotonic()
     try:
-        storage = S3Target(
-            endpoint=o["endpoint"],
-            bucket=o["bucket"],
-            region=o["region"],
-            access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
-            secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
-            prefix=o["prefix"],
-            ca_bundle=o["ca_file"],
-            insecure=o["insecure"],
-        )
+        storage = _storage(o)
         if not storage.access_key or not storage.secret_key:
             raise BackupFailed("storage: the credentials Secret gave no access key pair")
         files_s3 = _files_s3(o)
@@ -153,16 +161,7 @@ def restore_cmd(**o: Any) -> None:
 
     started = time.monotonic()
     try:
-        storage = S3Target(
-            endpoint=o["endpoint"],
-            bucket=o["bucket"],
-            region=o["region"],
-            access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
-            secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
-            prefix=o["prefix"],
-            ca_bundle=o["ca_file"],
-            insecure=o["insecure"],
-        )
+        storage = _storage(o)
         s3 = None
         if o["presigned_file"]:
             from nightjar.storage.snapshot import PresignedReader
@@ -226,26 +225,7 @@ def replicate_cmd(**o: Any) -> None:
     from nightjar.storage.snapshot import IntegrityError
 
     started = time.monotonic()
-    src = S3Target(
-        endpoint=o["endpoint"],
-        bucket=o["bucket"],
-        region=o["region"],
-        access_key=_env("NIGHTJAR_S3_ACCESS_KEY_ID"),
-        secret_key=_env("NIGHTJAR_S3_SECRET_ACCESS_KEY"),
-        prefix=o["prefix"],
-        ca_bundle=o["ca_file"],
-        insecure=o["insecure"],
-    )
-    dst = S3Target(
-        endpoint=o["replica_endpoint"],
-        bucket=o["replica_bucket"],
-        region=o["replica_region"],
-        access_key=_env("NIGHTJAR_REPLICA_S3_ACCESS_KEY_ID"),
-        secret_key=_env("NIGHTJAR_REPLICA_S3_SECRET_ACCESS_KEY"),
-        prefix=o["replica_prefix"],
-        ca_bundle=o["replica_ca_file"],
-        insecure=o["replica_insecure"],
-    )
+    src, dst = _storage(o), _storage(o, role="replica")
     stage = "primary"
     try:
         src_client = src.client()

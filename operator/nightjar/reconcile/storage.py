@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -175,3 +176,33 @@ def reconcile_storage(
     if previous != phase:
         kube.event(body, "Normal" if ready else "Warning", phase, message)
     return status
+
+
+def reconcile_dependents(kube: Kube, body: dict[str, Any], now: dt.datetime, policy: Policy) -> list[str]:
+    """Storages of the namespace that name ``body`` as a replica see it change (created, its
+    jurisdiction moved) at once, not at their next check; returns their names."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    out = []
+    for other in kube.list_objects(PLURAL, ns):
+        if other["metadata"]["name"] != name and any(
+            r.get("name") == name for r in other["spec"].get("replicas") or []
+        ):
+            reconcile_storage(kube, other, now, policy)
+            out.append(other["metadata"]["name"])
+    return out
+
+
+def sweep(kube: Kube, storages: Iterable[dict[str, Any]], now: dt.datetime, policy: Policy) -> int:
+    """Re-check every storage (one pass, no timer per object): a bucket that went down shows
+    Unavailable, one that came back shows Ready, without a spec change or a restart."""
+    n = 0
+    for body in storages:
+        if body["metadata"].get("deletionTimestamp"):
+            continue
+        try:
+            reconcile_storage(kube, body, now, policy)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        n += 1
+    return n
