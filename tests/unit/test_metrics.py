@@ -410,7 +410,8 @@ def test_gc_counts_deletions_and_deferrals_and_tells_the_schedule(fixed_now: dt.
     assert value("nightjar_gc_deferred_total", namespace=other) == 2  # once per sweep it waited
     assert kube.reasons("nightly-20261101") == ["Expired"]
     assert kube.reasons("nightly") == ["BackupExpired"]
-    assert "Nightly backup nightly-20261101 expired" in kube.events[-1][3]
+    # One Event per schedule per sweep, naming its expired Backups.
+    assert kube.events[-1][3] == "1 backup expired and deleted with their stored objects: nightly-20261101"
 
 
 def test_the_last_completed_gauges_only_move_forward_and_survive_a_restart() -> None:

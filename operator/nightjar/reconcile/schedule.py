@@ -373,7 +373,7 @@ def gc_sweep(
     """
     report = SweepReport()
     reachable: dict[tuple[str, str], bool] = {}
-    schedules: dict[tuple[str, str], dict[str, Any] | None] = {}
+    expired_by_schedule: dict[tuple[str, str], list[str]] = defaultdict(list)
     for b in list_all(kube, BACKUPS):
         report.examined += 1
         meta = b["metadata"]
@@ -416,42 +416,37 @@ def gc_sweep(
         kube.event(
             b, "Normal", "Expired", f"expired at {format_time(expires)}; deleting it and its stored objects"
         )
-        _tell_schedule(kube, b, expires, schedules)
+        sched = (meta.get("labels") or {}).get(LABEL_SCHEDULE)
+        if sched:
+            expired_by_schedule[(ns, sched)].append(meta["name"])
         log.info("gc: deleted expired backup %s/%s (expired %s)", ns, meta["name"], format_time(expires))
         report.deleted.append(f"{ns}/{meta['name']}")
+    _tell_schedules(kube, expired_by_schedule)
     if report.deferred:
         log.warning("gc: %d expired backups wait for their storage to be reachable", len(report.deferred))
     return report
 
 
-def _tell_schedule(
-    kube: Kube,
-    backup: dict[str, Any],
-    expires: dt.datetime,
-    schedules: dict[tuple[str, str], dict[str, Any] | None],
-) -> None:
-    """An Event on the schedule that made an expired Backup: ``kubectl describe backupschedule``
-    shows its retention at work, not only the Backup's own (soon gone) Events."""
-    meta = backup["metadata"]
-    sched = (meta.get("labels") or {}).get(LABEL_SCHEDULE)
-    if not sched:
-        return
-    key = (meta["namespace"], sched)
-    if key not in schedules:
+def _tell_schedules(kube: Kube, expired: dict[tuple[str, str], list[str]]) -> None:
+    """One Event per schedule per sweep on the Backups of it that expired: ``kubectl describe
+    backupschedule`` shows its retention at work, and 5,000 expiries cost a few Events, not 5,000."""
+    for (ns, name), backups in sorted(expired.items()):
         try:
-            schedules[key] = kube.get(PLURAL, *key)
+            sched = kube.get(PLURAL, ns, name)
         except ApiException as e:
-            log.warning("gc: reading schedule %s/%s: %s", *key, e.reason)
-            schedules[key] = None
-    s = schedules[key]
-    if s is not None:
-        btype = (backup.get("spec") or {}).get("type") or "backup"
+            log.warning("gc: reading schedule %s/%s: %s", ns, name, e.reason)
+            continue
+        if sched is None:
+            continue
+        shown = ", ".join(sorted(backups)[:10]) + (
+            f" and {len(backups) - 10} more" if len(backups) > 10 else ""
+        )
         kube.event(
-            s,
+            sched,
             "Normal",
             "BackupExpired",
-            f"{btype} backup {meta['name']} expired at {format_time(expires)}; "
-            "deleting it and its stored objects",
+            f"{len(backups)} backup{'' if len(backups) == 1 else 's'} expired and deleted with their stored "
+            f"objects: {shown}",
         )
 
 
