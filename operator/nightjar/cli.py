@@ -92,6 +92,15 @@ def operator(
         raise click.UsageError("--all-namespaces and --namespace exclude each other")
     if leader_elect and not leader_election_namespace:
         raise click.UsageError("--leader-elect needs --leader-election-namespace (or env POD_NAMESPACE)")
+    # Bad configuration stops the start with one clear line, before any watch begins.
+    from nightjar.config import OperatorConfig
+    from nightjar.domain.residency import PolicyError
+    from nightjar.domain.residency import load as load_policy
+
+    try:
+        load_policy(OperatorConfig.from_env().residency_policy_file)
+    except (ValueError, PolicyError) as e:
+        raise click.ClickException(str(e)) from e
     run_operator(
         namespaces=[n for ns in namespaces for n in ns.replace(",", " ").split()],
         verbose=verbose,
@@ -355,7 +364,7 @@ def upload(
     nothing is left: no Backup, no objects in the bucket.
     """
     from nightjar.constants import GROUP, VERSION
-    from nightjar.storage.s3 import delete_all_versions, describe_error
+    from nightjar.storage.s3 import delete_all_versions, unreachable
     from nightjar.transfer import CommandError, cluster
     from nightjar.transfer.names import object_name
     from nightjar.transfer.progress import Bar, Follower, Ticking
@@ -370,11 +379,13 @@ def upload(
         if kube.get(cluster.BACKUPS, ns, name) is not None:
             raise CommandError(f'Backup "{name}" already exists in namespace {ns}: choose another --name')
         st = cluster.storage(kube, ns, storage)
+        refused = cluster.residency_refusal(kube, ns, storage)
+        if refused:  # the operator's verdict: no data goes to this storage
+            raise CommandError(f"storage {storage}: {refused}")
+        down = unreachable(st.target)
+        if down:
+            raise CommandError(f"storage {storage}: {down}")
         s3 = st.target.client()
-        try:
-            s3.head_bucket(Bucket=st.target.bucket)
-        except Exception as e:
-            raise CommandError(describe_error(e, f"storage {storage}: bucket {st.target.bucket}")) from e
         if file == "-":
             src: Any = sys.stdin.buffer
             total = None

@@ -209,6 +209,7 @@ def test_an_eu_primary_with_a_uk_replica_is_refused_and_uk_to_eu_is_accepted(
     env: dict[str, str],
     namespace: str,
     app_db: str,
+    tmp_path: Path,
 ) -> None:
     storage(custom, core, env, namespace, "london", "replica", "UK")
     storage(custom, core, env, namespace, "frankfurt", "primary", "EU", replicas=["london"])
@@ -229,6 +230,14 @@ def test_an_eu_primary_with_a_uk_replica_is_refused_and_uk_to_eu_is_accepted(
         Bucket=env["NIGHTJAR_S3_BUCKET_LOCKED"], Prefix=f"primary-{namespace}/"
     )
     assert listed.get("KeyCount", 0) == 0
+    # Nor does nightjar upload write there.
+    archive = tmp_path / "any.tar.gz"
+    archive.write_bytes(b"not read: refused before")
+    out = cli(env, "upload", str(archive), "--storage", "frankfurt", "-n", namespace)
+    assert out.returncode == 1 and "storage frankfurt: replica london (UK) refused" in out.stderr
+    assert "eu-stays-in-eu" in out.stderr
+    listed = s3_of(env, "primary").list_objects_v2(Bucket=env["NIGHTJAR_S3_BUCKET_LOCKED"], Prefix="primary-")
+    assert not [o for o in listed.get("Contents", []) if namespace in o["Key"]]
 
     # UK data is backed up in the EU: accepted.
     storage(custom, core, env, namespace, "dublin", "replica", "EU")

@@ -113,3 +113,28 @@ def test_a_local_file_problem_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(click.ClickException) as err, _failures():
         (tmp_path / "missing" / "x.part").open("wb")
     assert err.value.message == f"No such file or directory: {tmp_path / 'missing' / 'x.part'}"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"NIGHTJAR_RESIDENCY_POLICY_FILE": "/nonexistent/policy.yaml"},
+            "residency policy /nonexistent/policy.yaml",
+        ),
+        ({"NIGHTJAR_DEFAULT_RETENTION_ONDEMAND": "3 months"}, "NIGHTJAR_DEFAULT_RETENTION_ONDEMAND: invalid"),
+        ({"NIGHTJAR_GC_INTERVAL_SECONDS": "often"}, "NIGHTJAR_GC_INTERVAL_SECONDS must be an integer"),
+    ],
+)
+def test_the_operator_refuses_bad_configuration_before_it_starts(env: dict[str, str], message: str) -> None:
+    out = CliRunner().invoke(main, ["operator"], env=env)
+    assert out.exit_code == 1
+    assert message in out.output
+
+
+def test_a_malformed_residency_policy_says_where(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("rules:\n- {name: eu, primary: [EU]}\n")
+    out = CliRunner().invoke(main, ["operator"], env={"NIGHTJAR_RESIDENCY_POLICY_FILE": str(bad)})
+    assert out.exit_code == 1
+    assert "rules[0] (eu): 'replicasIn' must be a non-empty list" in out.output

@@ -32,10 +32,9 @@ from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_REPLICA
 from nightjar.domain.residency import Policy, Verdict
 from nightjar.domain.retention import format_time, parse_time
 from nightjar.jobs import ReplicatePlan, StorageRef, build_replicate_job, replicate_job_name
-from nightjar.kube import Kube, SecretMissing
+from nightjar.kube import Kube
 from nightjar.reconcile import storage as storage_rec
 from nightjar.storage import layout
-from nightjar.storage.s3 import describe_error
 
 log = logging.getLogger("nightjar.replication")
 
@@ -294,7 +293,7 @@ class Replicator:
                 self._finish(backup, [name], verdict.message)
                 continue
             if f"{ns}/{name}" not in cache:
-                cache[f"{ns}/{name}"] = unreachable(self.kube, ns, replica)
+                cache[f"{ns}/{name}"] = storage_rec.unreachable(self.kube, ns, replica)
             if cache[f"{ns}/{name}"]:
                 self._wait(backup, [name], cache[f"{ns}/{name}"])
                 continue
@@ -323,7 +322,8 @@ class Replicator:
 
     def _finish(self, backup: dict[str, Any], names: list[str], why: str) -> None:
         """The copy can never happen (refused by the residency policy, no longer a replica, the
-        primary gone or moved): Failed for good, with the reason; not retried, not counted."""
+        primary gone or moved): Failed for good, with the reason; never retried, left out of the
+        unreplicated gauge (the Replicated condition stays False and says why)."""
 
         def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
             hit = False
@@ -361,7 +361,7 @@ class Replicator:
     ) -> bool:
         meta, st = backup["metadata"], backup["status"]
         name = replica["metadata"]["name"]
-        expires = (meta.get("annotations") or {}).get("nightjar.dev/expires-at") or st.get("expiresOn") or ""
+        expires = (meta.get("annotations") or {}).get(ANNOTATION_EXPIRES_AT) or st.get("expiresOn") or ""
         primary_ref = StorageRef.from_spec(primary["spec"])
         replica_ref = StorageRef.from_spec(replica["spec"])
         if replica_ref.lock_mode == "None" and primary_ref.lock_mode != "None":
@@ -560,19 +560,6 @@ def primary_prefix(status: dict[str, Any]) -> str:
     key = (status.get("storage") or {}).get("manifestKey") or ""
     at = key.find(layout.ROOT + "/")
     return key[:at] if at >= 0 else (status.get("storage") or {}).get("prefix") or ""
-
-
-def unreachable(kube: Kube, namespace: str, storage: dict[str, Any]) -> str:
-    """ "" when the storage's bucket answers with its credentials now, else why not."""
-    try:
-        target = storage_rec.target_for(kube, namespace, storage["spec"])
-    except SecretMissing as e:
-        return f"credentials: {e}"
-    try:
-        target.client().head_bucket(Bucket=target.bucket)
-    except Exception as e:
-        return describe_error(e, f"bucket {target.bucket} at {target.endpoint}")
-    return ""
 
 
 def _job_reason(job: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ from nightjar.jobs import (
     restore_access_name,
 )
 from nightjar.kube import Kube, SecretMissing
-from nightjar.reconcile import preflight, replication
+from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import Retry, _cond, _now
@@ -280,11 +280,11 @@ class RestoreReconciler:
             if loc.get("role") == "Replica" and loc.get("state") == "Replicated"
         ]
         choice = (primary, _source(primary, "Primary", "the primary storage"))
-        why = replication.unreachable(self.kube, bns, primary) if replicas else ""
+        why = storage_rec.unreachable(self.kube, bns, primary) if replicas else ""
         if why:
             for loc in replicas:
                 replica = self.kube.get(storage_rec.PLURAL, bns, loc["storage"])
-                if replica is not None and not replication.unreachable(self.kube, bns, replica):
+                if replica is not None and not storage_rec.unreachable(self.kube, bns, replica):
                     reason = f"the primary {primary['metadata']['name']} cannot be reached: {why}"
                     choice = (replica, _source(replica, "Replica", reason))
                     break

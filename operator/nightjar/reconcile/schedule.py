@@ -454,9 +454,5 @@ def _storage_reachable(kube: Kube, ns: str, name: str) -> bool:
     storage = kube.get(storage_rec.PLURAL, ns, name)
     if storage is None:
         return True  # nothing stored anywhere we could reach: the Backup can go
-    try:
-        target = storage_rec.target_for(kube, ns, storage["spec"])
-        target.client().head_bucket(Bucket=target.bucket)
-    except Exception:  # missing Secret, network, refused: not reachable now, try next sweep
-        return False
-    return True
+    # Missing Secret, network, refused: not reachable now, the next sweep tries again.
+    return not storage_rec.unreachable(kube, ns, storage)

@@ -17,6 +17,7 @@ from nightjar.domain.retention import format_time
 from nightjar.jobs import StorageRef
 from nightjar.kube import Kube, SecretMissing
 from nightjar.storage.s3 import S3Target, describe_error
+from nightjar.storage.s3 import unreachable as s3_unreachable
 
 PLURAL = "backupstorages"
 
@@ -56,6 +57,15 @@ def target_for(kube: Kube, namespace: str, spec: dict[str, Any]) -> S3Target:
         ca_bundle=ca_bundle,
         insecure=ref.insecure,
     )
+
+
+def unreachable(kube: Kube, namespace: str, storage: dict[str, Any]) -> str:
+    """ "" when the BackupStorage's bucket answers with its credentials now, else why not."""
+    try:
+        target = target_for(kube, namespace, storage["spec"])
+    except SecretMissing as e:
+        return f"credentials: {e}"
+    return s3_unreachable(target)
 
 
 def check(kube: Kube, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, bool]:

@@ -71,6 +71,15 @@ def describe_error(err: Exception, what: str) -> str:
     return f"{what}: {err}"
 
 
+def unreachable(target: S3Target) -> str:
+    """ "" when the target's bucket answers with its credentials now, else why not (no secret)."""
+    try:
+        target.client().head_bucket(Bucket=target.bucket)
+    except Exception as e:
+        return describe_error(e, f"bucket {target.bucket} at {target.endpoint}")
+    return ""
+
+
 def lock_args(mode: str, until: dt.datetime | None) -> dict[str, Any]:
     """PutObject/CreateMultipartUpload arguments for Object Lock retention (none for mode None)."""
     if mode not in LOCK_MODES or until is None:

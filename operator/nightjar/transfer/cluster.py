@@ -97,3 +97,12 @@ def storage(kube: Kube, namespace: str, name: str) -> Storage:
     except SecretMissing as e:
         raise CommandError(f"BackupStorage {name} credentials: {e}") from e
     return Storage(name, target, StorageRef.from_spec(obj["spec"]).lock_mode)
+
+
+def residency_refusal(kube: Kube, namespace: str, name: str) -> str:
+    """The operator's residency verdict on a BackupStorage ("" unless it refused it): the CLI
+    writes nothing to a storage whose replicas break the policy."""
+    obj = kube.get(STORAGES, namespace, name) or {}
+    conditions: list[dict[str, Any]] = (obj.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if c.get("type") == "Ready"), {})
+    return str(ready.get("message") or "") if ready.get("reason") == "ResidencyRefused" else ""

@@ -22,6 +22,7 @@ from typing import Any
 from nightjar import archive
 from nightjar.domain.retention import parse_time
 from nightjar.kube import Kube
+from nightjar.storage.s3 import unreachable
 from nightjar.storage.snapshot import IntegrityError, SnapshotReader
 from nightjar.transfer import CommandError, cluster
 from nightjar.transfer.names import DATABASE_ONLY, FILES_ONLY, FULL
@@ -91,7 +92,7 @@ def open_snapshot(kube: Kube, namespace: str, name: str) -> Snapshot:
         or ((backup.get("spec") or {}).get("upload") or {}).get("manifestSha256")
         or ""
     )
-    why = _unreachable(t)
+    why = unreachable(t)
     if why:
         return _from_replica(kube, namespace, backup, storage.name, why, sha)
     try:
@@ -99,16 +100,6 @@ def open_snapshot(kube: Kube, namespace: str, name: str) -> Snapshot:
     except IntegrityError as e:
         raise CommandError(f'cannot read the snapshot of Backup "{name}": {e}') from e
     return Snapshot(backup, reader, location=storage.name)
-
-
-def _unreachable(t: Any) -> str:
-    from nightjar.storage.s3 import describe_error
-
-    try:
-        t.client().head_bucket(Bucket=t.bucket)
-    except Exception as e:
-        return describe_error(e, f"bucket {t.bucket} at {t.endpoint}")
-    return ""
 
 
 def _from_replica(
@@ -129,7 +120,7 @@ def _from_replica(
         except CommandError as e:
             tried.append(f"{loc['storage']}: {e}")
             continue
-        rwhy = _unreachable(replica.target)
+        rwhy = unreachable(replica.target)
         if rwhy:
             tried.append(f"{loc['storage']}: {rwhy}")
             continue
