@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from nightjar.domain.retention import parse_time
-from nightjar.storage.s3 import S3Target
+from nightjar.storage.crypto import KeyProblem, KeyRing
+from nightjar.storage.objects import S3Target
 
 #: A termination message is cut at 4096 bytes by the kubelet.
 RESULT_LIMIT = 4000
@@ -74,6 +75,13 @@ def _storage(o: dict[str, Any], role: str = "") -> S3Target:
 @click.option("--files-s3-region", default="us-east-1")
 @click.option("--previous-manifest", default="")
 @click.option("--model-version", default="")
+@click.option(
+    "--keys-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The encryption key Secret, mounted (files key-<id> and current): encrypt everything stored.",
+)
+@click.option("--compression-level", type=click.IntRange(1, 19), default=3, show_default=True)
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def backup_cmd(**o: Any) -> None:
     """Take one snapshot: pg_dump plus files, into the bucket; result to --result-file."""
@@ -103,6 +111,8 @@ def backup_cmd(**o: Any) -> None:
             model_version=o["model_version"],
             pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
             pg_root=_env("NIGHTJAR_PG_ROOT"),
+            keyring=_keyring(o["keys_dir"], BackupFailed),
+            compression_level=o["compression_level"],
         )
         result = run_backup(req)
     except BackupFailed as e:
@@ -113,6 +123,16 @@ def backup_cmd(**o: Any) -> None:
         raise
     result["durationSeconds"] = round(time.monotonic() - started, 3)
     write_result(o["result_file"], result)
+
+
+def _keyring(path: Path | None, failure: Any) -> KeyRing | None:
+    """The key ring from the mounted key Secret (its name in NIGHTJAR_KEY_SECRET, for messages)."""
+    if path is None:
+        return None
+    try:
+        return KeyRing.from_dir(path, _env("NIGHTJAR_KEY_SECRET") or path.name)
+    except KeyProblem as e:
+        raise failure(f"encryption: {e}") from e
 
 
 def _files_s3(o: dict[str, Any]) -> S3Target | None:
@@ -152,6 +172,12 @@ def _files_s3(o: dict[str, Any]) -> S3Target | None:
     default=None,
     help="Reading a replica: the primary storage's prefix, which the manifest's keys carry.",
 )
+@click.option(
+    "--keys-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The encryption key Secret, mounted: opens an encrypted snapshot.",
+)
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def restore_cmd(**o: Any) -> None:
     """Restore one snapshot into a database (and files); result to --result-file."""
@@ -163,11 +189,14 @@ def restore_cmd(**o: Any) -> None:
     try:
         storage = _storage(o)
         s3 = None
+        data_keys: dict[str, bytes] = {}
         if o["presigned_file"]:
-            from nightjar.storage.snapshot import PresignedReader
+            from nightjar.storage.snapshot import PresignedReader, load_data_keys
 
             with open(o["presigned_file"], encoding="utf-8") as f:
-                s3 = PresignedReader(json.load(f)["urls"], o["ca_file"], o["insecure"])
+                handed = json.load(f)
+            s3 = PresignedReader(handed["urls"], o["ca_file"], o["insecure"])
+            data_keys = load_data_keys(handed.get("keys") or {})
         elif not storage.access_key or not storage.secret_key:
             raise RestoreFailed("storage: the credentials Secret gave no access key pair", UNCHANGED)
         req = RestoreRequest(
@@ -183,6 +212,8 @@ def restore_cmd(**o: Any) -> None:
             pg_root=_env("NIGHTJAR_PG_ROOT"),
             reporter=Reporter(o["restore_namespace"], o["restore_name"], o["api_dir"]),
             primary_prefix=o["primary_prefix"],
+            keyring=_keyring(o["keys_dir"], lambda m: RestoreFailed(m + "; nothing was restored", UNCHANGED)),
+            data_keys=data_keys,
         )
         result = run_restore(req)
     except RestoreFailed as e:
@@ -217,38 +248,36 @@ def restore_cmd(**o: Any) -> None:
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def replicate_cmd(**o: Any) -> None:
     """Copy one snapshot from its primary storage into a replica, streamed, every object verified."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from nightjar.storage import layout
+    from nightjar.storage.errors import IntegrityError
+    from nightjar.storage.objects import Lock, StorageError
     from nightjar.storage.replicate import replicate_snapshot
-    from nightjar.storage.s3 import describe_error
-    from nightjar.storage.snapshot import IntegrityError
 
     started = time.monotonic()
-    src, dst = _storage(o), _storage(o, role="replica")
+    src_target, dst_target = _storage(o), _storage(o, role="replica")
     stage = "primary"
     try:
-        src_client = src.client()
+        src = src_target.store()
+        src.check()
         stage = "replica"
-        dst_client = dst.client()
+        dst = dst_target.store()
+        dst.check()
         stage = "copy"
+        until = parse_time(o["retain_until"]) if o["retain_until"] else None
         report = replicate_snapshot(
-            src_client,
-            src.bucket,
+            src,
             layout.normalize_prefix(o["prefix"]),
-            dst_client,
-            dst.bucket,
+            dst,
             layout.normalize_prefix(o["replica_prefix"]),
             o["manifest_key"],
             o["manifest_sha256"],
-            o["replica_lock_mode"],
-            parse_time(o["retain_until"]) if o["retain_until"] else None,
+            Lock.of(o["replica_lock_mode"], until),
         )
     except IntegrityError as e:
         write_result(o["result_file"], {"error": f"verification failed: {e}"})
         sys.exit(1)
-    except (ClientError, BotoCoreError) as e:
-        write_result(o["result_file"], {"error": describe_error(e, f"storage ({stage})")})
+    except StorageError as e:
+        write_result(o["result_file"], {"error": f"storage ({stage}): {e}"})
         sys.exit(1)
     result = report.as_dict()
     result["durationSeconds"] = round(time.monotonic() - started, 3)

@@ -1,18 +1,17 @@
-"""Back up a tree of files: walk it in a fixed order, pack small files, reuse unchanged content.
+"""Back up a tree of files: walk it in a fixed order, store changed files, reuse unchanged ones.
 
 Designed for a million files: memory does not grow with the file count. The tree is walked
 depth-first with each directory's entries sorted by name, which is the order of the path
 component tuples; the previous snapshot's index is streamed in the same order, so deciding
 whether a file is unchanged is a merge join, not a lookup table. A file whose path, size and
 modification time match the previous snapshot reuses that snapshot's stored bytes without
-being read (as restic does). Other files are read once: small ones are appended to a pack of
-up to ``PACK_TARGET`` bytes (one S3 request per pack, not per file), large ones stream into a
-pack of their own.
+being read (as restic does). Other files are read once and become blobs in packs
+(:mod:`nightjar.storage.packs`; one S3 request per pack, not per file). ``Packer`` is the
+format-1 packer that ``nightjar upload`` still uses.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import stat
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from nightjar.storage.index import Entry, read_index
+from nightjar.storage.writer import IndexWriter
 
 __all__ = ["Entry", "read_index"]
 
@@ -78,6 +78,15 @@ class PreviousIndex:
 
     def _advance(self) -> None:
         self.cur = next(self.it, None) if self.it is not None else None
+
+    def find_key_order(self, key: str) -> Entry | None:
+        """Like :meth:`find` for an S3 listing, whose order is the keys' byte order."""
+        raw = key.encode()
+        while self.cur is not None and self.cur.path.encode() < raw:
+            self._advance()
+        if self.cur is not None and self.cur.path == key:
+            return self.cur
+        return None
 
     def find(self, path: str) -> Entry | None:
         key = sort_key(path)
@@ -162,45 +171,26 @@ class Packer:
         self._finish()
 
 
-def back_up_tree(
-    root: Path,
-    index_out: Sink,
-    packer: Packer,
-    previous: PreviousIndex,
-    reused: Callable[[Entry], None],
-) -> PackStats:
-    """Write the index of ``root`` to ``index_out`` (gzip JSON lines), packing what changed."""
-    stats = packer.stats
-    with gzip.GzipFile(fileobj=index_out, mode="wb", compresslevel=6) as gz:
-        for rel, st in walk(root):
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISDIR(st.st_mode):
-                entry = Entry(rel, "d", mode)
-                stats.dirs += 1
-            elif stat.S_ISLNK(st.st_mode):
-                entry = Entry(rel, "l", mode, target=os.readlink(root / rel))
-            elif stat.S_ISREG(st.st_mode):
-                prev = previous.find(rel)
-                if (
-                    prev is not None
-                    and prev.type == "f"
-                    and prev.size == st.st_size
-                    and prev.mtime_ns == st.st_mtime_ns
-                    and prev.pack
-                ):
-                    entry = Entry(
-                        rel, "f", mode, prev.size, prev.mtime_ns, prev.sha256, prev.pack, prev.offset
-                    )
-                    stats.reused_files += 1
-                    stats.reused_bytes += prev.size
-                    reused(prev)
-                else:
-                    key, offset, digest, n = packer.add_file(root / rel, st.st_size)
-                    entry = Entry(rel, "f", mode, n, st.st_mtime_ns, digest, key, offset)
-                stats.files += 1
-                stats.bytes += entry.size
+def back_up_tree(root: Path, index: IndexWriter, previous: PreviousIndex) -> None:
+    """Store ``root`` through ``index`` (format 2): changed files read and packed, unchanged
+    ones (same path, size and mtime as in the previous snapshot) referenced without reading."""
+    for rel, st in walk(root):
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            index.add_dir(rel, mode)
+        elif stat.S_ISLNK(st.st_mode):
+            index.add_link(rel, mode, os.readlink(os.path.join(root, rel)))
+        elif stat.S_ISREG(st.st_mode):
+            prev = previous.find(rel)
+            if (
+                prev is not None
+                and prev.type == "f"
+                and prev.size == st.st_size
+                and prev.mtime_ns == st.st_mtime_ns
+                and prev.chunks is not None
+            ):
+                index.reuse(rel, mode, prev)
             else:
-                continue  # sockets, fifos and devices are not app documents
-            gz.write(entry.to_json().encode() + b"\n")
-    packer.close()
-    return stats
+                with open(os.path.join(root, rel), "rb") as f:
+                    index.add_file(rel, mode, st.st_mtime_ns, f, st.st_size)
+        # sockets, fifos and devices are not app documents

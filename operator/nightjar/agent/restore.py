@@ -32,16 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import ClientError
-
 from nightjar.agent.backup import BackupFailed, DatabaseConn
 from nightjar.agent.files import walk
 from nightjar.agent.pgtools import PgClientError, find_client, tool_env
 from nightjar.agent.progress import Counters, Reporter, Ticker
 from nightjar.domain import pgclient
 from nightjar.storage import layout
+from nightjar.storage.crypto import KeyRing
 from nightjar.storage.index import Entry
-from nightjar.storage.s3 import S3Target, describe_error
+from nightjar.storage.objects import S3Target, StorageError, describe_error
 from nightjar.storage.snapshot import IntegrityError, SnapshotReader
 from nightjar.transfer.order import scan, storage_order
 
@@ -80,6 +79,10 @@ class RestoreRequest:
     s3: Any = None  # a ready client (presigned URLs) instead of storage's credentials
     #: Reading a replica: the primary's prefix, which the manifest's keys carry.
     primary_prefix: str | None = None
+    #: The storage's key-encryption keys (an encrypted snapshot in the own namespace).
+    keyring: KeyRing | None = None
+    #: Data keys of this one snapshot (a restore into another namespace never gets the keyring).
+    data_keys: dict[str, bytes] | None = None
 
 
 def conninfo_dbname(name: str) -> str:
@@ -163,7 +166,7 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
         raise failed(f"snapshot: {e}") from e
     except BrokenPipeError:
         pass  # pg_restore stopped reading: it failed, and says why below
-    except ClientError as e:
+    except StorageError as e:
         proc.kill()
         proc.wait()
         raise failed(describe_error(e, "storage: reading the dump")) from e
@@ -299,43 +302,35 @@ def restore_s3_files(reader: SnapshotReader, target: S3Target, counters: Counter
     Which keys to keep is remembered as 8-byte digests (about 60 bytes a file), since a
     snapshot taken from a volume is not in S3's key order.
     """
-    s3 = target.client()
+    store = target.store()
     prefix = target.prefix
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     keep: set[bytes] = set()
     written = 0
 
-    class _Counted:
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def read(self, n: int = -1) -> bytes:
-            data: bytes = self.inner.read(n)
-            counters.add(len(data))
-            return data
-
     entries = reader.entries() if scan(reader.entries()).sequential else storage_order(reader.entries())
     for e, stream in reader.contents(entries):
         if e.type != "f" or stream is None:
             continue
         key = prefix + e.path
-        s3.upload_fileobj(_Counted(stream), target.bucket, key)
+        with store.writer(key) as w:
+            while data := stream.read(CHUNK):
+                w.write(data)
+                counters.add(len(data))
         keep.add(hashlib.blake2b(key.encode(), digest_size=8).digest())
         written += 1
         counters.add(nfiles=1)
     removed = 0
-    doomed: list[dict[str, str]] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=target.bucket, Prefix=prefix):
-        for o in page.get("Contents", []):
-            if hashlib.blake2b(o["Key"].encode(), digest_size=8).digest() not in keep:
-                doomed.append({"Key": o["Key"]})
-        if len(doomed) >= 1000 or not page.get("IsTruncated"):
-            for i in range(0, len(doomed), 1000):
-                batch = {"Objects": doomed[i : i + 1000], "Quiet": True}
-                s3.delete_objects(Bucket=target.bucket, Delete=batch)
-            removed += len(doomed)
+    doomed: list[str] = []
+    for o in store.list(prefix):
+        if hashlib.blake2b(o.key.encode(), digest_size=8).digest() not in keep:
+            doomed.append(o.key)
+        if len(doomed) >= 1000:
+            removed += store.delete_current(doomed)
             doomed = []
+    if doomed:
+        removed += store.delete_current(doomed)
     return {"files": written, "removed": removed}
 
 
@@ -343,12 +338,23 @@ def restore_s3_files(reader: SnapshotReader, target: S3Target, counters: Counter
 
 
 def run_restore(req: RestoreRequest) -> dict[str, Any]:
-    s3 = req.s3 if req.s3 is not None else req.storage.client()
     try:
         rebase = None
         if req.primary_prefix is not None:
             rebase = (req.primary_prefix, layout.normalize_prefix(req.storage.prefix))
-        reader = SnapshotReader(s3, req.storage.bucket, req.manifest_key, req.manifest_sha256, rebase=rebase)
+        if req.s3 is not None:  # presigned URLs of this one snapshot
+            reader = SnapshotReader(
+                req.s3,
+                req.storage.bucket,
+                req.manifest_key,
+                req.manifest_sha256,
+                rebase=rebase,
+                data_keys=req.data_keys,
+            )
+        else:
+            reader = SnapshotReader(
+                req.storage.store(), req.manifest_key, req.manifest_sha256, rebase=rebase, keyring=req.keyring
+            )
     except IntegrityError as e:
         raise RestoreFailed(f"snapshot: {e}; nothing was restored", UNCHANGED) from e
     files = reader.files if req.contents == "Full" else None
@@ -374,7 +380,7 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
                 raise
             except IntegrityError as e:
                 raise _files_failed(f"snapshot: {e}", counters) from e
-            except ClientError as e:
+            except StorageError as e:
                 raise _files_failed(describe_error(e, "files"), counters) from e
             except OSError as e:
                 raise _files_failed(f"files: {e.strerror or e} ({e.filename})", counters) from e

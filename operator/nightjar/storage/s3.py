@@ -3,72 +3,34 @@ writes with a running sha256, Object Lock retention, and deletion of every versi
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError
 
-#: Multipart part size: memory per open writer is about one part.
-PART_SIZE = 8 * 1024 * 1024
-LOCK_MODES = {"Governance": "GOVERNANCE", "Compliance": "COMPLIANCE"}
+from nightjar.storage.objects import (
+    LOCK_MODES,
+    PART_SIZE,
+    MultipartWriter,
+    S3Target,
+    StorageError,
+    describe_error,
+)
 
-
-class StorageError(Exception):
-    """Storage is unreachable, missing or refuses us; the message names which and never a secret."""
-
-
-@dataclass(frozen=True)
-class S3Target:
-    endpoint: str
-    bucket: str
-    region: str
-    access_key: str
-    secret_key: str
-    prefix: str = ""
-    ca_bundle: str | None = None
-    insecure: bool = False
-
-    def client(self) -> Any:
-        verify: bool | str = False if self.insecure else (self.ca_bundle or True)
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=self.region,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            verify=verify,
-            config=Config(
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=10,
-                read_timeout=120,
-                max_pool_connections=16,
-            ),
-        )
-
-
-def describe_error(err: Exception, what: str) -> str:
-    """A one-line, secret-free explanation of an S3 failure."""
-    if isinstance(err, ClientError):
-        code = err.response.get("Error", {}).get("Code", "")
-        msg = err.response.get("Error", {}).get("Message", "")
-        if code in ("NoSuchBucket", "404") and "bucket" in what:
-            return f"{what}: bucket does not exist"
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
-            return f"{what}: access denied ({code}); check the credentials Secret"
-        return f"{what}: {code} {msg}".strip()
-    if isinstance(err, EndpointConnectionError):
-        return f"{what}: cannot connect to the S3 endpoint"
-    if isinstance(err, BotoCoreError):
-        return f"{what}: {type(err).__name__}: {err}"
-    return f"{what}: {err}"
+__all__ = [
+    "LOCK_MODES",
+    "PART_SIZE",
+    "MultipartWriter",
+    "S3Target",
+    "StorageError",
+    "delete_all_versions",
+    "describe_error",
+    "extend_retention",
+    "iter_versions",
+    "lock_args",
+    "unreachable",
+]
 
 
 def unreachable(target: S3Target) -> str:
@@ -85,96 +47,6 @@ def lock_args(mode: str, until: dt.datetime | None) -> dict[str, Any]:
     if mode not in LOCK_MODES or until is None:
         return {}
     return {"ObjectLockMode": LOCK_MODES[mode], "ObjectLockRetainUntilDate": until}
-
-
-class MultipartWriter:
-    """A write-only stream into one S3 object, uploaded in parts as it is written.
-
-    Memory stays at about one part whatever the object's size; a small object is sent with one
-    PutObject. ``sha256`` and ``size`` describe what was written. Leaving the ``with`` block by
-    an exception aborts the upload, so no partial object is ever visible.
-    """
-
-    def __init__(
-        self, s3: Any, bucket: str, key: str, extra: dict[str, Any] | None = None, part_size: int = PART_SIZE
-    ) -> None:
-        self.s3 = s3
-        self.bucket = bucket
-        self.key = key
-        self.extra = dict(extra or {})
-        self.part_size = part_size
-        self.buf = bytearray()
-        self.hash = hashlib.sha256()
-        self.size = 0
-        self.upload_id: str | None = None
-        self.parts: list[dict[str, Any]] = []
-        self.closed = False
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        if self.closed:
-            raise ValueError("write to a closed MultipartWriter")
-        self.hash.update(data)
-        self.size += len(data)
-        self.buf += data
-        while len(self.buf) >= self.part_size:
-            self._flush_part(bytes(self.buf[: self.part_size]))
-            del self.buf[: self.part_size]
-        return len(data)
-
-    def flush(self) -> None:
-        """Parts are uploaded as they fill; nothing to do (file-like API)."""
-
-    def _flush_part(self, data: bytes) -> None:
-        if self.upload_id is None:
-            resp = self.s3.create_multipart_upload(Bucket=self.bucket, Key=self.key, **self.extra)
-            self.upload_id = resp["UploadId"]
-        n = len(self.parts) + 1
-        resp = self.s3.upload_part(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n, Body=data
-        )
-        self.parts.append({"PartNumber": n, "ETag": resp["ETag"]})
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.upload_id is None:
-            self.s3.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buf), **self.extra)
-        else:
-            if self.buf:
-                self._flush_part(bytes(self.buf))
-            self.s3.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": self.parts},
-            )
-        self.buf = bytearray()
-
-    def abort(self) -> None:
-        self.closed = True
-        self.buf = bytearray()
-        if self.upload_id is not None:
-            with contextlib.suppress(ClientError):
-                self.s3.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-
-    @property
-    def sha256(self) -> str:
-        return self.hash.hexdigest()
-
-    def __enter__(self) -> MultipartWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def extend_retention(s3: Any, bucket: str, key: str, mode: str, until: dt.datetime) -> None:

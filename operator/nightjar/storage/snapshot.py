@@ -18,22 +18,25 @@ caller never mistakes a damaged snapshot for a good one.
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from nightjar.storage.index import Entry, read_index
-from nightjar.storage.s3 import describe_error
+from nightjar.storage.crypto import KeyProblem, KeyRing, Sealer
+from nightjar.storage.errors import IntegrityError
+from nightjar.storage.index import Entry, read_index, read_lines
+from nightjar.storage.manifest import Manifest
+from nightjar.storage.objects import ObjectMissing, StorageError, describe_error
+from nightjar.storage.packs import BlobReader, KeyOpener
+
+#: In ``data_keys``: the manifest's own data key.
+MANIFEST_DATA_KEY = "manifest"
 
 #: Skip forward inside an open pack stream (rather than issuing a new ranged GET) up to this gap.
 SKIP_LIMIT = 4 * 1024 * 1024
 CHUNK = 1024 * 1024
-
-
-class IntegrityError(Exception):
-    """The stored snapshot is missing, damaged or not what its manifest says."""
 
 
 class _Verified:
@@ -76,31 +79,101 @@ class _Verified:
             pass
 
 
+class _ClientStore:
+    """The reading half of an ObjectStore over anything with boto3's ``get_object`` (a boto3
+    client, or :class:`PresignedReader` for a restore into another namespace)."""
+
+    def __init__(self, s3: Any, bucket: str) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.endpoint = ""
+
+    def get(self, key: str, start: int = 0, end: int | None = None) -> Any:
+        kw: dict[str, Any] = {}
+        if start or end is not None:
+            kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=key, **kw)["Body"]
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404"):
+                raise ObjectMissing(f"{key} is missing from the bucket") from e
+            raise StorageError(describe_error(e, f"reading {key}")) from e
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        if end is not None and end <= start:
+            return b""
+        body = self.get(key, start, end)
+        try:
+            data: bytes = body.read()
+        finally:
+            body.close()
+        return data
+
+
 class SnapshotReader:
-    """One snapshot in a bucket, addressed by its manifest key."""
+    """One snapshot in a bucket, addressed by its manifest key; reads formats 1 and 2.
+
+    ``store`` is an ObjectStore, or (older call style) anything with boto3's ``get_object``
+    followed by the bucket name. ``keyring`` opens an encrypted snapshot; ``data_keys`` (pack
+    key → data key, plus the manifest's under its own key) do the same without the storage's
+    key-encryption keys, for a restore into another namespace.
+    """
 
     def __init__(
         self,
-        s3: Any,
-        bucket: str,
-        manifest_key: str,
+        store: Any,
+        bucket_or_key: str,
+        manifest_key: str = "",
         manifest_sha256: str = "",
         rebase: tuple[str, str] | None = None,
+        *,
+        keyring: KeyRing | None = None,
+        data_keys: dict[str, bytes] | None = None,
     ) -> None:
         """``rebase`` = (primary prefix, this storage's prefix) when reading a replica: the
         manifest names objects by their keys in the primary."""
-        self.s3 = s3
-        self.bucket = bucket
+        if hasattr(store, "get_object"):
+            self.store: Any = _ClientStore(store, bucket_or_key)
+        else:
+            self.store = store
+            manifest_key, manifest_sha256 = bucket_or_key, manifest_key
+            if manifest_sha256 and not isinstance(manifest_sha256, str):
+                raise TypeError("manifest_sha256 must be a string")
         self.manifest_key = manifest_key
         self.rebase = rebase
-        raw = self._get(manifest_key)["Body"].read()
+        try:
+            raw = self.store.read(manifest_key)
+        except ObjectMissing as e:
+            raise IntegrityError(f"{manifest_key} is missing from the bucket") from e
+        except StorageError as e:
+            raise IntegrityError(str(e)) from e
         if manifest_sha256 and hashlib.sha256(raw).hexdigest() != manifest_sha256:
             raise IntegrityError(f"manifest {manifest_key} does not match the digest the Backup recorded")
+        data_keys = data_keys or {}
         try:
-            self.manifest: dict[str, Any] = json.loads(raw)
-        except ValueError as e:
-            raise IntegrityError(f"manifest {manifest_key} is not JSON: {e}") from e
-        self.objects = {o["key"]: o for o in self.manifest.get("objects", [])}
+            self.m = Manifest.parse(
+                raw, keyring, f"manifest {manifest_key}", data_key=data_keys.get(MANIFEST_DATA_KEY)
+            )
+        except KeyProblem as e:
+            raise IntegrityError(str(e)) from e
+        self.manifest: dict[str, Any] = {
+            "formatVersion": self.m.format,
+            "snapshotId": self.m.snapshot_id,
+            "createdOn": self.m.created_on,
+            "expiresOn": self.m.expires_on,
+            "contents": self.m.contents,
+            "modelVersion": self.m.model_version,
+        }
+        self.objects = {o.key: o.to_json() for o in self.m.objects}
+        self.format = self.m.format
+        wrapped = {o.key: (o.key_id, o.wrapped_key) for o in self.m.objects if o.wrapped_key}
+        self.blobs = BlobReader(
+            self.store,
+            _CheckedOpener(KeyOpener(wrapped, keyring, data_keys), self.objects),
+            self.key,
+            id_key=self.m.id_key,
+        )
 
     def key(self, key: str) -> str:
         """Where an object the manifest names is in this bucket."""
@@ -112,48 +185,58 @@ class SnapshotReader:
         return new + key[len(old) :]
 
     def _get(self, key: str, **kw: Any) -> dict[str, Any]:
+        rng = kw.get("Range", "")
+        start = int(rng.split("=", 1)[1].split("-", 1)[0]) if rng else 0
         try:
-            out: dict[str, Any] = self.s3.get_object(Bucket=self.bucket, Key=key, **kw)
-            return out
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404"):
-                raise IntegrityError(f"{key} is missing from the bucket") from e
-            raise IntegrityError(describe_error(e, f"reading {key}")) from e
+            return {"Body": self.store.get(key, start)}
+        except ObjectMissing as e:
+            raise IntegrityError(f"{key} is missing from the bucket") from e
+        except StorageError as e:
+            raise IntegrityError(str(e)) from e
 
     # --- the parts --------------------------------------------------------------------------
 
     @property
     def database(self) -> dict[str, Any]:
-        db: dict[str, Any] = self.manifest["database"]
-        return db
+        db = self.m.database
+        if db is None:
+            raise IntegrityError(f"manifest {self.manifest_key} has no database")
+        return db.to_json(self.m.format)
 
     @property
     def files(self) -> dict[str, Any] | None:
-        f: dict[str, Any] | None = self.manifest.get("files")
-        return f
+        return self.m.files.to_json() if self.m.files else None
 
     @property
     def model_version(self) -> str:
-        return str(self.manifest.get("modelVersion") or "")
+        return self.m.model_version
 
-    def open_dump(self) -> _Verified:
+    def open_dump(self) -> Any:
         """The custom-format dump as a stream; its sha256 is checked at its last byte."""
-        db = self.database
-        body = self._get(self.key(db["key"]))["Body"]
-        return _Verified(body, int(db["bytes"]), db.get("sha256", ""), f"database dump {db['key']}")
+        db = self.m.database
+        if db is None:
+            raise IntegrityError(f"manifest {self.manifest_key} has no database")
+        if self.m.format == 1:
+            body = self._get(self.key(db.dump.key))["Body"]
+            return _Verified(body, db.dump.bytes, db.dump.sha256, f"database dump {db.dump.key}")
+        return _Verified(
+            _Joined(self.blobs.read(db.dump.chunks)), db.dump.bytes, db.dump.sha256, "database dump"
+        )
 
     def entries(self) -> Iterator[Entry]:
         """Every index entry (directories, files, symlinks) in path order; the index is checked."""
-        files = self.files
+        files = self.m.files
         if not files:
             return
-        idx = files["index"]
-        stream = _Verified(
-            self._get(self.key(idx["key"]))["Body"], int(idx["bytes"]), idx["sha256"], idx["key"]
-        )
-        yield from read_index(stream)  # type: ignore[arg-type]
-        stream.drain()
+        idx = files.index
+        if self.m.format == 1:
+            stream = _Verified(self._get(self.key(idx.key))["Body"], idx.bytes, idx.sha256, idx.key)
+            yield from read_index(stream)  # type: ignore[arg-type]
+            stream.drain()
+            return
+        checked = _Verified(_Joined(self.blobs.read(idx.chunks)), idx.bytes, idx.sha256, "file index")
+        yield from read_lines(_lines(checked))
+        checked.drain()
 
     def contents(self, entries: Iterator[Entry]) -> Iterator[tuple[Entry, _Verified | None]]:
         """Pair each entry with a verified stream of its bytes (None for directories/symlinks).
@@ -161,17 +244,78 @@ class SnapshotReader:
         The caller reads the stream (or not); whatever is left is read and checked before the
         next entry, so a damaged file is always reported.
         """
-        cursor = _PackCursor(self)
-        try:
-            for e in entries:
-                if e.type != "f":
-                    yield e, None
-                    continue
-                stream = cursor.open(e)
-                yield e, stream
-                stream.drain()
-        finally:
-            cursor.close()
+        if self.m.format == 1:
+            cursor = _PackCursor(self)
+            try:
+                for e in entries:
+                    if e.type != "f":
+                        yield e, None
+                        continue
+                    stream = cursor.open(e)
+                    yield e, stream
+                    stream.drain()
+            finally:
+                cursor.close()
+            return
+        ahead, behind = itertools.tee(entries)
+        blobs = self.blobs.read(r for e in ahead if e.type == "f" for r in e.chunks or [])
+        for e in behind:
+            if e.type != "f":
+                yield e, None
+                continue
+            joined = _Joined(itertools.islice(blobs, len(e.chunks or [])))
+            stream = _Verified(joined, e.size, e.sha256, f"file {e.path}")
+            yield e, stream
+            stream.drain()
+            if joined.read(1):
+                raise IntegrityError(f"file {e.path} is longer than the index says")
+
+
+class _CheckedOpener:
+    """Refuses packs the manifest does not list (a forged reference never reads other data)."""
+
+    def __init__(self, inner: KeyOpener, objects: dict[str, Any]) -> None:
+        self.inner = inner
+        self.objects = objects
+
+    def sealer(self, pack: str) -> Sealer | None:
+        if pack not in self.objects:
+            raise IntegrityError(f"pack {pack} is not in the manifest")
+        return self.inner.sealer(pack)
+
+
+class _Joined:
+    """Blobs as one stream."""
+
+    def __init__(self, blobs: Iterator[bytes]) -> None:
+        self.blobs = blobs
+        self.buf = b""
+        self.pos = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        while self.pos >= len(self.buf):
+            nxt = next(self.blobs, None)
+            if nxt is None:
+                return b""
+            self.buf, self.pos = nxt, 0
+        if n is None or n < 0:
+            n = len(self.buf) - self.pos
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def close(self) -> None:
+        """Nothing to release: the blobs are in memory."""
+
+
+def _lines(stream: _Verified) -> Iterator[bytes]:
+    rest = b""
+    while chunk := stream.read(CHUNK):
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        yield from parts
+    if rest:
+        yield rest
 
 
 class _PackCursor:
@@ -248,6 +392,32 @@ class PresignedReader:
                 code = body.split("<Code>", 1)[1].split("</Code>", 1)[0]
             raise ClientError({"Error": {"Code": code, "Message": f"GET {Key}"}}, "GetObject")
         return {"Body": resp}
+
+
+def load_data_keys(handed: dict[str, str]) -> dict[str, bytes]:
+    """The data keys a restore in another namespace was handed (base64 by object key)."""
+    import base64
+
+    return {k: base64.b64decode(v) for k, v in handed.items()}
+
+
+def hand_over_data_keys(raw_manifest: bytes, keyring: KeyRing | None) -> dict[str, str]:
+    """For a restore in another namespace: the unwrapped data keys of exactly this snapshot's
+    objects (and of its manifest), base64 by object key; never a key-encryption key. Empty when
+    the snapshot is not encrypted."""
+    import base64
+
+    from nightjar.storage.manifest import PublicManifest
+
+    public = PublicManifest.parse(raw_manifest)
+    if not public.key_ids():
+        return {}
+    if keyring is None:
+        raise KeyProblem("the snapshot is encrypted and the storage has no encryption key Secret")
+    out = {o.key: base64.b64encode(keyring.unwrap(o.wrapped_key, o.key_id)).decode() for o in public.objects}
+    if public.manifest_key_id:
+        out[MANIFEST_DATA_KEY] = base64.b64encode(public.manifest_data_key(raw_manifest, keyring)).decode()
+    return out
 
 
 def presign_snapshot(

@@ -146,10 +146,11 @@ def scan(entries: Iterable[Entry]) -> Scan:
             out.files += 1
             out.bytes += e.size
             if e.size:
-                out.packs.add(e.pack)
-                if e.pack != pack or not 0 <= e.offset - pos <= SKIP_LIMIT:
+                where, offset = e.where
+                out.packs.add(where)
+                if where != pack or not 0 <= offset - pos <= SKIP_LIMIT:
                     out.reopens += 1
-                pack, pos = e.pack, e.offset + e.size
+                pack, pos = where, e.stored_end
     if open_dir is not None:
         out.empty_dirs += 1
     return out
@@ -157,7 +158,7 @@ def scan(entries: Iterable[Entry]) -> Scan:
 
 def storage_order(entries: Iterable[Entry], run: int = RUN) -> Iterator[Entry]:
     """The regular files among ``entries`` in the order their bytes are stored."""
-    sorter = ExternalSorter(lambda e: (e.pack, e.offset), run)
+    sorter = ExternalSorter(lambda e: e.where, run)
     try:
         for e in entries:
             if e.type == "f":

@@ -1,0 +1,267 @@
+"""Write one snapshot in format 2: the only writer of snapshot objects and manifests.
+
+Used by the backup agent (and the pieces by ``nightjar upload``)::
+
+    w = SnapshotWriter(store, location, keyring=ring, previous=prev_manifest, lock=lock)
+    dump = w.stream("database")          # file-like: write the pg_dump -Z0 bytes into it
+    ...
+    w.database(dump, header fields)
+    index = w.index()                    # add(entry, stream-or-None) per index entry, in order
+    ...
+    w.files(index, stats)
+    key, sha, manifest = w.commit(...)   # packs stored, locks applied, manifest last, read back
+
+Nothing becomes a snapshot until ``commit`` has written the manifest: a failure before leaves
+only pack objects under the attempt's own prefix, without retention, which deleting the Backup
+removes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO
+
+from nightjar.storage import layout
+from nightjar.storage.crypto import KeyRing
+from nightjar.storage.errors import IntegrityError
+from nightjar.storage.index import Entry
+from nightjar.storage.manifest import FORMAT_2, Database, Files, Manifest, StoredObject, Stream
+from nightjar.storage.objects import Lock, ObjectStore
+from nightjar.storage.packs import (
+    ChunkRef,
+    Ordered,
+    PackObject,
+    PackWriter,
+    Ready,
+    Slot,
+    StreamStore,
+    split_file,
+)
+
+READ_CHUNK = 1024 * 1024
+
+
+@dataclass
+class FileStats:
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+    reused_files: int = 0
+    reused_bytes: int = 0
+    uploaded_bytes: int = 0
+
+
+class IndexWriter:
+    """The file index of a snapshot, written in path order while file contents are stored."""
+
+    def __init__(self, writer: SnapshotWriter, stream: StreamStore) -> None:
+        self.w = writer
+        self.stream = stream
+        self.order = Ordered()
+        self.stats = FileStats()
+
+    def _emit(self, ready: Iterable[tuple[object, list[ChunkRef]]]) -> None:
+        for item, refs in ready:
+            if not isinstance(item, Entry):
+                raise TypeError("the index holds entries only")
+            if item.type == "f":
+                item.chunks = refs
+            self.stream.write(item.to_json().encode() + b"\n")
+
+    def add_dir(self, path: str, mode: int) -> None:
+        self.stats.dirs += 1
+        self._emit(self.order.put(Entry(path, "d", mode), []))
+
+    def add_link(self, path: str, mode: int, target: str) -> None:
+        self._emit(self.order.put(Entry(path, "l", mode, target=target), []))
+
+    def reuse(self, path: str, mode: int, prev: Entry) -> None:
+        """An unchanged file: the previous snapshot's blobs, not read again."""
+        slots: list[Slot] = [Ready(c) for c in prev.chunks or []]
+        for c in prev.chunks or []:
+            self.w.use_object(c.pack)
+        self.stats.files += 1
+        self.stats.bytes += prev.size
+        self.stats.reused_files += 1
+        self.stats.reused_bytes += prev.size
+        self._emit(self.order.put(Entry(path, "f", mode, prev.size, prev.mtime_ns, prev.sha256), slots))
+
+    def add_file(self, path: str, mode: int, mtime_ns: int, stream: IO[bytes], size: int) -> None:
+        h = hashlib.sha256()
+        n = 0
+        slots: list[Slot] = []
+        for blob in split_file(stream, size):
+            h.update(blob)
+            n += len(blob)
+            slots.append(self.w.packs.add(blob))
+        self.stats.files += 1
+        self.stats.bytes += n
+        self.stats.uploaded_bytes += n
+        self._emit(self.order.put(Entry(path, "f", mode, n, mtime_ns, h.hexdigest()), slots))
+
+    def finish(self) -> Files:
+        self.w.packs.flush()
+        self._emit(self.order.drain())
+        self.stream.finish()
+        s = self.stats
+        return Files(
+            Stream(self.stream.size, self.stream.sha256),
+            s.files,
+            s.bytes,
+            s.dirs,
+            s.reused_files,
+            s.reused_bytes,
+            s.uploaded_bytes,
+        )
+
+
+class SnapshotWriter:
+    def __init__(
+        self,
+        store: ObjectStore,
+        loc: layout.SnapshotLocation,
+        *,
+        keyring: KeyRing | None = None,
+        previous: Manifest | None = None,
+        lock: Lock | None = None,
+        level: int = 3,
+        workers: int = 2,
+    ) -> None:
+        self.store = store
+        self.loc = loc
+        self.keyring = keyring
+        self.lock = lock
+        usable = previous if previous is not None and previous.format == FORMAT_2 else None
+        if usable is not None and (usable.encrypted != (keyring is not None)):
+            usable = None  # encryption switched on or off: nothing is shared across the switch
+        self.previous = usable
+        self.id_key: bytes | None = None
+        if keyring is not None:
+            self.id_key = usable.id_key if usable is not None and usable.id_key else os.urandom(32)
+        self.objects: dict[str, StoredObject] = {}
+        self._previous_objects = {o.key: o for o in usable.objects} if usable else {}
+        self.packs = PackWriter(store, loc.pack, keyring, self._on_pack, level=level, workers=workers)
+        self._dump: StreamStore | None = None
+        self._index: StreamStore | None = None
+
+    def _on_pack(self, p: PackObject) -> None:
+        self.objects[p.key] = StoredObject(p.key, p.size, p.sha256, p.key_id, p.wrapped_key)
+
+    def use_object(self, key: str) -> None:
+        """Content of an earlier snapshot this one uses: listed (and locked) as this one's too."""
+        if key in self.objects or key.startswith(self.loc.base):
+            return
+        prev = self._previous_objects.get(key)
+        if prev is None:
+            raise IntegrityError(f"the previous snapshot's manifest does not list {key}")
+        self.objects[key] = prev
+
+    # --- streams ---------------------------------------------------------------------------
+
+    def _stream(self, previous: list[ChunkRef]) -> StreamStore:
+        return StreamStore(self.packs, self.id_key, {c.id: c for c in previous if c.id})
+
+    def dump_stream(self) -> StreamStore:
+        prev = self.previous.database.dump.chunks if self.previous and self.previous.database else []
+        self._dump = self._stream(prev)
+        return self._dump
+
+    def database(
+        self,
+        stream: StreamStore,
+        *,
+        pg_dump_version: str,
+        server_version: str,
+        archive_version: str,
+        dbname: str,
+    ) -> Database:
+        stream.finish()
+        return Database(
+            Stream(stream.size, stream.sha256),
+            pg_dump_version,
+            server_version,
+            archive_version,
+            dbname,
+            dump_compression="uncompressed",
+        )
+
+    def index(self) -> IndexWriter:
+        prev = self.previous.files.index.chunks if self.previous and self.previous.files else []
+        self._index = self._stream(prev)
+        return IndexWriter(self, self._index)
+
+    # --- commit ----------------------------------------------------------------------------
+
+    def commit(
+        self,
+        *,
+        created: dt.datetime,
+        expires: dt.datetime,
+        database: Database | None,
+        files: Files | None,
+        backup: dict[str, str],
+        source: str,
+        contents: str,
+        model_version: str,
+        extra: dict[str, object] | None = None,
+    ) -> tuple[str, str, Manifest]:
+        """Store what is queued, lock it, write the manifest last and read it back."""
+        from nightjar.domain.retention import format_time
+
+        self.packs.close()
+        if database is not None and self._dump is not None:
+            database.dump.chunks = self._dump.refs()
+        if files is not None and self._index is not None:
+            files.index.chunks = self._index.refs()
+        for part in (database.dump if database else None, files.index if files else None):
+            for r in part.chunks if part else []:
+                self.use_object(r.pack)
+        if self.lock is not None:
+            for key in sorted(self.objects):
+                self.store.extend_retention(key, self.lock)
+        size = (database.dump.bytes if database else 0) + (files.bytes if files else 0)
+        manifest = Manifest(
+            snapshot_id=self.loc.attempt,
+            created_on=format_time(created),
+            expires_on=format_time(expires),
+            objects=sorted(self.objects.values(), key=lambda o: o.key),
+            database=database,
+            files=files,
+            format=FORMAT_2,
+            backup=dict(backup),
+            source=source,
+            contents=contents,
+            model_version=model_version,
+            size_uncompressed=size,
+            id_key=self.id_key,
+            extra=dict(extra or {}),
+        )
+        body = manifest.to_bytes(self.keyring)
+        digest = hashlib.sha256(body).hexdigest()
+        self.store.put(self.loc.manifest, body, lock=self.lock, content_type="application/json")
+        verify_written(self.store, self.loc.manifest, digest, manifest.objects)
+        return self.loc.manifest, digest, manifest
+
+    def abort(self) -> None:
+        self.packs.abort()
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.packs.stored_bytes
+
+
+def verify_written(store: ObjectStore, manifest_key: str, digest: str, objects: list[StoredObject]) -> None:
+    """Read the manifest back and check every object it lists exists with its size."""
+    back = store.read(manifest_key)
+    if hashlib.sha256(back).hexdigest() != digest:
+        raise IntegrityError("verification: the manifest read back differs from what was written")
+    for o in objects:
+        info = store.head(o.key)
+        if info is None:
+            raise IntegrityError(f"verification: {o.key} is missing")
+        if info.size != o.bytes:
+            raise IntegrityError(f"verification: {o.key} has {info.size} bytes, expected {o.bytes}")
