@@ -77,7 +77,9 @@ class MemoryStore:
         if lock is not None:
             self.locks[key] = lock
 
-    def writer(self, key: str, *, lock: Lock | None = None, metadata: dict[str, str] | None = None) -> _Writer:
+    def writer(
+        self, key: str, *, lock: Lock | None = None, metadata: dict[str, str] | None = None
+    ) -> _Writer:
         return _Writer(self, key, metadata)
 
     def get(self, key: str, start: int = 0, end: int | None = None) -> IO[bytes]:
@@ -98,14 +100,18 @@ class MemoryStore:
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         for k in sorted(self.objects):
             if k.startswith(prefix):
-                yield ObjectInfo(k, len(self.objects[k]), last_modified=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+                yield ObjectInfo(
+                    k, len(self.objects[k]), last_modified=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+                )
 
     def list_versions(self, prefix: str) -> Iterator[tuple[str, str | None]]:
         for o in self.list(prefix):
             yield o.key, None
 
     def delete(self, keys_or_prefix: str | list[str]) -> tuple[int, list[str]]:
-        keys = [o.key for o in self.list(keys_or_prefix)] if isinstance(keys_or_prefix, str) else keys_or_prefix
+        keys = (
+            [o.key for o in self.list(keys_or_prefix)] if isinstance(keys_or_prefix, str) else keys_or_prefix
+        )
         n = 0
         for k in keys:
             if self.objects.pop(k, None) is not None:

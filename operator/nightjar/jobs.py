@@ -24,6 +24,8 @@ from nightjar.constants import (
 )
 
 FILES_MOUNT = "/nightjar/files"
+#: Where the encryption key Secret is mounted in agent Pods.
+KEYS_MOUNT = "/nightjar/keys"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TMP_MOUNT = "/tmp"  # noqa: S108 - an emptyDir, the agent's only writable path
 DB_KEYS = {
@@ -67,6 +69,8 @@ class StorageRef:
     insecure: bool = False
     ca_secret: str = ""
     ca_key: str = ""
+    #: spec.encryption.keySecretRef.name: the key-encryption keys ("" = not encrypted).
+    key_secret: str = ""
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> StorageRef:
@@ -85,6 +89,7 @@ class StorageRef:
             insecure=bool(tls.get("insecureSkipVerify")),
             ca_secret=ca.get("name", ""),
             ca_key=ca.get("key") or "ca.crt",
+            key_secret=((spec.get("encryption") or {}).get("keySecretRef") or {}).get("name", ""),
         )
 
 
@@ -190,6 +195,17 @@ class _Wiring:
             self.mounts.append({"name": name, "mountPath": f"/nightjar/{name}", "readOnly": True})
             self.args += [f"--{role + '-' if role else ''}ca-file", f"/nightjar/{name}/ca.crt"]
 
+    def encryption_keys(self, st: StorageRef) -> None:
+        """The storage's key-encryption keys, as a read-only Secret volume (never env, never
+        arguments): only backup Jobs and restores in the storage's own namespace get them; a
+        replication copies ciphertext and needs none."""
+        if not st.key_secret:
+            return
+        self.volumes.append({"name": "keys", "secret": {"secretName": st.key_secret, "defaultMode": 0o400}})
+        self.mounts.append({"name": "keys", "mountPath": KEYS_MOUNT, "readOnly": True})
+        self.args += ["--keys-dir", KEYS_MOUNT]
+        self.env.append({"name": "NIGHTJAR_KEY_SECRET", "value": st.key_secret})
+
     def files(self, files: dict[str, Any], read_only: bool) -> None:
         """The app's files: a PVC directory (read-only for a backup) or an S3 prefix."""
         if "persistentVolumeClaim" in files:
@@ -274,6 +290,7 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
     pod = _Wiring(args)
     pod.env.append({"name": "NIGHTJAR_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
     pod.storage_credentials(st)
+    pod.encryption_keys(st)
     pod.env += [_secret_env(DB_KEYS[k], plan.db_secret, k) for k in plan.db_keys if k in DB_KEYS]
     if plan.contents == "Full":
         pod.files(plan.source.get("files") or {}, read_only=True)
@@ -399,6 +416,7 @@ def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, An
             pod.args += ["--ca-file", f"{PRESIGNED_DIR}/{PRESIGNED_CA_KEY}"]
     else:
         pod.storage_credentials(st)
+        pod.encryption_keys(st)
     if plan.contents == "Full":
         pod.files(plan.target.get("files") or {}, read_only=False)
     args, env, volumes, mounts = pod.args, pod.env, pod.volumes, pod.mounts

@@ -2,49 +2,38 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
-import io
 import os
 from pathlib import Path
-from typing import Any
 
 from nightjar.agent import files as f
+from nightjar.storage import layout
+from nightjar.storage.manifest import Manifest
+from nightjar.storage.packs import PACK_TARGET, WHOLE_FILE
+from nightjar.storage.snapshot import SnapshotReader
+from nightjar.storage.writer import SnapshotWriter
+from tests.memstore import MemoryStore
 
 
-class MemoryObject:
-    """An in-memory object sink with the writer interface (sha256, size, close)."""
-
-    def __init__(self) -> None:
-        self.buf = io.BytesIO()
-        self.closed = False
-
-    def write(self, data: bytes) -> int:
-        return self.buf.write(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    @property
-    def size(self) -> int:
-        return len(self.buf.getvalue())
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.buf.getvalue()).hexdigest()
-
-
-class Store:
-    def __init__(self) -> None:
-        self.objects: dict[str, MemoryObject] = {}
-        self.stored: list[f.StoredObject] = []
-
-    def open_object(self, n: int) -> tuple[str, Any]:
-        key = f"packs/{n:06d}"
-        self.objects[key] = MemoryObject()
-        return key, self.objects[key]
-
-    def packer(self) -> f.Packer:
-        return f.Packer(open_object=self.open_object, on_object=self.stored.append)
+def snapshot(root: Path, attempt: str, store: MemoryStore, previous: str = "") -> tuple[str, Manifest]:
+    loc = layout.SnapshotLocation("", "ns", "src", "uid-" + attempt, attempt)
+    prev = SnapshotReader(store, previous) if previous else None
+    w = SnapshotWriter(store, loc, previous=prev.m if prev else None)
+    index = w.index()
+    f.back_up_tree(root, index, f.PreviousIndex(prev.entries() if prev else None))
+    files = index.finish()
+    key, _, m = w.commit(
+        created=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        expires=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+        database=None,
+        files=files,
+        backup={},
+        source="src",
+        contents="Full",
+        model_version="",
+    )
+    return key, m
 
 
 def tree(root: Path) -> None:
@@ -53,7 +42,7 @@ def tree(root: Path) -> None:
     (root / "a.b").write_text("dot")
     (root / "a" / "b" / "x").write_text("x")
     (root / "a" / "y").write_text("y")
-    (root / "z").write_bytes(b"z" * (f.LARGE_FILE + 1))
+    (root / "z").write_bytes(b"z" * (WHOLE_FILE + 1))
     (root / "empty").mkdir()
     os.symlink("a/y", root / "ln")
 
@@ -65,53 +54,49 @@ def test_walk_order_is_path_component_order(tmp_path: Path) -> None:
     assert paths == sorted(paths, key=f.sort_key)
 
 
-def test_small_files_share_a_pack_and_a_large_file_gets_its_own(tmp_path: Path) -> None:
+def test_small_files_share_a_pack_and_a_large_file_is_cut_into_chunks(tmp_path: Path) -> None:
     tree(tmp_path)
-    store = Store()
-    out = io.BytesIO()
-    stats = f.back_up_tree(tmp_path, out, store.packer(), f.PreviousIndex(None), lambda e: None)
-    assert (stats.files, stats.dirs) == (4, 3)
-    entries = {e.path: e for e in f.read_index(io.BytesIO(out.getvalue()))}
-    assert entries["a/b/x"].pack == entries["a/y"].pack == entries["a.b"].pack
-    assert entries["z"].pack != entries["a/y"].pack
-    assert entries["ln"].type == "l"
-    assert entries["ln"].target == "a/y"
+    store = MemoryStore()
+    key, m = snapshot(tmp_path, "a1", store)
+    assert m.files is not None and (m.files.count, m.files.dirs) == (4, 3)
+    reader = SnapshotReader(store, key)
+    entries = {e.path: e for e in reader.entries()}
+    packs = {c.pack for p in ("a/b/x", "a/y", "a.b") for c in entries[p].chunks or []}
+    assert len(packs) == 1
+    assert len(entries["z"].chunks or []) >= 2  # larger than one blob: content-defined chunks
+    assert entries["ln"].type == "l" and entries["ln"].target == "a/y"
     assert entries["empty"].type == "d"
-    for e in entries.values():
-        if e.type == "f":
-            data = store.objects[e.pack].buf.getvalue()[e.offset : e.offset + e.size]
-            assert (
-                hashlib.sha256(data).hexdigest()
-                == e.sha256
-                == hashlib.sha256((tmp_path / e.path).read_bytes()).hexdigest()
-            )
-    assert all(o.closed for o in store.objects.values())
-    assert len(store.stored) == 2
+    for e, stream in reader.contents(iter(entries.values())):
+        if stream is not None:
+            data = b"".join(iter(lambda s=stream: s.read(1 << 20), b""))
+            assert hashlib.sha256(data).hexdigest() == e.sha256
+            assert data == (tmp_path / e.path).read_bytes()
+    # "z" is one byte repeated: compressed to almost nothing
+    assert store.stored_bytes() < 100_000
 
 
 def test_unchanged_files_are_reused_without_reading_and_changed_ones_are_stored(tmp_path: Path) -> None:
     tree(tmp_path)
-    first, out1 = Store(), io.BytesIO()
-    f.back_up_tree(tmp_path, out1, first.packer(), f.PreviousIndex(None), lambda e: None)
+    store = MemoryStore()
+    key1, m1 = snapshot(tmp_path, "a1", store)
     (tmp_path / "a" / "y").write_text("changed")
     (tmp_path / "a" / "new").write_text("new")
-    second, out2, reused = Store(), io.BytesIO(), []
-    prev = f.PreviousIndex(f.read_index(io.BytesIO(out1.getvalue())))
-    stats = f.back_up_tree(tmp_path, out2, second.packer(), prev, reused.append)
-    assert stats.reused_files == 3  # a/b/x, a.b, z
-    assert sorted(e.path for e in reused) == ["a.b", "a/b/x", "z"]
-    assert stats.uploaded_bytes == len("changed") + len("new")
-    entries = {e.path: e for e in f.read_index(io.BytesIO(out2.getvalue()))}
-    assert entries["z"].pack in first.objects  # still points at the first snapshot's pack
+    _key2, m2 = snapshot(tmp_path, "a2", store, previous=key1)
+    assert m2.files is not None
+    assert m2.files.reused_files == 3  # a/b/x, a.b, z
+    assert m2.files.uploaded_bytes == len("changed") + len("new")
+    shared = {o.key for o in m1.objects} & {o.key for o in m2.objects}
+    assert shared  # z still lives in the first snapshot's pack, listed (and locked) by the second
 
 
 def test_packs_are_cut_at_the_target_size(tmp_path: Path) -> None:
     for i in range(5):
-        (tmp_path / f"f{i}").write_bytes(bytes([i]) * (f.LARGE_FILE - 1))
-    store = Store()
-    f.back_up_tree(tmp_path, io.BytesIO(), store.packer(), f.PreviousIndex(None), lambda e: None)
-    assert all(o.size <= f.PACK_TARGET for o in store.objects.values())
-    assert len(store.objects) == 2
+        (tmp_path / f"f{i}").write_bytes(os.urandom(PACK_TARGET // 3))
+    store = MemoryStore()
+    _key, m = snapshot(tmp_path, "a1", store)
+    packs = [o for o in m.objects if "/packs/" in o.key]
+    assert all(o.bytes <= PACK_TARGET + 64 * 1024 for o in packs)
+    assert len(packs) == 3  # two of file contents, then one with the index
 
 
 def test_previous_index_cursor_only_moves_forward() -> None:

@@ -34,9 +34,10 @@ def ring(*ids: str, current: str = "") -> KeyRing:
 
 
 def make_dump(n: int = 3_000_000, seed: int = 1, tail: bytes = b"") -> bytes:
-    rnd = random.Random(seed)
+    rnd = random.Random(seed)  # noqa: S311 - test data, not secrets
     rows = b"".join(
-        b"%d\t%d\t%s\n" % (i, rnd.randrange(10**6), MARKER if i % 5000 == 0 else b"row") for i in range(n // 20)
+        b"%d\t%d\t%s\n" % (i, rnd.randrange(10**6), MARKER if i % 5000 == 0 else b"row")
+        for i in range(n // 20)
     )
     return b"PGDMP" + rows[: n - 5] + tail
 
@@ -46,7 +47,7 @@ def make_tree(root: Path) -> None:
     (root / "empty").mkdir()
     (root / "a" / "small.txt").write_bytes(b"hello " + MARKER)
     (root / "a" / "b" / "zero").write_bytes(b"")
-    big = random.Random(3).randbytes(9 * 1024 * 1024)  # cut into several chunks
+    big = random.Random(3).randbytes(9 * 1024 * 1024)  # noqa: S311 - test data
     (root / "a" / "b" / "big.bin").write_bytes(big)
     for i in range(50):
         (root / "a" / f"f{i:03d}").write_bytes(os.urandom(100) + MARKER)
@@ -215,7 +216,7 @@ def test_rotation_keeps_old_snapshots_and_dedup(tmp_path: Path) -> None:
     both = KeyRing.from_data("app-keys", {"key-1": base64.b64encode(k1.keys["1"]).decode(),
                                            "key-2": new_key_text(), "current": "2"})  # fmt: skip
     before = set(store.objects)
-    key2, sha2, m2 = take(store, tmp_path, dump, "a2", both, previous=key1)
+    key2, sha2, _ = take(store, tmp_path, dump, "a2", both, previous=key1)
     assert set(store.objects) - before == {key2}  # rotation did not break deduplication
     assert PublicManifest.parse(store.objects[key2]).key_ids() == {"1", "2"}
     assert read_all(SnapshotReader(store, key1, sha1, keyring=both))[0] == dump
@@ -265,7 +266,7 @@ def test_public_part_is_authenticated(tmp_path: Path) -> None:
 def test_chunker_matches_one_pass() -> None:
     from nightjar.storage.packs import Chunker
 
-    data = random.Random(5).randbytes(20 * 1024 * 1024)
+    data = random.Random(5).randbytes(20 * 1024 * 1024)  # noqa: S311
     c = Chunker()
     pushed = []
     for i in range(0, len(data), 700_001):

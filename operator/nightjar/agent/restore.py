@@ -22,12 +22,15 @@ too. Memory stays flat whatever the number of files.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,30 +194,106 @@ def _remove(path: Path) -> None:
 
 
 def _write_file(root: Path, e: Entry, stream: Any, counters: Counters) -> None:
-    dest = root / e.path
-    if dest.is_dir() and not dest.is_symlink():
-        shutil.rmtree(dest)
-    tmp = dest.with_name(dest.name + TMP_SUFFIX)
-    with open(tmp, "wb") as out:
+    """Write one file from a stream (large files): temp name, mode, mtime, rename."""
+    dest = os.path.join(root, e.path)
+    tmp = dest + TMP_SUFFIX
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
         while chunk := stream.read(CHUNK):
-            out.write(chunk)
+            os.write(fd, chunk)
             counters.add(len(chunk))
-    os.chmod(tmp, e.mode & 0o7777)
-    os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns))
-    os.replace(tmp, dest)
+        _finish_file(fd, tmp, dest, e)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
-def _safe_dest(root: Path, real_root: str, path: str) -> Path:
+def _write_small(root: Path, e: Entry, data: bytes, counters: Counters) -> None:
+    """Write one small file whose bytes are in memory (runs on a writer thread)."""
+    dest = os.path.join(root, e.path)
+    tmp = dest + TMP_SUFFIX
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        _finish_file(fd, tmp, dest, e)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    counters.add(len(data), 1)
+
+
+def _finish_file(fd: int, tmp: str, dest: str, e: Entry) -> None:
+    os.fchmod(fd, e.mode & 0o7777)
+    os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+    os.close(fd)
+    try:
+        os.replace(tmp, dest)
+    except IsADirectoryError:  # a directory where the snapshot has a file: the file wins
+        shutil.rmtree(dest)
+        os.replace(tmp, dest)
+
+
+class _Writers:
+    """A few threads writing small files (the syscalls release the GIL), with a bounded backlog."""
+
+    def __init__(self, workers: int = 4, backlog: int = 256) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write")
+        self.slots = threading.BoundedSemaphore(backlog)
+        self.futures: collections.deque[Future[None]] = collections.deque()
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        while self.futures and self.futures[0].done():
+            self.futures.popleft().result()  # the first failure stops the restore
+        self.slots.acquire()
+        f = self.pool.submit(fn, *args)
+        f.add_done_callback(lambda _f: self.slots.release())
+        self.futures.append(f)
+
+    def wait(self) -> None:
+        try:
+            while self.futures:
+                self.futures.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _SafeDest:
     """``root/path``, refusing a path that leaves the root (``..``, absolute, or through a
-    symlink the snapshot created): a forged index never writes outside the target."""
-    parts = path.split("/")
-    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise IntegrityError(f"the index lists the unsafe path {path!r}")
-    dest = root / path
-    parent = os.path.realpath(dest.parent)
-    if parent != real_root and not parent.startswith(real_root + os.sep):
-        raise IntegrityError(f"the index lists {path!r}, which leads outside the files directory")
-    return dest
+    symlink the snapshot created): a forged index never writes outside the target. The real
+    path of a directory is checked once, not per file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.checked: str | None = None
+
+    def __call__(self, path: str) -> Path:
+        parts = path.split("/")
+        if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise IntegrityError(f"the index lists the unsafe path {path!r}")
+        parent = path.rpartition("/")[0]
+        if parent != self.checked:
+            real = os.path.realpath(os.path.join(self.root, parent))
+            if real != self.real_root and not real.startswith(self.real_root + os.sep):
+                raise IntegrityError(f"the index lists {path!r}, which leads outside the files directory")
+            self.checked = parent
+        return self.root / path
+
+    def forget(self) -> None:
+        """A directory or link was made: real paths below may have changed."""
+        self.checked = None
+
+
+#: Files up to this size are read into memory and written by a writer thread.
+SMALL_FILE = 1024 * 1024
 
 
 def restore_tree(reader: SnapshotReader, root: Path, counters: Counters) -> dict[str, Any]:
@@ -223,29 +302,41 @@ def restore_tree(reader: SnapshotReader, root: Path, counters: Counters) -> dict
     Directories and symlinks are made in path order first; file contents are then read in the
     order the index lists them when that reads the packs front to back (a taken snapshot), else
     in storage order (an upload of an archive whose ``tree/`` was not sorted), so every pack is
-    read with one GET either way.
+    read with few GETs either way. Small files are written by a few threads at once.
     """
     if not root.is_dir():
         raise RestoreFailed(f"files: {root} is not a directory in the volume", DATABASE_RESTORED)
-    real_root = os.path.realpath(root)
+    safe = _SafeDest(root)
     written = 0
     read_only_dirs: list[tuple[Path, int]] = []  # rare: modes without owner rwx are set last
-    sequential = scan(reader.entries()).sequential
-    entries = (
-        reader.entries()
-        if sequential
-        else _links_and_dirs_then_files(reader, root, real_root, read_only_dirs)
-    )
-    for e, stream in reader.contents(entries):
-        dest = _safe_dest(root, real_root, e.path)
-        if e.type in ("d", "l"):
-            _make_dir_or_link(dest, e, read_only_dirs)
-        elif stream is not None:
-            if not sequential:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-            _write_file(root, e, stream, counters)
-            written += 1
-            counters.add(nfiles=1)
+    sequential = reader.format == 2 or scan(reader.entries()).sequential
+    entries = reader.entries() if sequential else _links_and_dirs_then_files(reader, safe, read_only_dirs)
+    writers = _Writers()
+    made: set[str] = set()
+    try:
+        for e, stream in reader.contents(entries):
+            dest = safe(e.path)
+            if e.type in ("d", "l"):
+                _make_dir_or_link(dest, e, read_only_dirs)
+                safe.forget()
+            elif stream is not None:
+                if not sequential:
+                    parent = e.path.rpartition("/")[0]
+                    if parent and parent not in made:
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        made.add(parent)
+                if e.size <= SMALL_FILE:
+                    data = bytearray()
+                    while chunk := stream.read(CHUNK):
+                        data += chunk
+                    stream.drain()  # checks the sha256 now, before anything is written
+                    writers.submit(_write_small, root, e, bytes(data), counters)
+                else:
+                    _write_file(root, e, stream, counters)
+                    counters.add(nfiles=1)
+                written += 1
+    finally:
+        writers.wait()
     removed = _prune(reader, root)
     for d, mode in reversed(read_only_dirs):
         os.chmod(d, mode)
@@ -268,11 +359,12 @@ def _make_dir_or_link(dest: Path, e: Entry, read_only_dirs: list[tuple[Path, int
 
 
 def _links_and_dirs_then_files(
-    reader: SnapshotReader, root: Path, real_root: str, read_only_dirs: list[tuple[Path, int]]
+    reader: SnapshotReader, safe: _SafeDest, read_only_dirs: list[tuple[Path, int]]
 ) -> Iterator[Entry]:
     for e in reader.entries():
         if e.type in ("d", "l"):
-            _make_dir_or_link(_safe_dest(root, real_root, e.path), e, read_only_dirs)
+            _make_dir_or_link(safe(e.path), e, read_only_dirs)
+            safe.forget()
     yield from storage_order(reader.entries())
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from nightjar.kube import Kube, SecretMissing
+from nightjar.storage.crypto import KeyProblem, KeyRing
 
 
 class Missing(Exception):
@@ -48,3 +49,19 @@ def files(kube: Kube, namespace: str, spec: dict[str, Any]) -> None:
             kube.secret_keys(namespace, c["secretName"], keys)
         except SecretMissing as e:
             raise Missing(str(e)) from e
+
+
+def keyring(kube: Kube, namespace: str, storage_spec: dict[str, Any]) -> KeyRing | None:
+    """The storage's key ring when it encrypts (``spec.encryption``), checked: the Secret exists
+    and holds well-formed keys with a current one. None for a storage without encryption."""
+    ref = (storage_spec.get("encryption") or {}).get("keySecretRef") or {}
+    if not ref.get("name"):
+        return None
+    try:
+        data = kube.secret_data(namespace, ref["name"])
+    except SecretMissing as e:
+        raise Missing(f"encryption key {e}") from e
+    try:
+        return KeyRing.from_data(ref["name"], data)
+    except KeyProblem as e:
+        raise Missing(str(e)) from e

@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nightjar.storage.errors import IntegrityError, KeyProblem
 
+__all__ = ["KeyProblem", "KeyRing", "Sealer", "chunk_id", "new_key_text", "sealed_size", "unwrap_key"]
+
 SEGMENT = 64 * 1024
 TAG = 16
 KEY_BYTES = 32

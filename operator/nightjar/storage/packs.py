@@ -146,7 +146,7 @@ class Chunker:
         self._max = max_size
         self._buf = bytearray()
 
-    def push(self, data: bytes | memoryview) -> list[bytes]:
+    def push(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         self._buf += data
         if len(self._buf) < 4 * self._max:
             return []

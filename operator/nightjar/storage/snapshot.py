@@ -34,6 +34,16 @@ from nightjar.storage.packs import BlobReader, KeyOpener
 #: In ``data_keys``: the manifest's own data key.
 MANIFEST_DATA_KEY = "manifest"
 
+__all__ = [
+    "MANIFEST_DATA_KEY",
+    "IntegrityError",
+    "PresignedReader",
+    "SnapshotReader",
+    "hand_over_data_keys",
+    "load_data_keys",
+    "presign_snapshot",
+]
+
 #: Skip forward inside an open pack stream (rather than issuing a new ranged GET) up to this gap.
 SKIP_LIMIT = 4 * 1024 * 1024
 CHUNK = 1024 * 1024

@@ -24,17 +24,15 @@ import uuid
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from nightjar import archive
-from nightjar.agent.backup import MANIFEST_FORMAT
 from nightjar.agent.files import Packer, StoredObject
 from nightjar.constants import ANNOTATION_EXPIRES_AT, API_VERSION
 from nightjar.domain.retention import default_expiry, format_time
 from nightjar.reconcile.backup import UPLOADED, UPLOADED_SOURCE
 from nightjar.storage import layout
 from nightjar.storage.index import Entry
-from nightjar.storage.s3 import MultipartWriter, delete_all_versions, describe_error
+from nightjar.storage.manifest import FORMAT_1 as MANIFEST_FORMAT
+from nightjar.storage.objects import ObjectStore, ObjectWriter, StorageError, describe_error
 from nightjar.transfer.order import RUN, IndexSorter, with_directories
 
 CHUNK = 1024 * 1024
@@ -54,25 +52,24 @@ class Stored:
 class SnapshotSink:
     """Receives an archive's parts from ``archive.inspect`` and stores them as a snapshot."""
 
-    def __init__(self, s3: Any, bucket: str, loc: layout.SnapshotLocation, run: int = RUN) -> None:
-        self.s3 = s3
-        self.bucket = bucket
+    def __init__(self, store: ObjectStore, loc: layout.SnapshotLocation, run: int = RUN) -> None:
+        self.store = store
         self.loc = loc
         self.objects: dict[str, dict[str, Any]] = {}
         self.database: dict[str, Any] | None = None
         self.sorter = IndexSorter(run)
         self.packer = Packer(open_object=self._open_pack, on_object=self._stored)
 
-    def _open_pack(self, n: int) -> tuple[str, MultipartWriter]:
+    def _open_pack(self, n: int) -> tuple[str, ObjectWriter]:
         key = self.loc.pack(n)
-        return key, MultipartWriter(self.s3, self.bucket, key)
+        return key, self.store.writer(key)
 
     def _stored(self, o: StoredObject) -> None:
         self.objects[o.key] = {"key": o.key, "bytes": o.size, "sha256": o.sha256}
 
     def on_dump(self, stream: archive.Readable, size: int) -> None:
         key = self.loc.db_dump
-        with MultipartWriter(self.s3, self.bucket, key) as w:
+        with self.store.writer(key) as w:
             while chunk := stream.read(CHUNK):
                 w.write(chunk)
         self.database = {"key": key, "bytes": w.size, "sha256": w.sha256}
@@ -103,7 +100,7 @@ class SnapshotSink:
             key = self.loc.files_index
             dirs = count = total = 0
             with (
-                MultipartWriter(self.s3, self.bucket, key) as idx,
+                self.store.writer(key) as idx,
                 gzip.GzipFile(fileobj=cast(IO[bytes], idx), mode="wb", compresslevel=6) as gz,
             ):
                 for e in with_directories(self.sorter.sorted()):
@@ -137,9 +134,7 @@ class SnapshotSink:
             file_name=file_name,
         )
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        self.s3.put_object(
-            Bucket=self.bucket, Key=self.loc.manifest, Body=body, ContentType="application/json"
-        )
+        self.store.put(self.loc.manifest, body, content_type="application/json")
         return Stored(self.loc.manifest, hashlib.sha256(body).hexdigest(), manifest, self.loc.backup_prefix)
 
     def discard(self) -> list[str]:
@@ -148,7 +143,7 @@ class SnapshotSink:
         if self.packer.writer is not None:
             self.packer.writer.abort()
             self.packer.writer = None
-        _, locked = delete_all_versions(self.s3, self.bucket, self.loc.backup_prefix)
+        _, locked = self.store.delete(self.loc.backup_prefix)
         return locked
 
 
@@ -226,8 +221,7 @@ def backup_body(name: str, namespace: str, storage: str, stored: Stored, comment
 
 
 def store(
-    s3: Any,
-    bucket: str,
+    into: ObjectStore,
     storage_prefix: str,
     source: archive.Readable,
     *,
@@ -249,7 +243,7 @@ def store(
         backup_uid=upload_id,
         attempt=str(uuid.uuid4()),
     )
-    sink = SnapshotSink(s3, bucket, loc, run)
+    sink = SnapshotSink(into, loc, run)
     expires = default_expiry(now, UPLOADED)
     try:
         info = archive.inspect(source, on_dump=sink.on_dump, on_file=sink.on_file)
@@ -265,7 +259,7 @@ def store(
     except BaseException as e:
         try:
             locked = sink.discard()
-        except (ClientError, BotoCoreError) as cleanup:
+        except StorageError as cleanup:
             raise UploadFailed(
                 f"{_reason(e)}; and the objects already written under {loc.backup_prefix} could not be "
                 f"deleted ({describe_error(cleanup, 'cleanup')}): delete them by hand"
@@ -275,8 +269,10 @@ def store(
                 f"{_reason(e)}; {len(locked)} objects already written under {loc.backup_prefix} are kept "
                 "by the bucket's default Object Lock retention until it ends"
             ) from e
-        if isinstance(e, (ClientError, BotoCoreError)):
-            raise UploadFailed(describe_error(e, f"storage: writing the upload to bucket {bucket}")) from e
+        if isinstance(e, StorageError):
+            raise UploadFailed(
+                describe_error(e, f"storage: writing the upload to bucket {into.bucket}")
+            ) from e
         raise
     finally:
         sink.sorter.close()
@@ -287,7 +283,7 @@ class UploadFailed(Exception):
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, (ClientError, BotoCoreError)):
+    if isinstance(e, StorageError):
         return describe_error(e, "storage")
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
