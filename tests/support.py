@@ -106,3 +106,11 @@ def hostpath_claim(core: Any, namespace: str, claim: str, path: Path) -> str:
         60,
     )
     return pv
+
+
+def read_stream(stream: Any) -> bytes:
+    """Everything a verified snapshot stream gives (its checks run at its end)."""
+    out = bytearray()
+    while data := stream.read(1 << 20):
+        out += data
+    return bytes(out)

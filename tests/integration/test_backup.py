@@ -3,7 +3,6 @@ running pg_dump against PostgreSQL, MinIO with Object Lock. Nothing mocked."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -19,6 +18,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from nightjar.devstack.stack import Stack, State
+from nightjar.storage.snapshot import SnapshotReader
 from tests.integration.helpers import (
     TABLE_CHECKSUMS,
     G,
@@ -31,7 +31,7 @@ from tests.integration.helpers import (
     take_backup,
     wait_terminal,
 )
-from tests.support import wait_for
+from tests.support import read_stream, wait_for
 
 
 def sha256_file(p: Path) -> str:
@@ -105,8 +105,10 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
         assert (len(data), hashlib.sha256(data).hexdigest()) == (o["bytes"], o["sha256"]), o["key"]
 
     # The dump restores into a scratch database with identical rows.
+    reader = SnapshotReader(s3, bucket, st["storage"]["manifestKey"], st["storage"]["manifestSha256"])
+    assert reader.format == 2
     dump = tmp_path / "db.dump"
-    dump.write_bytes(s3.get_object(Bucket=bucket, Key=manifest["database"]["key"])["Body"].read())
+    dump.write_bytes(read_stream(reader.open_dump()))
     scratch = f"scratch_{namespace.replace('-', '_')}"
     psql(env, "postgres", f"create database {scratch}")
     try:
@@ -129,20 +131,16 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
         psql(env, "postgres", f"drop database {scratch} with (force)")
 
     # Every file's stored bytes match the original by sha256; dirs and the symlink are recorded.
-    index_raw = gzip.decompress(
-        s3.get_object(Bucket=bucket, Key=manifest["files"]["index"]["key"])["Body"].read()
-    )
-    entries = [json.loads(line) for line in index_raw.decode().splitlines()]
-    files = [e for e in entries if e["t"] == "f"]
+    entries = list(reader.entries())
+    files = [e for e in entries if e.type == "f"]
     assert len(files) == st["files"]["count"]
-    packs: dict[str, bytes] = {}
-    for e in files:
-        if e["k"] not in packs:
-            packs[e["k"]] = s3.get_object(Bucket=bucket, Key=e["k"])["Body"].read()
-        stored = packs[e["k"]][e["o"] : e["o"] + e["s"]]
-        assert hashlib.sha256(stored).hexdigest() == e["h"] == sha256_file(files_pvc / e["p"]), e["p"]
+    for e, stream in reader.contents(iter(files)):
+        assert stream is not None
+        stored = read_stream(stream)
+        assert hashlib.sha256(stored).hexdigest() == e.sha256 == sha256_file(files_pvc / e.path), e.path
+    packs = {c.pack for e in files for c in e.chunks or []}
     assert len(packs) < len(files) / 10  # small files are packed, not one object each
-    kinds = {e["p"]: e["t"] for e in entries}
+    kinds = {e.path: e.type for e in entries}
     assert kinds["empty-dir"] == "d"
     assert kinds["link"] == "l"
     assert "odd names/quote'and\"double.txt" in kinds
@@ -151,10 +149,11 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
     # A second backup of the same source reuses every unchanged file instead of uploading it again.
     (files_pvc / "new.txt").write_text("new\n")
     st2 = take_backup(custom, namespace, backup_body("second"))
-    m2 = json.loads(s3.get_object(Bucket=bucket, Key=st2["storage"]["manifestKey"])["Body"].read())
-    assert m2["files"]["count"] == st["files"]["count"] + 1
-    assert m2["files"]["reusedFiles"] == st["files"]["count"]
-    assert m2["files"]["uploadedBytes"] == 4
+    m2 = SnapshotReader(s3, bucket, st2["storage"]["manifestKey"]).m.files
+    assert m2 is not None
+    assert m2.count == st["files"]["count"] + 1
+    assert m2.reused_files == st["files"]["count"]
+    assert m2.uploaded_bytes == 4
 
     # kubectl shows the details in its columns.
     out = subprocess.run(
@@ -394,16 +393,13 @@ def test_files_from_an_s3_prefix_are_backed_up(
     }
     st = take_backup(custom, namespace, body)
     assert st["files"] == {"count": 25, "bytes": sum(len(d) for d in contents.values())}
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=st["storage"]["manifestKey"])["Body"].read())
-    index = gzip.decompress(
-        s3.get_object(Bucket=bucket, Key=manifest["files"]["index"]["key"])["Body"].read()
-    )
-    for line in index.decode().splitlines():
-        e = json.loads(line)
-        pack = s3.get_object(Bucket=bucket, Key=e["k"], Range=f"bytes={e['o']}-{e['o'] + e['s'] - 1}")[
-            "Body"
-        ].read()
-        assert pack == contents[e["p"]]
+    reader = SnapshotReader(s3, bucket, st["storage"]["manifestKey"])
+    seen = 0
+    for e, stream in reader.contents(reader.entries()):
+        assert stream is not None
+        assert read_stream(stream) == contents[e.path]
+        seen += 1
+    assert seen == len(contents)
 
 
 def test_deleting_a_locked_backup_says_its_objects_stay_until_retention_ends(

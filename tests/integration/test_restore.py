@@ -18,6 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from nightjar.storage.snapshot import SnapshotReader
 from tests.integration.conftest import Env
 from tests.integration.helpers import (
     TABLE_CHECKSUMS,
@@ -371,11 +372,12 @@ def test_a_damaged_snapshot_fails_and_leaves_the_target_unchanged(
     make_storage(custom, core, env, namespace)
     st = take_backup(custom, namespace, backup_body("tampered"))
     bucket = env["NIGHTJAR_S3_BUCKET_PLAIN"]
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=st["storage"]["manifestKey"])["Body"].read())
-    key = manifest["database"]["key"]
-    dump = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    dump[-100] ^= 0xFF  # one flipped byte near the end: pg_restore has already run most of it
-    s3.put_object(Bucket=bucket, Key=key, Body=bytes(dump))
+    reader = SnapshotReader(s3, bucket, st["storage"]["manifestKey"])
+    assert reader.m.database is not None
+    last = reader.m.database.dump.chunks[-1]  # the dump's last chunk: pg_restore has run the rest
+    pack = bytearray(s3.get_object(Bucket=bucket, Key=last.pack)["Body"].read())
+    pack[last.offset + last.stored // 2] ^= 0xFF  # one flipped byte
+    s3.put_object(Bucket=bucket, Key=last.pack, Body=bytes(pack))
     psql(env, app_db, "update customers set name = 'current'")
     checksums = psql(env, app_db, TABLE_CHECKSUMS)
     files_before = tree(files_pvc)

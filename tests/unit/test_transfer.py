@@ -4,6 +4,7 @@ an upload, its manifest and Backup, the objects the commands create, the tenancy
 from __future__ import annotations
 
 import datetime as dt
+import io
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from nightjar.domain.pgdump import parse_header
 from nightjar.reconcile.backup import upload_prefix
 from nightjar.storage import layout
 from nightjar.storage.index import Entry
+from nightjar.storage.snapshot import SnapshotReader
 from nightjar.transfer import CommandError
 from nightjar.transfer.names import DATABASE_ONLY, FILES_ONLY, FULL, archive_filename, object_name
 from nightjar.transfer.order import IndexSorter, scan, storage_order, with_directories
@@ -26,8 +28,9 @@ from nightjar.transfer.resources import (
     source_spec,
     table,
 )
-from nightjar.transfer.upload import Stored, build_manifest
+from nightjar.transfer.upload import SnapshotSink, Stored
 from nightjar.transfer.upload import backup_body as uploaded_backup_body
+from tests.memstore import MemoryStore
 from tests.unit.test_pgdump_header import header
 
 T = dt.datetime(2026, 11, 24, 18, 3, 59, tzinfo=dt.UTC)
@@ -178,23 +181,25 @@ def test_empty_directories_and_symlinks_are_counted() -> None:
 # --- the manifest and the Backup of an upload ---------------------------------------------------------
 
 
+STORE = MemoryStore()
+
+
 def uploaded(kind: str = "Full") -> Stored:
+    """A real upload (the sink ``nightjar upload`` uses) of a small archive into a memory store."""
     loc = layout.SnapshotLocation(
         "tenant-a", "shop", "uploaded", "f" * 32, "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
     )
+    dump = header() + b"x" * (5000 - len(header()))
     info = archive.ArchiveInfo(
         kind, {"modelVersion": "1.0.0.40", "dumpSize": 5}, parse_header(header()), 5000, 2, 403
     )
-    db = {"key": loc.db_dump, "bytes": 5000, "sha256": "a" * 64}
-    idx = {"key": loc.files_index, "bytes": 90, "sha256": "b" * 64}
-    pack = {"key": loc.pack(1), "bytes": 403, "sha256": "c" * 64}
-    files = {"index": idx, "count": 2, "bytes": 403, "dirs": 3, "reusedFiles": 0, "reusedBytes": 0}
-    manifest = build_manifest(
-        loc,
+    sink = SnapshotSink(STORE, loc)
+    sink.on_dump(io.BytesIO(dump), -1)
+    if kind == "Full":
+        sink.on_file(archive.TreeFile("b/2", 3, 0o644, 1_700_000_000), io.BytesIO(b"two"))
+        sink.on_file(archive.TreeFile("a/1", 400, 0o600, 1_700_000_000), io.BytesIO(b"1" * 400))
+    return sink.finish(
         info,
-        database=db,
-        files=files if kind == "Full" else None,
-        objects=[pack, idx, db] if kind == "Full" else [db],
         namespace="shop",
         name="upload-1",
         upload_id="f" * 32,
@@ -202,33 +207,38 @@ def uploaded(kind: str = "Full") -> Stored:
         expires=T + dt.timedelta(days=90),
         file_name="shop-202611241803.tar.gz",
     )
-    return Stored(loc.manifest, "d" * 64, manifest, loc.backup_prefix)
 
 
 def test_the_manifest_of_an_upload_is_a_snapshot_manifest() -> None:
-    m = uploaded().manifest
-    assert {
-        "formatVersion",
-        "snapshotId",
-        "backup",
-        "source",
-        "contents",
-        "createdOn",
-        "expiresOn",
-        "modelVersion",
-        "sizeUncompressedBytes",
-        "database",
-        "files",
-        "objects",
-    } <= set(m)
-    assert (m["source"], m["contents"], m["modelVersion"]) == ("uploaded", "Full", "1.0.0.40")
-    assert m["backup"] == {"namespace": "shop", "name": "upload-1", "type": "Uploaded"}
+    stored = uploaded()
+    m = stored.manifest
+    assert (m["formatVersion"], m["contents"], m["modelVersion"]) == (2, "Full", "1.0.0.40")
     assert m["createdOn"] == "2026-11-24T18:03:59Z"
     assert m["sizeUncompressedBytes"] == 5000 + 403
-    assert m["database"]["serverVersion"].startswith("15.") and m["database"]["archiveVersion"] == "1.14.0"
-    assert [o["key"] for o in m["objects"]] == sorted(o["key"] for o in m["objects"])
-    assert m["upload"]["metadata"] == {"modelVersion": "1.0.0.40", "dumpSize": "5"}
-    assert m["upload"]["mendixCompatible"] is True
+    assert m["files"] == {"count": 2, "bytes": 403}
+    reader = SnapshotReader(STORE, stored.manifest_key, stored.manifest_sha256)
+    full = reader.m
+    assert (full.source, full.backup) == (
+        "uploaded",
+        {"namespace": "shop", "name": "upload-1", "type": "Uploaded"},
+    )
+    assert full.database is not None and full.database.server_version.startswith("15.")
+    assert full.database.archive_version == "1.14.0"
+    assert full.extra["upload"]["metadata"] == {"modelVersion": "1.0.0.40", "dumpSize": "5"}
+    assert full.extra["upload"]["mendixCompatible"] is True
+    # the index is in path order although the archive had b/2 first; directories are added
+    assert [(e.path, e.type) for e in reader.entries()] == [
+        ("a", "d"),
+        ("a/1", "f"),
+        ("b", "d"),
+        ("b/2", "f"),
+    ]
+    got = {
+        e.path: b"".join(iter(lambda s=st: s.read(1 << 20), b""))
+        for e, st in reader.contents(reader.entries())
+        if st
+    }
+    assert got == {"a/1": b"1" * 400, "b/2": b"two"}
 
 
 def test_the_backup_of_an_upload_has_no_source_and_names_its_manifest() -> None:
@@ -238,7 +248,7 @@ def test_the_backup_of_an_upload_has_no_source_and_names_its_manifest() -> None:
         "storageRef": {"name": "primary"},
         "type": "Uploaded",
         "contents": "DatabaseOnly",
-        "upload": {"manifestKey": stored.manifest_key, "manifestSha256": "d" * 64},
+        "upload": {"manifestKey": stored.manifest_key, "manifestSha256": stored.manifest_sha256},
         "comment": "from Mendix Cloud",
     }
     assert body["metadata"]["annotations"]["nightjar.dev/expires-at"] == stored.manifest["expiresOn"]

@@ -399,12 +399,30 @@ class StreamStore:
 def split_file(data_source: Any, size: int) -> Iterator[bytes]:
     """A file's bytes as blobs: one blob when small, CDC chunks when large."""
     if size < WHOLE_FILE:
-        yield data_source.read()
-        return
+        data = bytearray()
+        while block := data_source.read(1024 * 1024):
+            data += block
+        if len(data) < WHOLE_FILE:
+            yield bytes(data)
+            return
+        data_source = _Prefixed(bytes(data), data_source)  # longer than listed: cut it by content
     chunker = Chunker()
     while block := data_source.read(4 * 1024 * 1024):
         yield from chunker.push(block)
     yield from chunker.finish()
+
+
+class _Prefixed:
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self.head = head
+        self.rest = rest
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        data: bytes = self.rest.read(n)
+        return data
 
 
 # --- reading ------------------------------------------------------------------------------------

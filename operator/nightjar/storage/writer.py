@@ -90,6 +90,16 @@ class IndexWriter:
         self.stats.reused_bytes += prev.size
         self._emit(self.order.put(Entry(path, "f", mode, prev.size, prev.mtime_ns, prev.sha256), slots))
 
+    def add_stored(self, entry: Entry) -> None:
+        """A file already stored by this snapshot (``entry.chunks`` set), e.g. by an upload that
+        stored contents in archive order and writes the index in path order afterwards."""
+        for c in entry.chunks or []:
+            self.w.use_object(c.pack)
+        self.stats.files += 1
+        self.stats.bytes += entry.size
+        self.stats.uploaded_bytes += entry.size
+        self._emit(self.order.put(entry, [Ready(c) for c in entry.chunks or []]))
+
     def add_file(self, path: str, mode: int, mtime_ns: int, stream: IO[bytes], size: int) -> None:
         h = hashlib.sha256()
         n = 0

@@ -17,22 +17,23 @@ one GET per pack reads an upload in storage order (``order.storage_order``), as 
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import hashlib
-import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import Any
 
 from nightjar import archive
-from nightjar.agent.files import Packer, StoredObject
 from nightjar.constants import ANNOTATION_EXPIRES_AT, API_VERSION
-from nightjar.domain.retention import default_expiry, format_time
+from nightjar.domain.retention import default_expiry
 from nightjar.reconcile.backup import UPLOADED, UPLOADED_SOURCE
 from nightjar.storage import layout
+from nightjar.storage.crypto import KeyRing
 from nightjar.storage.index import Entry
-from nightjar.storage.manifest import FORMAT_1 as MANIFEST_FORMAT
-from nightjar.storage.objects import ObjectStore, ObjectWriter, StorageError, describe_error
+from nightjar.storage.manifest import Files, Manifest
+from nightjar.storage.objects import ObjectStore, StorageError, describe_error
+from nightjar.storage.packs import ChunkRef, Ordered, Slot, StreamStore, split_file
+from nightjar.storage.writer import SnapshotWriter
 from nightjar.transfer.order import RUN, IndexSorter, with_directories
 
 CHUNK = 1024 * 1024
@@ -50,35 +51,42 @@ class Stored:
 
 
 class SnapshotSink:
-    """Receives an archive's parts from ``archive.inspect`` and stores them as a snapshot."""
+    """Receives an archive's parts from ``archive.inspect`` and stores them as a format-2
+    snapshot (compressed, deduplicated within itself, encrypted when the storage encrypts)."""
 
-    def __init__(self, store: ObjectStore, loc: layout.SnapshotLocation, run: int = RUN) -> None:
-        self.store = store
+    def __init__(
+        self, into: ObjectStore, loc: layout.SnapshotLocation, run: int = RUN, keyring: KeyRing | None = None
+    ) -> None:
+        self.store = into
         self.loc = loc
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.database: dict[str, Any] | None = None
+        self.writer = SnapshotWriter(into, loc, keyring=keyring)
+        self.dump: StreamStore | None = None
         self.sorter = IndexSorter(run)
-        self.packer = Packer(open_object=self._open_pack, on_object=self._stored)
-
-    def _open_pack(self, n: int) -> tuple[str, ObjectWriter]:
-        key = self.loc.pack(n)
-        return key, self.store.writer(key)
-
-    def _stored(self, o: StoredObject) -> None:
-        self.objects[o.key] = {"key": o.key, "bytes": o.size, "sha256": o.sha256}
+        self.order = Ordered()
+        self.uploaded_bytes = 0
 
     def on_dump(self, stream: archive.Readable, size: int) -> None:
-        key = self.loc.db_dump
-        with self.store.writer(key) as w:
-            while chunk := stream.read(CHUNK):
-                w.write(chunk)
-        self.database = {"key": key, "bytes": w.size, "sha256": w.sha256}
-        self.objects[key] = dict(self.database)
+        dump = self.writer.dump_stream()
+        while chunk := stream.read(CHUNK):
+            dump.write(chunk)
+        self.dump = dump
 
     def on_file(self, member: archive.TreeFile, stream: archive.Readable) -> None:
-        pack, offset, digest, n = self.packer.add_stream(cast(IO[bytes], stream), member.size)
-        mode = member.mode or 0o644
-        self.sorter.add(Entry(member.path, "f", mode, n, member.mtime * 10**9, digest, pack, offset))
+        h = hashlib.sha256()
+        n = 0
+        slots: list[Slot] = []
+        for blob in split_file(stream, member.size):
+            h.update(blob)
+            n += len(blob)
+            slots.append(self.writer.packs.add(blob))
+        self.uploaded_bytes += n
+        entry = Entry(member.path, "f", member.mode or 0o644, n, member.mtime * 10**9, h.hexdigest())
+        self._sort(self.order.put(entry, slots))
+
+    def _sort(self, ready: Iterable[tuple[Any, list[ChunkRef]]]) -> None:
+        for e, refs in ready:
+            e.chunks = refs
+            self.sorter.add(e)
 
     def finish(
         self,
@@ -92,108 +100,77 @@ class SnapshotSink:
         file_name: str,
     ) -> Stored:
         """Write the index and the manifest (last: a snapshot exists only once it does)."""
-        if self.database is None:
+        if self.dump is None:
             raise archive.ArchiveError("the archive has no database dump")
-        self.packer.close()
-        files: dict[str, Any] | None = None
+        self.writer.packs.flush()
+        self._sort(self.order.drain())
+        h = info.dump_header
+        database = self.writer.database(
+            self.dump,
+            pg_dump_version=h.pg_dump_version,
+            server_version=h.server_version,
+            archive_version=h.archive_version_text,
+            dbname=h.database,
+        )
+        database.dump_compression = ""  # the archive's dump, byte for byte (pg_dump's compression)
+        files: Files | None = None
         if self.sorter.count:
-            key = self.loc.files_index
-            dirs = count = total = 0
-            with (
-                self.store.writer(key) as idx,
-                gzip.GzipFile(fileobj=cast(IO[bytes], idx), mode="wb", compresslevel=6) as gz,
-            ):
-                for e in with_directories(self.sorter.sorted()):
-                    if e.type == "d":
-                        dirs += 1
-                    else:
-                        count += 1
-                        total += e.size
-                    gz.write(e.to_json().encode() + b"\n")
-            self.objects[key] = {"key": key, "bytes": idx.size, "sha256": idx.sha256}
-            files = {
-                "index": self.objects[key],
-                "count": count,
-                "bytes": total,
-                "dirs": dirs,
-                "reusedFiles": 0,
-                "reusedBytes": 0,
-                "uploadedBytes": self.packer.stats.uploaded_bytes,
-            }
-        manifest = build_manifest(
-            self.loc,
-            info,
-            database=self.database,
-            files=files,
-            objects=list(self.objects.values()),
-            namespace=namespace,
-            name=name,
-            upload_id=upload_id,
+            index = self.writer.index()
+            for e in with_directories(self.sorter.sorted()):
+                if e.type == "d":
+                    index.add_dir(e.path, e.mode)
+                else:
+                    index.add_stored(e)
+            files = index.finish()
+            files.uploaded_bytes = self.uploaded_bytes
+        meta = {k: str(v) for k, v in info.metadata.items()}
+        key, digest, m = self.writer.commit(
             created=created,
             expires=expires,
-            file_name=file_name,
+            database=database,
+            files=files,
+            backup={"namespace": namespace, "name": name, "type": UPLOADED},
+            source=UPLOADED_SOURCE,
+            contents=info.kind,
+            model_version=meta.get("modelVersion", ""),
+            extra={"upload": upload_section(info, upload_id, file_name)},
         )
-        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        self.store.put(self.loc.manifest, body, content_type="application/json")
-        return Stored(self.loc.manifest, hashlib.sha256(body).hexdigest(), manifest, self.loc.backup_prefix)
+        return Stored(key, digest, summary(m), self.loc.backup_prefix)
 
     def discard(self) -> list[str]:
         """Delete everything this upload wrote; returns the keys Object Lock kept (bucket defaults)."""
         self.sorter.close()
-        if self.packer.writer is not None:
-            self.packer.writer.abort()
-            self.packer.writer = None
+        self.writer.abort()
         _, locked = self.store.delete(self.loc.backup_prefix)
         return locked
 
 
-def build_manifest(
-    loc: layout.SnapshotLocation,
-    info: archive.ArchiveInfo,
-    *,
-    database: dict[str, Any],
-    files: dict[str, Any] | None,
-    objects: list[dict[str, Any]],
-    namespace: str,
-    name: str,
-    upload_id: str,
-    created: dt.datetime,
-    expires: dt.datetime,
-    file_name: str,
-) -> dict[str, Any]:
-    """The manifest of an uploaded snapshot: the agent's format (so readers need not care where a
-    snapshot came from) plus an ``upload`` section saying what was uploaded."""
+def upload_section(info: archive.ArchiveInfo, upload_id: str, file_name: str) -> dict[str, Any]:
+    """What was uploaded, kept in the manifest."""
     h = info.dump_header
-    db = {
-        **database,
-        "pgDumpVersion": h.pg_dump_version,
-        "serverVersion": h.server_version,
-        "archiveVersion": h.archive_version_text,
-        "dbname": h.database,
-    }
-    size = int(database["bytes"]) + (int(files["bytes"]) if files else 0)
-    meta = {k: str(v) for k, v in info.metadata.items()}
     return {
-        "formatVersion": MANIFEST_FORMAT,
-        "snapshotId": loc.attempt,
-        "backup": {"namespace": namespace, "name": name, "type": UPLOADED},
-        "source": UPLOADED_SOURCE,
-        "contents": info.kind,
-        "createdOn": format_time(created),
-        "expiresOn": format_time(expires),
-        "modelVersion": meta.get("modelVersion", ""),
-        "sizeUncompressedBytes": size,
-        "database": db,
-        "files": files,
-        "objects": sorted(objects, key=lambda o: o["key"]),
-        "upload": {
-            "uploadId": upload_id,
-            "fileName": file_name,
-            "archive": info.kind,
-            "metadata": meta,
-            "dumpCreated": h.created.isoformat() if h.created else "",
-            "mendixCompatible": h.mendix_compatible,
-        },
+        "uploadId": upload_id,
+        "fileName": file_name,
+        "archive": info.kind,
+        "metadata": {k: str(v) for k, v in info.metadata.items()},
+        "dumpCreated": h.created.isoformat() if h.created else "",
+        "mendixCompatible": h.mendix_compatible,
+    }
+
+
+def summary(m: Manifest) -> dict[str, Any]:
+    """The parts of an upload's manifest the CLI shows and the Backup is made of."""
+    return {
+        "formatVersion": m.format,
+        "snapshotId": m.snapshot_id,
+        "contents": m.contents,
+        "createdOn": m.created_on,
+        "expiresOn": m.expires_on,
+        "modelVersion": m.model_version,
+        "sizeUncompressedBytes": m.size_uncompressed,
+        "database": m.database.summary() if m.database else {},
+        "files": {"count": m.files.count, "bytes": m.files.bytes} if m.files else None,
+        "objects": len(m.objects),
     }
 
 
@@ -225,6 +202,7 @@ def store(
     storage_prefix: str,
     source: archive.Readable,
     *,
+    keyring: KeyRing | None = None,
     namespace: str,
     name: str,
     file_name: str,
@@ -243,7 +221,7 @@ def store(
         backup_uid=upload_id,
         attempt=str(uuid.uuid4()),
     )
-    sink = SnapshotSink(into, loc, run)
+    sink = SnapshotSink(into, loc, run, keyring)
     expires = default_expiry(now, UPLOADED)
     try:
         info = archive.inspect(source, on_dump=sink.on_dump, on_file=sink.on_file)
@@ -293,7 +271,7 @@ def _reason(e: BaseException) -> str:
 def summary_text(stored: Stored) -> str:
     m = stored.manifest
     files = m.get("files") or {}
-    parts = [f"database dump {m['database']['bytes'] / 1e6:.2f} MB"]
+    parts = [f"database dump {m['database'].get('bytes', 0) / 1e6:.2f} MB"]
     if files:
         parts.append(f"{files['count']} files, {files['bytes'] / 1e6:.2f} MB")
     mv = m.get("modelVersion")
