@@ -61,8 +61,8 @@ test-e2e: deps venv binaries ## The e2e tier only: the Helm chart installed into
 test-integration: deps venv binaries ## Integration tests on a fresh stack in .local/test.
 	@hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
 
-bench: deps venv binaries ## Benchmarks on a private stack: BENCH=files,scale,replicate (all by default).
-	@BENCH=$${BENCH:-files,scale,replicate} hack/run-bench.sh
+bench: deps venv binaries ## Benchmarks on a private stack: BENCH=files,scale,replicate,datapath (all by default).
+	@BENCH=$${BENCH:-files,scale,replicate,datapath} hack/run-bench.sh
 
 crds: venv ## Copy the shared schema parts between CRDs and into the chart; regenerate docs/reference.md.
 	@$(PY) hack/sync-crd-schemas.py
