@@ -313,7 +313,7 @@ def test_deleting_a_backup_removes_its_stored_objects(
     take_backup(custom, namespace, backup_body("doomed"))
     bucket = env["NIGHTJAR_S3_BUCKET_PLAIN"]
     prefix = f"tests/{namespace}/"
-    assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0) >= 4
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0) >= 2  # packs, manifest
     custom.delete_namespaced_custom_object(G, V, namespace, "backups", "doomed")
 
     wait_for("backup deleted", lambda: backup_gone(custom, namespace, "doomed"), 60)

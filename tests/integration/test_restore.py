@@ -395,7 +395,7 @@ def test_a_damaged_snapshot_fails_and_leaves_the_target_unchanged(
     )
     rst = wait_restore(custom, namespace, "from-tampered")
     assert rst["phase"] == "Failed"
-    assert "does not match its sha256" in rst["message"]
+    assert "database dump: blob" in rst["message"], rst["message"]  # names the damaged object
     assert "is unchanged" in rst["message"] and rst["targetState"] == "Unchanged"
     assert psql(env, app_db, TABLE_CHECKSUMS) == checksums  # rolled back
     assert tree(files_pvc) == files_before

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from botocore.exceptions import ClientError
 from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
@@ -37,13 +36,9 @@ from nightjar.reconcile import preflight, replication
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.replication import Replicator
 from nightjar.storage import layout
-from nightjar.storage.s3 import (
-    LOCK_MODES,
-    delete_all_versions,
-    describe_error,
-    extend_retention,
-    iter_versions,
-)
+from nightjar.storage.errors import IntegrityError
+from nightjar.storage.manifest import Manifest
+from nightjar.storage.objects import Lock, ObjectMissing, ObjectStore, StorageError
 
 log = logging.getLogger("nightjar.backup")
 
@@ -444,9 +439,7 @@ class BackupReconciler:
             "sizeUncompressedBytes": size,
             "sizeUncompressedMB": f"{size / 1e6:.2f}",
             "database": result.get("database") or {},
-            "files": {"count": files["count"], "bytes": files["bytes"]}
-            if files
-            else {"count": 0, "bytes": 0},
+            "files": {"count": files.count, "bytes": files.bytes} if files else {"count": 0, "bytes": 0},
             "attempts": attempts,
             "message": f"snapshot {result['snapshotId']} stored and verified "
             f"({result.get('objects', 0)} objects)",
@@ -475,7 +468,7 @@ class BackupReconciler:
         if storage is None:
             raise RuntimeError("its BackupStorage is gone")
         target = storage_rec.target_for(self.kube, ns, storage["spec"])
-        body = target.client().get_object(Bucket=target.bucket, Key=result["manifestKey"])["Body"].read()
+        body = storage_rec.store_of(target).read(result["manifestKey"])
         if hashlib.sha256(body).hexdigest() != result.get("manifestSha256"):
             raise RuntimeError(f"manifest {result['manifestKey']} does not match what the agent wrote")
 
@@ -577,80 +570,81 @@ class BackupReconciler:
             raise UploadRefused(
                 f"the uploaded snapshot {key} already belongs to Backup {other}", "AlreadyUsed"
             )
-        s3 = target.client()
+        store = storage_rec.store_of(target)
         try:
-            raw = s3.get_object(Bucket=target.bucket, Key=key)["Body"].read()
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise UploadRefused(
-                    f"the uploaded manifest {key} is not in bucket {target.bucket}", "ManifestMissing"
-                ) from e
-            raise PreflightFailed(describe_error(e, f"storage: reading {key}")) from e
+            raw = store.read(key)
+        except ObjectMissing as e:
+            raise UploadRefused(
+                f"the uploaded manifest {key} is not in bucket {target.bucket}", "ManifestMissing"
+            ) from e
+        except StorageError as e:  # names the key: "reading <key>: ..."
+            raise PreflightFailed(f"storage: {e}") from e
         except Exception as e:
-            raise PreflightFailed(describe_error(e, f"storage: reading {key}")) from e
+            raise PreflightFailed(f"storage: reading {key}: {type(e).__name__}: {e}") from e
         if hashlib.sha256(raw).hexdigest() != want_sha:
             raise UploadRefused(
                 f"the uploaded manifest {key} does not match spec.upload.manifestSha256", "VerificationFailed"
             )
         try:
-            manifest = json.loads(raw)
-            objects = {o["key"]: int(o["bytes"]) for o in manifest["objects"]}
-            db_key = manifest["database"]["key"]
-            files = manifest.get("files")
-        except (ValueError, KeyError, TypeError) as e:
+            manifest = Manifest.parse(
+                raw, preflight.keyring(self.kube, ns, storage["spec"]), f"uploaded manifest {key}"
+            )
+            objects = {o.key: o.bytes for o in manifest.objects}
+            parts = manifest.part_keys()
+            files = manifest.files
+        except preflight.Missing as e:
+            raise PreflightFailed(f"BackupStorage {storage_name}: {e}") from e
+        except IntegrityError as e:
+            raise UploadRefused(f"{e}", "VerificationFailed") from e
+        if manifest.database is None:
             raise UploadRefused(
                 f"the uploaded manifest {key} is not a snapshot manifest", "VerificationFailed"
-            ) from e
+            )
         outside = sorted(k for k in objects if not k.startswith(mine))
         if outside:
             raise UploadRefused(
                 f"the uploaded manifest lists {outside[0]}, outside its own upload {mine}: not allowed",
                 "NotAllowed",
             )
-        if db_key not in objects or (files and files["index"]["key"] not in objects):
+        if not parts or not parts <= set(objects):
             raise UploadRefused(
                 f"the uploaded manifest {key} does not list its own parts", "VerificationFailed"
             )
         for k, size in sorted(objects.items()):
             try:
-                head = s3.head_object(Bucket=target.bucket, Key=k)
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                    raise UploadRefused(f"{k} is missing from the bucket", "VerificationFailed") from e
-                raise PreflightFailed(describe_error(e, f"storage: checking {k}")) from e
-            if head["ContentLength"] != size:
+                head = store.head(k)
+            except StorageError as e:  # "checking <key>: ..."
+                raise PreflightFailed(f"storage: {e}") from e
+            if head is None:
+                raise UploadRefused(f"{k} is missing from the bucket", "VerificationFailed")
+            if head.size != size:
                 raise UploadRefused(
-                    f"{k} has {head['ContentLength']} bytes, the manifest says {size}", "VerificationFailed"
+                    f"{k} has {head.size} bytes, the manifest says {size}", "VerificationFailed"
                 )
         expires = meta["annotations"][ANNOTATION_EXPIRES_AT]
-        if lock_mode in LOCK_MODES:
-            until = parse_time(expires)
+        lock = Lock.of(lock_mode, parse_time(expires))
+        if lock is not None:
             for k in [*sorted(objects), key]:
                 try:
-                    extend_retention(s3, target.bucket, k, lock_mode, until)
-                except ClientError as e:
-                    raise PreflightFailed(
-                        describe_error(e, f"storage: setting Object Lock retention on {k}")
-                    ) from e
+                    store.extend_retention(k, lock)
+                except StorageError as e:  # "setting Object Lock retention on <key>: ..."
+                    raise PreflightFailed(f"storage: {e}") from e
         now = _now()
-        db = manifest["database"]
-        size = int(manifest.get("sizeUncompressedBytes") or 0)
+        size = manifest.size_uncompressed
         return {
             "phase": "Completed",
-            "snapshotId": manifest.get("snapshotId") or key.rsplit("/", 2)[-2],
-            "createdOn": manifest.get("createdOn") or format_time(now),
+            "snapshotId": manifest.snapshot_id or key.rsplit("/", 2)[-2],
+            "createdOn": manifest.created_on or format_time(now),
             "completedOn": format_time(now),
             "expiresOn": expires,
-            "modelVersion": manifest.get("modelVersion") or "",
+            "modelVersion": manifest.model_version,
             "sizeUncompressedBytes": size,
             "sizeUncompressedMB": f"{size / 1e6:.2f}",
-            "database": {k: db[k] for k in ("bytes", "pgDumpVersion", "serverVersion") if k in db},
-            "files": {"count": files["count"], "bytes": files["bytes"]}
-            if files
-            else {"count": 0, "bytes": 0},
+            "database": manifest.database.summary(),
+            "files": {"count": files.count, "bytes": files.bytes} if files else {"count": 0, "bytes": 0},
             "attempts": attempts,
             "sourceId": UPLOADED_SOURCE,
-            "message": f"uploaded snapshot {manifest.get('snapshotId')} verified "
+            "message": f"uploaded snapshot {manifest.snapshot_id} verified "
             f"({len(objects)} object{'' if len(objects) == 1 else 's'})",
             "storage": {
                 "storageName": storage_name,
@@ -755,46 +749,52 @@ class BackupReconciler:
             except SecretMissing as e:
                 raise Retry(f"cannot delete stored objects in {name}: {e}", 30) from e
             where = "" if name == primary else name
-            done.append(self._delete_in(backup, target, where, primary_prefix))
+            done.append(
+                self._delete_in(backup, storage_rec.store_of(target), target.prefix, where, primary_prefix)
+            )
         return "; ".join(done) if len(done) > 1 else done[0]
 
     def _delete_in(
-        self, backup: dict[str, Any], target: Any, replica: str, primary_prefix: str | None
+        self,
+        backup: dict[str, Any],
+        store: ObjectStore,
+        prefix: str,
+        replica: str,
+        primary_prefix: str | None,
     ) -> str:
-        """Delete in one location. In a replica, keys are the primary's under the replica's prefix."""
+        """Delete in one location (``prefix``: its storage's). In a replica, keys are the
+        primary's under the replica's prefix."""
         meta, spec = backup["metadata"], backup["spec"]
         ns = meta["namespace"]
-        s3 = target.client()
 
         def here(key: str) -> str:
-            return layout.relocate(key, target.prefix, primary_prefix) if replica else key
+            return layout.relocate(key, prefix, primary_prefix) if replica else key
 
         label = f"in replica {replica}: " if replica else ""
         if spec.get("type") == UPLOADED:
-            return label + self._delete_upload(backup, s3, target.bucket, target.prefix, here)
+            return label + self._delete_upload(backup, store, prefix, here)
         sid = layout.source_id(spec["source"])
-        mine = layout.backup_prefix(target.prefix, ns, sid, meta["uid"])
+        mine = layout.backup_prefix(prefix, ns, sid, meta["uid"])
         try:
-            own = {k for k, _ in iter_versions(s3, target.bucket, mine)}
+            own = {k for k, _ in store.list_versions(mine)}
             referenced: set[str] = set()
             keep: set[str] = set()
-            for key in _list_keys(s3, target.bucket, layout.source_prefix(target.prefix, ns, sid)):
-                if not layout.is_manifest(key):
+            for info in store.list(layout.source_prefix(prefix, ns, sid)):
+                if not layout.is_manifest(info.key):
                     continue
                 objs = {
-                    layout.relocate(o["key"], target.prefix) if replica else o["key"]
-                    for o in json.loads(s3.get_object(Bucket=target.bucket, Key=key)["Body"].read()).get(
-                        "objects", []
-                    )
+                    layout.relocate(o["key"], prefix) if replica else o["key"]
+                    for o in json.loads(store.read(info.key)).get("objects", [])
                 }
-                if key.startswith(mine):
+                if info.key.startswith(mine):
                     referenced |= objs
                 else:
                     keep |= objs
             doomed = sorted((own | referenced) - keep)
-            deleted, locked = delete_all_versions(s3, target.bucket, doomed)
-        except ClientError as e:
-            raise Retry(describe_error(e, f"deleting stored objects {label}".strip()), 30) from e
+            deleted, locked = store.delete(doomed)
+        except StorageError as e:
+            where = f" in replica {replica}" if replica else ""
+            raise Retry(f"deleting stored objects{where}: {e}", 30) from e
         except Exception as e:
             raise Retry(f"deleting stored objects {label}{type(e).__name__}: {e}", 30) from e
         return label + self._deleted(
@@ -804,8 +804,7 @@ class BackupReconciler:
     def _delete_upload(
         self,
         backup: dict[str, Any],
-        s3: Any,
-        bucket: str,
+        store: ObjectStore,
         storage_prefix: str,
         here: Callable[[str], str] = str,
     ) -> str:
@@ -824,9 +823,9 @@ class BackupReconciler:
         if other:
             return f"kept the uploaded snapshot: Backup {other} uses it too"
         try:
-            deleted, locked = delete_all_versions(s3, bucket, mine)
-        except ClientError as e:
-            raise Retry(describe_error(e, "deleting stored objects"), 30) from e
+            deleted, locked = store.delete(mine)
+        except StorageError as e:
+            raise Retry(f"deleting stored objects: {e}", 30) from e
         except Exception as e:
             raise Retry(f"deleting stored objects: {type(e).__name__}: {e}", 30) from e
         return self._deleted(backup, f"deleted {deleted} object versions of the upload {mine}", locked)
@@ -845,13 +844,6 @@ class BackupReconciler:
             )
             msg += f"; {len(locked)} locked objects left to expire"
         return msg
-
-
-def _list_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
-    keys: list[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    return keys
 
 
 def watch_finished_deletions(

@@ -210,6 +210,21 @@ class Manifest:
             ids.add(self.key_id)
         return ids
 
+    def part_keys(self) -> set[str]:
+        """Every object the snapshot's own content is in (format 1: the dump and index objects;
+        format 2: every pack a chunk of the dump or the index is in)."""
+        keys: set[str] = set()
+        for stream in (
+            self.database.dump if self.database else None,
+            self.files.index if self.files else None,
+        ):
+            if stream is None:
+                continue
+            if stream.key:
+                keys.add(stream.key)
+            keys |= {c.pack for c in stream.chunks}
+        return keys
+
     # --- writing --------------------------------------------------------------------------------
 
     def _public(self) -> dict[str, Any]:

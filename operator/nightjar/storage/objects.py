@@ -301,7 +301,18 @@ class S3Store:
         self.target = target
         self.bucket = target.bucket
         self.endpoint = target.endpoint
-        self.s3: Any = client if client is not None else target.client()
+        self._client: Any = client
+
+    @property
+    def s3(self) -> Any:
+        """The boto3 client, made at first use: making a store never fails, a configuration
+        boto3 refuses (a malformed endpoint) is the first call's StorageError."""
+        if self._client is None:
+            try:
+                self._client = self.target.client()
+            except (ValueError, BotoCoreError) as e:
+                raise _final(StorageError(f"bucket {self.bucket} at {self.endpoint}: {e}")) from e
+        return self._client
 
     def check(self) -> None:
         with _errors(f"bucket {self.bucket} at {self.endpoint}"):
@@ -391,7 +402,7 @@ class S3Store:
                 locked += sorted({e["Key"] for e in errors})
         return deleted, locked
 
-    def delete_current(self, keys: list[str]) -> int:
+    def delete_current(self, keys: builtins.list[str]) -> int:
         """Delete the current versions of up to 1000 keys (a plain delete: on a versioned bucket
         earlier versions stay). Returns how many were deleted."""
         if not keys:

@@ -220,14 +220,14 @@ class PackWriter:
         level: int = 3,
         workers: int = 2,
         in_flight: int = 3,
-        pack_target: int = PACK_TARGET,
+        pack_target: int | None = None,
     ) -> None:
         self.store = store
         self.key_for = key_for
         self.keyring = keyring
         self.on_pack = on_pack
         self.codec = Codec(level)
-        self.pack_target = pack_target
+        self.pack_target = pack_target or PACK_TARGET
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pack")
         self._slots = threading.BoundedSemaphore(in_flight)
         self._futures: list[Future[list[ChunkRef]]] = []

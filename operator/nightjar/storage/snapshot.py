@@ -66,7 +66,10 @@ class _Verified:
             self._finish()
             return b""
         want = self.remaining if n is None or n < 0 else min(n, self.remaining)
-        data: bytes = self.body.read(want)
+        try:
+            data: bytes = self.body.read(want)
+        except IntegrityError as e:
+            raise IntegrityError(f"{self.what}: {e}") from e
         if not data:
             raise IntegrityError(
                 f"{self.what} is truncated: {self.size - self.remaining} of {self.size} bytes"
@@ -295,24 +298,43 @@ class _CheckedOpener:
 
 
 class _Joined:
-    """Blobs as one stream."""
+    """Blobs as one stream; ``read(n)`` returns n bytes unless the stream ends (as a file does:
+    tarfile and others rely on it)."""
 
     def __init__(self, blobs: Iterator[bytes]) -> None:
         self.blobs = blobs
         self.buf = b""
         self.pos = 0
 
-    def read(self, n: int = -1, /) -> bytes:
+    def _fill(self) -> bool:
         while self.pos >= len(self.buf):
             nxt = next(self.blobs, None)
             if nxt is None:
-                return b""
+                return False
             self.buf, self.pos = nxt, 0
+        return True
+
+    def read(self, n: int = -1, /) -> bytes:
         if n is None or n < 0:
-            n = len(self.buf) - self.pos
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += len(out)
-        return out
+            parts = []
+            while self._fill():
+                parts.append(self.buf[self.pos :])
+                self.pos = len(self.buf)
+            return b"".join(parts)
+        if not self._fill():
+            return b""
+        if len(self.buf) - self.pos >= n:  # the common case: no copy of a joined buffer
+            out = self.buf[self.pos : self.pos + n]
+            self.pos += n
+            return out
+        parts = []
+        want = n
+        while want and self._fill():
+            piece = self.buf[self.pos : self.pos + want]
+            self.pos += len(piece)
+            want -= len(piece)
+            parts.append(piece)
+        return b"".join(parts)
 
     def close(self) -> None:
         """Nothing to release: the blobs are in memory."""
