@@ -4,16 +4,23 @@ Runs inside the restore Job. Order of work, chosen so a failure leaves the targe
 that can be named:
 
 1. read the manifest (its sha256 must be the one the Backup recorded);
-2. stream the dump from the bucket into ``pg_restore --clean --if-exists --no-owner
-   --no-privileges --single-transaction``. The dump's sha256 is checked as its last bytes pass;
-   on a mismatch pg_restore is killed before it has read the end, so its transaction never
-   commits. Whatever goes wrong here, the database is as it was and the files were not touched
-   (``Unchanged``);
-3. for a Full restore, write the files exactly: every file of the snapshot at its path with its
-   bytes (checked against the index's sha256), mode and modification time, each written to a
-   temporary name and renamed into place; then everything in the target that the snapshot does
-   not have is removed. A failure here leaves the database restored and the files partly
-   restored (``PartiallyRestored``); running the restore again finishes the job.
+2. for a Full restore into a directory, *stage* the files: every file of the snapshot is
+   written beside its destination under a temporary name, with its mode and modification time,
+   after its bytes were checked (blob authentication or checksum, and the index's sha256).
+   Missing directories are made. A damaged snapshot fails here: what was staged is removed and
+   the target is as it was (``Unchanged``);
+3. stream the dump from the bucket into ``pg_restore --clean --if-exists --no-owner
+   --no-privileges --single-transaction``. The dump is checked chunk by chunk (and its sha256
+   at its end); on a mismatch pg_restore is killed before it has read the end, so its
+   transaction never commits and the staged files are removed (``Unchanged``);
+4. commit the files: each staged file renamed into place, links made, directory modes set,
+   then everything in the target that the snapshot does not have is removed. A failure here
+   (a full or read-only volume) leaves the database restored and the files partly restored
+   (``PartiallyRestored``); running the restore again finishes the job.
+
+Staging needs room for a second copy of the files that change while the restore runs. Files
+restored into an S3 prefix are written after the database, as before (an S3 prefix has no
+rename).
 
 The dump streams through a pipe, so pg_restore cannot run parallel jobs (they need a seekable
 file, which would mean a local copy of the whole dump); the files are written while streaming
@@ -227,18 +234,14 @@ def _write_small(root: Path, e: Entry, data: bytes, counters: Counters) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    counters.add(len(data), 1)
+    counters.add(len(data))
 
 
 def _finish_file(fd: int, tmp: str, dest: str, e: Entry) -> None:
+    """Mode and modification time on the staged file; :func:`_place` moves it into place."""
     os.fchmod(fd, e.mode & 0o7777)
     os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
     os.close(fd)
-    try:
-        os.replace(tmp, dest)
-    except IsADirectoryError:  # a directory where the snapshot has a file: the file wins
-        shutil.rmtree(dest)
-        os.replace(tmp, dest)
 
 
 class _Writers:
@@ -296,51 +299,145 @@ class _SafeDest:
 SMALL_FILE = 1024 * 1024
 
 
-def restore_tree(reader: SnapshotReader, root: Path, counters: Counters) -> dict[str, Any]:
-    """Make ``root`` hold exactly the snapshot's files; returns counts.
+class Staged:
+    """A snapshot's files written under temporary names next to their destinations, every byte
+    verified, nothing in place yet: :meth:`commit` renames them into place (and makes links,
+    sets directory modes, removes what the snapshot does not have); :meth:`discard` removes them
+    and the directories staging made, leaving the target as it was."""
 
-    Directories and symlinks are made in path order first; file contents are then read in the
-    order the index lists them when that reads the packs front to back (a taken snapshot), else
-    in storage order (an upload of an archive whose ``tree/`` was not sorted), so every pack is
-    read with few GETs either way. Small files are written by a few threads at once.
-    """
-    if not root.is_dir():
-        raise RestoreFailed(f"files: {root} is not a directory in the volume", DATABASE_RESTORED)
-    safe = _SafeDest(root)
-    written = 0
-    read_only_dirs: list[tuple[Path, int]] = []  # rare: modes without owner rwx are set last
-    sequential = reader.format == 2 or scan(reader.entries()).sequential
-    entries = reader.entries() if sequential else _links_and_dirs_then_files(reader, safe, read_only_dirs)
-    writers = _Writers()
-    made: set[str] = set()
-    try:
-        for e, stream in reader.contents(entries):
+    def __init__(self, reader: SnapshotReader, root: Path, sequential: bool) -> None:
+        self.reader = reader
+        self.root = root
+        self.sequential = sequential
+        self.created_dirs: list[Path] = []
+        self.staged = 0
+
+    def _files(self) -> Iterator[Entry]:
+        return (e for e in self.reader.entries() if e.type == "f")
+
+    def discard(self) -> None:
+        for e in self._files():
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.root, e.path) + TMP_SUFFIX)
+        for d in reversed(self.created_dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if still empty: nothing of the target's is removed
+
+    def commit(self, counters: Counters) -> dict[str, Any]:
+        safe = _SafeDest(self.root)
+        read_only_dirs: list[tuple[Path, int]] = []
+        written = 0
+        for e in self.reader.entries():
             dest = safe(e.path)
             if e.type in ("d", "l"):
                 _make_dir_or_link(dest, e, read_only_dirs)
                 safe.forget()
-            elif stream is not None:
-                if not sequential:
-                    parent = e.path.rpartition("/")[0]
-                    if parent and parent not in made:
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        made.add(parent)
-                if e.size <= SMALL_FILE:
-                    data = bytearray()
-                    while chunk := stream.read(CHUNK):
-                        data += chunk
-                    stream.drain()  # checks the sha256 now, before anything is written
-                    writers.submit(_write_small, root, e, bytes(data), counters)
-                else:
-                    _write_file(root, e, stream, counters)
-                    counters.add(nfiles=1)
+            elif e.type == "f":
+                _place(str(dest))
                 written += 1
-    finally:
-        writers.wait()
-    removed = _prune(reader, root)
-    for d, mode in reversed(read_only_dirs):
-        os.chmod(d, mode)
-    return {"files": written, "removed": removed, "order": "index" if sequential else "storage"}
+                counters.add(nfiles=1)
+        removed = _prune(self.reader, self.root)
+        for d, mode in reversed(read_only_dirs):
+            os.chmod(d, mode)
+        return {"files": written, "removed": removed, "order": "index" if self.sequential else "storage"}
+
+
+def _place(dest: str) -> None:
+    try:
+        os.replace(dest + TMP_SUFFIX, dest)
+    except IsADirectoryError:  # a directory where the snapshot has a file: the file wins
+        shutil.rmtree(dest)
+        os.replace(dest + TMP_SUFFIX, dest)
+
+
+def stage_tree(reader: SnapshotReader, root: Path, counters: Counters) -> Staged:
+    """Write every file of the snapshot under a temporary name beside its destination (checked
+    against its sha256 first); make the directories that are missing. Nothing the target has is
+    replaced. On any failure, what was staged is removed again and the error raised.
+
+    File contents are read in the order the index lists them when that reads the packs front to
+    back (a taken snapshot), else in storage order (an upload of an archive whose ``tree/`` was not
+    sorted), so every pack is read with few GETs either way. Small files are written by a few
+    threads at once.
+    """
+    if not root.is_dir():
+        raise RestoreFailed(f"files: {root} is not a directory in the volume", UNCHANGED)
+    safe = _SafeDest(root)
+    sequential = reader.format == 2 or scan(reader.entries()).sequential
+    staged = Staged(reader, root, sequential)
+    writers = _Writers()
+    try:
+        try:
+            if not sequential:
+                seen_links: set[str] = set()
+                for e in reader.entries():
+                    if seen_links:
+                        _not_below_links(e.path, seen_links)
+                    if e.type == "l":
+                        seen_links.add(e.path)
+                    elif e.type == "d":
+                        _stage_dir(safe(e.path), staged)
+                entries: Iterator[Entry] = storage_order(reader.entries())
+            else:
+                entries = reader.entries()
+            links: set[str] = set()
+            for e, stream in reader.contents(entries):
+                dest = safe(e.path)
+                if links:
+                    _not_below_links(e.path, links)
+                if e.type == "l":
+                    links.add(e.path)
+                elif e.type == "d":
+                    _stage_dir(dest, staged)
+                    safe.forget()
+                elif stream is not None:
+                    if e.size <= SMALL_FILE:
+                        data = bytearray()
+                        while chunk := stream.read(CHUNK):
+                            data += chunk
+                        stream.drain()  # checks the sha256 now, before anything is written
+                        writers.submit(_write_small, root, e, bytes(data), counters)
+                    else:
+                        _write_file(root, e, stream, counters)
+                    staged.staged += 1
+        finally:
+            writers.wait()
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def _not_below_links(path: str, links: set[str]) -> None:
+    """Links are made at commit time, after staging: an entry below one is refused now (the
+    link could lead anywhere)."""
+    parent = path.rpartition("/")[0]
+    while parent:
+        if parent in links:
+            raise IntegrityError(
+                f"the index lists {path!r} below the symlink {parent!r}: it could lead outside the "
+                "files directory"
+            )
+        parent = parent.rpartition("/")[0]
+
+
+def _stage_dir(dest: Path, staged: Staged) -> None:
+    """A directory the staged files need: made when missing (remembered, so discarding removes
+    it); a file or link in its place is left for the commit, which replaces it."""
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise RestoreFailed(
+            f"files: {dest} is a file or link where the snapshot has a directory; move it away and "
+            "restore again",
+            UNCHANGED,
+        )
+    if not dest.exists():
+        dest.mkdir()
+        staged.created_dirs.append(dest)
+
+
+def restore_tree(reader: SnapshotReader, root: Path, counters: Counters) -> dict[str, Any]:
+    """Make ``root`` hold exactly the snapshot's files (stage, then commit); returns counts."""
+    return stage_tree(reader, root, counters).commit(counters)
 
 
 def _make_dir_or_link(dest: Path, e: Entry, read_only_dirs: list[tuple[Path, int]]) -> None:
@@ -356,16 +453,6 @@ def _make_dir_or_link(dest: Path, e: Entry, read_only_dirs: list[tuple[Path, int
         if dest.is_symlink() or dest.exists():
             _remove(dest)
         os.symlink(e.target, dest)
-
-
-def _links_and_dirs_then_files(
-    reader: SnapshotReader, safe: _SafeDest, read_only_dirs: list[tuple[Path, int]]
-) -> Iterator[Entry]:
-    for e in reader.entries():
-        if e.type in ("d", "l"):
-            _make_dir_or_link(safe(e.path), e, read_only_dirs)
-            safe.forget()
-    yield from storage_order(reader.entries())
 
 
 def _prune(reader: SnapshotReader, root: Path) -> int:
@@ -457,15 +544,38 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
         counters.files_total = int(files.get("count") or 0)
     reporter = req.reporter or Reporter("", "", "")
     result: dict[str, Any] = {"snapshotId": reader.manifest.get("snapshotId", "")}
-    counters.stage = "database"
     with Ticker(reporter, counters):
-        result["database"] = restore_database(req, reader, counters)
+        staged: Staged | None = None
+        if files and req.files_dir is not None:
+            # Files first, under temporary names, every byte checked: a damaged snapshot fails
+            # here, before the database is touched, and leaves the target as it was.
+            counters.stage = "files"
+            try:
+                staged = stage_tree(reader, req.files_dir, counters)
+            except RestoreFailed:
+                raise
+            except IntegrityError as e:
+                raise RestoreFailed(f"snapshot: {e}; {_UNTOUCHED}", UNCHANGED) from e
+            except StorageError as e:
+                raise RestoreFailed(f"{describe_error(e, 'storage')}; {_UNTOUCHED}", UNCHANGED) from e
+            except OSError as e:
+                raise RestoreFailed(
+                    f"files: {e.strerror or e} ({e.filename}); {_UNTOUCHED}", UNCHANGED
+                ) from e
+        counters.stage = "database"
+        try:
+            result["database"] = restore_database(req, reader, counters)
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
         result["pgClient"] = result["database"].pop("pgClient")
         if files and has_files_target:
             counters.stage = "files"
+            counters.files_done = 0
             try:
-                if req.files_dir is not None:
-                    result["files"] = restore_tree(reader, req.files_dir, counters)
+                if staged is not None:
+                    result["files"] = staged.commit(counters)
                 elif req.files_s3 is not None:
                     result["files"] = restore_s3_files(reader, req.files_s3, counters)
             except RestoreFailed:
@@ -480,6 +590,9 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
     result["bytes"] = counters.bytes_done
     result["filesRestored"] = counters.files_done
     return result
+
+
+_UNTOUCHED = "nothing was restored: the database and the files are unchanged"
 
 
 def _files_failed(what: str, counters: Counters) -> RestoreFailed:

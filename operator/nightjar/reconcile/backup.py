@@ -439,7 +439,7 @@ class BackupReconciler:
             "sizeUncompressedBytes": size,
             "sizeUncompressedMB": f"{size / 1e6:.2f}",
             "database": result.get("database") or {},
-            "files": {"count": files.count, "bytes": files.bytes} if files else {"count": 0, "bytes": 0},
+            "files": {"count": files["count"], "bytes": files["bytes"]} if files else {"count": 0, "bytes": 0},
             "attempts": attempts,
             "message": f"snapshot {result['snapshotId']} stored and verified "
             f"({result.get('objects', 0)} objects)",
