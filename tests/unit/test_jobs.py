@@ -151,3 +151,29 @@ def test_s3_files_source_gets_its_own_secret_refs() -> None:
     assert args[args.index("--files-s3-bucket") + 1] == "docs"
     env = {e["name"]: e for e in container(job)["env"]}
     assert env["NIGHTJAR_FILES_S3_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "files-creds"
+
+
+def test_an_encrypting_storage_mounts_its_key_secret_read_only_never_as_env_or_args() -> None:
+    enc = StorageRef.from_spec(
+        {
+            "endpoint": "https://s3.example",
+            "bucket": "bk",
+            "credentials": {"secretName": "s3creds"},
+            "encryption": {"keySecretRef": {"name": "backup-keys"}},
+        }
+    )
+    job = build_backup_job(plan(storage=enc), OperatorConfig())
+    c = container(job)
+    pod = job["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "keys"]
+    assert vol["secret"] == {"secretName": "backup-keys", "defaultMode": 0o400}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "keys"]
+    assert mount["readOnly"] is True
+    assert c["args"][c["args"].index("--keys-dir") + 1] == mount["mountPath"]
+    assert not any(
+        e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "backup-keys" for e in c["env"]
+    )
+    # without encryption: no keys volume, no --keys-dir
+    plain = build_backup_job(plan(), OperatorConfig())
+    assert "--keys-dir" not in container(plain)["args"]
+    assert not [v for v in plain["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys"]

@@ -310,6 +310,10 @@ class BackupReconciler:
         )
         if refusal:
             raise PreflightFailed(f"BackupStorage {storage_name}: {refusal}")
+        try:
+            preflight.keyring(self.kube, ns, storage["spec"])
+        except preflight.Missing as e:
+            raise PreflightFailed(f"BackupStorage {storage_name}: {e}") from e
         db_secret = spec["source"]["database"]["secretRef"]["name"]
         try:
             db_keys = preflight.database_keys(self.kube, ns, db_secret)
@@ -439,7 +443,9 @@ class BackupReconciler:
             "sizeUncompressedBytes": size,
             "sizeUncompressedMB": f"{size / 1e6:.2f}",
             "database": result.get("database") or {},
-            "files": {"count": files["count"], "bytes": files["bytes"]} if files else {"count": 0, "bytes": 0},
+            "files": {"count": files["count"], "bytes": files["bytes"]}
+            if files
+            else {"count": 0, "bytes": 0},
             "attempts": attempts,
             "message": f"snapshot {result['snapshotId']} stored and verified "
             f"({result.get('objects', 0)} objects)",

@@ -21,7 +21,6 @@ import json
 import logging
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
 from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
@@ -49,8 +48,9 @@ from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import Retry, _cond, _now
 from nightjar.storage import layout
-from nightjar.storage.s3 import describe_error
-from nightjar.storage.snapshot import presign_snapshot
+from nightjar.storage.crypto import KeyProblem
+from nightjar.storage.objects import StorageError
+from nightjar.storage.snapshot import hand_over_data_keys
 
 log = logging.getLogger("nightjar.restore")
 
@@ -226,6 +226,10 @@ class RestoreReconciler:
             raise Refused(
                 f"Backup {bns}/{ref['name']} holds a database only: restore it with contents DatabaseOnly"
             )
+        try:
+            preflight.keyring(self.kube, bns, storage["spec"])
+        except preflight.Missing as e:
+            raise Refused(f'the Backup\'s BackupStorage "{storage_name}": {e}') from e
         db_secret = target["database"]["secretRef"]["name"]
         try:
             db_keys = preflight.database_keys(self.kube, ns, db_secret)
@@ -435,16 +439,31 @@ class RestoreReconciler:
         """URLs that read this one snapshot, in a Secret of the target namespace."""
         try:
             target = storage_rec.target_for(self.kube, storage_ns, storage_spec)
-            s3 = target.client()
-            manifest = json.loads(s3.get_object(Bucket=target.bucket, Key=plan.manifest_key)["Body"].read())
-        except (SecretMissing, ClientError, BotoCoreError) as e:
-            raise Refused(describe_error(e, "reading the backup's manifest")) from e
+            store = storage_rec.store_of(target)
+            raw = store.read(plan.manifest_key)
+            manifest = json.loads(raw)
+        except (SecretMissing, StorageError) as e:
+            raise Refused(f"reading the backup's manifest: {e}") from e
+        try:
+            # An encrypted snapshot: the data keys of exactly its objects, never the storage's key.
+            data_keys = hand_over_data_keys(raw, preflight.keyring(self.kube, storage_ns, storage_spec))
+        except preflight.Missing as e:
+            raise Refused(f"the backup's BackupStorage: {e}") from e
+        except KeyProblem as e:
+            raise Refused(str(e)) from e
         keys = [o["key"] for o in manifest.get("objects", [])]
         if plan.primary_prefix is not None:  # a replica: the same objects under its own prefix
             keys = [layout.relocate(k, target.prefix, plan.primary_prefix) for k in keys]
         expires = self.config.job_active_deadline_seconds + PRESIGN_MARGIN
-        urls = presign_snapshot(s3, target.bucket, plan.manifest_key, keys, min(expires, 7 * 24 * 3600))
-        payload = json.dumps({"urls": urls}, separators=(",", ":")).encode()
+        expires = min(expires, 7 * 24 * 3600)  # the longest a presigned URL may live
+        try:
+            urls = {k: store.presign_get(k, expires) for k in [plan.manifest_key, *keys]}
+        except StorageError as e:
+            raise Refused(f"signing URLs for the snapshot: {e}") from e
+        handed: dict[str, Any] = {"urls": urls}
+        if data_keys:
+            handed["keys"] = data_keys
+        payload = json.dumps(handed, separators=(",", ":")).encode()
         if len(payload) * 4 / 3 > SECRET_LIMIT:
             raise Refused(
                 f"the snapshot has {len(keys)} objects, too many to hand to a restore in another "
