@@ -206,13 +206,12 @@ def schedule_preview(
 def _failures() -> Iterator[None]:
     """Turn every expected failure into ``Error: <one line>`` and exit code 1 (never a secret:
     the messages come from our own errors, the API server's sentences and describe_error)."""
-    from botocore.exceptions import BotoCoreError, ClientError
     from kubernetes.client.rest import ApiException
     from urllib3.exceptions import HTTPError
 
     from nightjar.archive import ArchiveError
-    from nightjar.storage.s3 import StorageError, describe_error
-    from nightjar.storage.snapshot import IntegrityError
+    from nightjar.storage.errors import IntegrityError
+    from nightjar.storage.objects import StorageError, describe_error, is_backend_error
     from nightjar.transfer import CommandError
     from nightjar.transfer.cluster import api_message
     from nightjar.transfer.upload import UploadFailed
@@ -225,12 +224,14 @@ def _failures() -> Iterator[None]:
         raise click.ClickException(f"not a valid archive: {e}") from e
     except ApiException as e:
         raise click.ClickException(f"Kubernetes API: {api_message(e)}") from e
-    except (ClientError, BotoCoreError) as e:
-        raise click.ClickException(describe_error(e, "storage")) from e
     except HTTPError as e:
         raise click.ClickException(f"cannot reach the Kubernetes API server: {e}") from e
     except OSError as e:  # the local file: missing, a directory, no space left, no permission
         raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from e
+    except Exception as e:
+        if is_backend_error(e):  # a storage client's failure that no StorageError wrapped
+            raise click.ClickException(describe_error(e, "storage")) from e
+        raise
 
 
 def _namespace(namespace: str | None) -> str:
@@ -364,7 +365,7 @@ def upload(
     nothing is left: no Backup, no objects in the bucket.
     """
     from nightjar.constants import GROUP, VERSION
-    from nightjar.storage.s3 import delete_all_versions, unreachable
+    from nightjar.storage.objects import unreachable
     from nightjar.transfer import CommandError, cluster
     from nightjar.transfer.names import object_name
     from nightjar.transfer.progress import Bar, Follower, Ticking
@@ -382,10 +383,10 @@ def upload(
         refused = cluster.residency_refusal(kube, ns, storage)
         if refused:  # the operator's verdict: no data goes to this storage
             raise CommandError(f"storage {storage}: {refused}")
-        down = unreachable(st.target)
+        into = st.target.store()
+        down = unreachable(into)
         if down:
             raise CommandError(f"storage {storage}: {down}")
-        s3 = st.target.client()
         if file == "-":
             src: Any = sys.stdin.buffer
             total = None
@@ -397,8 +398,7 @@ def upload(
             total = path.stat().st_size
         with src, Bar(f"uploading {Path(file).name if file != '-' else 'stdin'}", total) as bar:
             stored = store(
-                s3,
-                st.target.bucket,
+                into,
                 st.target.prefix,
                 Ticking(src, bar),
                 namespace=ns,
@@ -410,7 +410,7 @@ def upload(
         try:
             kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, cluster.BACKUPS, body)
         except Exception as e:
-            delete_all_versions(s3, st.target.bucket, stored.prefix)
+            into.delete(stored.prefix)
             raise CommandError(
                 f"creating Backup {name} failed ({cluster.api_message(e)}); the uploaded objects were deleted"
             ) from e

@@ -18,8 +18,8 @@ from nightjar.reconcile.replication import (
     with_conditions,
 )
 from nightjar.storage import layout
+from nightjar.storage.errors import IntegrityError
 from nightjar.storage.replicate import rebase
-from nightjar.storage.snapshot import IntegrityError
 
 NOW = dt.datetime(2026, 11, 24, 22, 0, tzinfo=dt.UTC)
 PRIMARY = {"metadata": {"name": "s3"}, "spec": {"jurisdiction": "EU"}}

@@ -37,7 +37,10 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nightjar.storage.objects import S3Store
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONTROLLERS = ",".join(
@@ -625,9 +628,8 @@ class Stack:
             started.append((srv, self._spawn_minio(st, srv)))
         for srv, proc in started:
             self._wait_minio(st, srv, proc)
-            s3 = self.s3_client(srv.which, st)
-            s3.create_bucket(Bucket=srv.bucket_locked, ObjectLockEnabledForBucket=True)
-            s3.create_bucket(Bucket=srv.bucket_plain)
+            self.s3_store(srv.which, srv.bucket_locked, st).create_bucket(object_lock=True)
+            self.s3_store(srv.which, srv.bucket_plain, st).create_bucket(versioned=False)
             self.out(
                 f"  {srv.proc + ' (S3)':<24} {self._s3_url(st, srv)} buckets {srv.bucket_locked} "
                 f"(Object Lock), {srv.bucket_plain}"
@@ -669,22 +671,20 @@ class Stack:
             self.dir / "logs" / f"{srv.proc}.log",
         )
 
-    def s3_client(self, which: str, st: State | None = None) -> Any:
-        """A boto3 client for S3 server ``which`` with its root keys (path-style, as MinIO wants)."""
-        import boto3
-        from botocore.config import Config
+    def s3_store(self, which: str, bucket: str, st: State | None = None) -> S3Store:
+        """Bucket ``bucket`` of S3 server ``which``, with the server's root keys."""
+        from nightjar.storage.objects import S3Target
 
         srv = s3_server(which)
         st = st or self._recorded()
         keys = st.s3_keys[srv.which]
-        return boto3.client(
-            "s3",
-            endpoint_url=self._s3_url(st, srv),
-            aws_access_key_id=keys["access_key"],
-            aws_secret_access_key=keys["secret_key"],
-            region_name=S3_REGION,
-            config=Config(s3={"addressing_style": "path"}),
-        )
+        return S3Target(
+            endpoint=self._s3_url(st, srv),
+            bucket=bucket,
+            region=S3_REGION,
+            access_key=keys["access_key"],
+            secret_key=keys["secret_key"],
+        ).store()
 
     def _write_env(self, st: State) -> None:
         p = st.ports
@@ -843,11 +843,11 @@ class Stack:
         proc = self._spawn_minio(st, srv)
         try:
             self._wait_minio(st, srv, proc)
-            s3 = self.s3_client(srv.which, st)
+            buckets = [self.s3_store(srv.which, b, st) for b in (srv.bucket_locked, srv.bucket_plain)]
 
             def serving() -> bool:
-                s3.head_bucket(Bucket=srv.bucket_locked)
-                s3.head_bucket(Bucket=srv.bucket_plain)
+                for bucket in buckets:
+                    bucket.check()
                 return True
 
             _wait_for(f"{srv.proc} buckets", serving, 30, proc, self.dir / "logs" / f"{srv.proc}.log")

@@ -9,15 +9,14 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
-from botocore.exceptions import ClientError
 from kubernetes.client.rest import ApiException
 
 from nightjar.domain.residency import Policy, default_policy
 from nightjar.domain.retention import format_time
 from nightjar.jobs import StorageRef
 from nightjar.kube import Kube, SecretMissing
-from nightjar.storage.s3 import S3Target, describe_error
-from nightjar.storage.s3 import unreachable as s3_unreachable
+from nightjar.storage import objects
+from nightjar.storage.objects import ObjectStore, S3Target, StorageError
 
 PLURAL = "backupstorages"
 
@@ -27,7 +26,7 @@ class StorageUnavailable(Exception):
 
 
 def _ca_file(pem: str) -> str:
-    """The PEM bundle as a file (botocore wants a path), one per content: written once, reused."""
+    """The PEM bundle as a file (the S3 client wants a path), one per content: written once, reused."""
     path = os.path.join(
         tempfile.gettempdir(), f"nightjar-ca-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.pem"
     )
@@ -59,13 +58,18 @@ def target_for(kube: Kube, namespace: str, spec: dict[str, Any]) -> S3Target:
     )
 
 
+def store_of(target: S3Target) -> ObjectStore:
+    """The object store behind a target: how the reconcilers reach a bucket (tests swap it)."""
+    return target.store()
+
+
 def unreachable(kube: Kube, namespace: str, storage: dict[str, Any]) -> str:
     """ "" when the BackupStorage's bucket answers with its credentials now, else why not."""
     try:
         target = target_for(kube, namespace, storage["spec"])
     except SecretMissing as e:
         return f"credentials: {e}"
-    return s3_unreachable(target)
+    return objects.unreachable(store_of(target))
 
 
 def check(kube: Kube, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, bool]:
@@ -74,23 +78,14 @@ def check(kube: Kube, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, 
         target = target_for(kube, namespace, spec)
     except SecretMissing as e:
         return False, f"credentials: {e}", False
-    s3 = target.client()
+    store = store_of(target)
+    why = objects.unreachable(store)
+    if why:
+        return False, why, False
     try:
-        s3.head_bucket(Bucket=target.bucket)
-    except Exception as e:
-        return False, describe_error(e, f"bucket {target.bucket} at {target.endpoint}"), False
-    lock_enabled = False
-    try:
-        cfg = s3.get_object_lock_configuration(Bucket=target.bucket)["ObjectLockConfiguration"]
-        lock_enabled = cfg.get("ObjectLockEnabled") == "Enabled"
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code not in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"):
-            return (
-                False,
-                describe_error(e, f"bucket {target.bucket}: reading its Object Lock configuration"),
-                False,
-            )
+        lock_enabled = store.lock_mode() is not None
+    except StorageError as e:  # names the bucket: "bucket <b>: reading its Object Lock configuration: ..."
+        return False, str(e), False
     mode = (spec.get("objectLock") or {}).get("mode") or "None"
     if mode != "None" and not lock_enabled:
         return (

@@ -11,7 +11,7 @@ from typing import Any
 
 from nightjar.jobs import StorageRef
 from nightjar.kube import Kube, SecretMissing
-from nightjar.storage.s3 import S3Target
+from nightjar.storage.objects import S3Target
 from nightjar.transfer import CommandError
 
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

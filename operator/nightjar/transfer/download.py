@@ -22,8 +22,9 @@ from typing import Any
 from nightjar import archive
 from nightjar.domain.retention import parse_time
 from nightjar.kube import Kube
-from nightjar.storage.s3 import unreachable
-from nightjar.storage.snapshot import IntegrityError, SnapshotReader
+from nightjar.storage.errors import IntegrityError
+from nightjar.storage.objects import unreachable
+from nightjar.storage.snapshot import SnapshotReader
 from nightjar.transfer import CommandError, cluster
 from nightjar.transfer.names import DATABASE_ONLY, FILES_ONLY, FULL
 from nightjar.transfer.order import Scan, scan, storage_order
@@ -92,11 +93,12 @@ def open_snapshot(kube: Kube, namespace: str, name: str) -> Snapshot:
         or ((backup.get("spec") or {}).get("upload") or {}).get("manifestSha256")
         or ""
     )
-    why = unreachable(t)
+    store = t.store()
+    why = unreachable(store)
     if why:
         return _from_replica(kube, namespace, backup, storage.name, why, sha)
     try:
-        reader = SnapshotReader(t.client(), t.bucket, key, sha)
+        reader = SnapshotReader(store, key, sha)
     except IntegrityError as e:
         raise CommandError(f'cannot read the snapshot of Backup "{name}": {e}') from e
     return Snapshot(backup, reader, location=storage.name)
@@ -120,17 +122,16 @@ def _from_replica(
         except CommandError as e:
             tried.append(f"{loc['storage']}: {e}")
             continue
-        rwhy = unreachable(replica.target)
+        rt = replica.target
+        rstore = rt.store()
+        rwhy = unreachable(rstore)
         if rwhy:
             tried.append(f"{loc['storage']}: {rwhy}")
             continue
         prefix = st["storage"].get("prefix") or ""
-        rt = replica.target
         key = layout.relocate(st["storage"]["manifestKey"], rt.prefix, prefix)
         try:
-            reader = SnapshotReader(
-                rt.client(), rt.bucket, key, sha, rebase=(prefix, layout.normalize_prefix(rt.prefix))
-            )
+            reader = SnapshotReader(rstore, key, sha, rebase=(prefix, layout.normalize_prefix(rt.prefix)))
         except IntegrityError as e:
             tried.append(f"{loc['storage']}: {e}")
             continue
