@@ -401,6 +401,7 @@ def upload(
                 into,
                 st.target.prefix,
                 Ticking(src, bar),
+                keyring=st.keyring,
                 namespace=ns,
                 name=name,
                 file_name=Path(file).name if file != "-" else "",
@@ -508,6 +509,44 @@ def backup_list(namespace: str | None, all_namespaces: bool) -> None:
         return
     header = ["NAMESPACE", *BACKUP_COLUMNS] if ns is None else BACKUP_COLUMNS
     click.echo(table(header, [backup_row(b, ns is None) for b in items]))
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """Client-side encryption keys of a BackupStorage (spec.encryption.keySecretRef)."""
+
+
+@keys_group.command("status")
+@click.option("--storage", required=True, help="The BackupStorage whose keys to check.")
+@click.option("-n", "--namespace", help=_NS_HELP)
+def keys_status(storage: str, namespace: str | None) -> None:
+    """Which key ids the storage's live snapshots still need, and which its key Secret holds.
+
+    Remove a key from the Secret only when no live snapshot needs it; exit code 1 when a
+    snapshot needs a key the Secret does not hold."""
+    from nightjar.transfer import cluster
+    from nightjar.transfer import keys as keysmod
+    from nightjar.transfer.resources import table
+
+    with _failures():
+        ns = _namespace(namespace)
+        kube = cluster.connect()
+        st = keysmod.status(kube, ns, cluster.storage(kube, ns, storage), storage)
+    if st.secret:
+        click.echo(f"BackupStorage {storage}: key Secret {st.secret}, current key id {st.current}")
+    else:
+        click.echo(f"BackupStorage {storage}: no encryption configured")
+    click.echo(
+        f"{st.snapshots} live snapshots ({st.unencrypted} unencrypted)"
+        + (f"; {len(st.unreadable)} manifests unreadable" if st.unreadable else "")
+    )
+    rows = st.rows()
+    if rows:
+        click.echo(table(["KEY ID", "IN SECRET", "CURRENT", "SNAPSHOTS", "ADVICE"], rows))
+    for line in st.unreadable:
+        click.echo(f"unreadable: {line}", err=True)
+    if any(r[1] == "MISSING" for r in rows):
+        sys.exit(1)
 
 
 # --- restore -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tests.integration.helpers import (
     take_backup,
     wait_terminal,
 )
-from tests.integration.test_restore import restore_body, tree, wait_restore
+from tests.integration.test_restore import cli, restore_body, tree, wait_restore
 
 MARKER = "NJ-MARKER-4f1c9e2a"
 FILE_NAME = "contract-of-acme-NJ-NAME-77b1.pdf"
@@ -127,8 +127,17 @@ def test_encrypted_backups_hide_everything_and_restore_identically_across_namesp
         custom.create_namespaced_custom_object(G, V, namespace, "restores", restore_body(name, backup))
         done = wait_restore(custom, namespace, name)
         assert done["phase"] == "Completed", (name, done.get("message"))
+    # Which keys live snapshots still need: both (the second shares content stored under key 1).
+    out = cli(env, "keys", "status", "--storage", "s3", "-n", namespace)
+    assert out.returncode == 0, out.stderr
+    rows = {ln.split()[0]: ln.split() for ln in out.stdout.splitlines()[3:]}
+    assert rows["1"][1:3] == ["yes", "2"], out.stdout  # in the Secret, needed by both snapshots
+    assert rows["2"][1:4] == ["yes", "yes", "1"], out.stdout  # current, needed by the second
+    print(out.stdout)  # the README shows this
 
     set_keys(core, namespace, {"key-2": key2})
+    missing = cli(env, "keys", "status", "--storage", "s3", "-n", namespace)
+    assert missing.returncode == 1 and "MISSING" in missing.stdout, missing.stdout + missing.stderr
     custom.create_namespaced_custom_object(G, V, namespace, "restores", restore_body("r3", "enc"))
     failed = wait_restore(custom, namespace, "r3")
     assert failed["phase"] == "Failed"

@@ -277,3 +277,16 @@ def test_chunker_matches_one_pass() -> None:
     assert b"".join(pushed) == data
     assert [len(x) for x in pushed] == [len(x) for x in whole]
     io.BytesIO()  # keep io imported for readers of this test
+
+
+def test_keys_status_says_which_keys_may_go() -> None:
+    from collections import Counter
+
+    from nightjar.transfer.keys import KeyStatus
+
+    s = KeyStatus("backup-keys", ["1", "2", "3"], "3", Counter({"1": 4, "3": 2, "4": 1}))
+    rows = {r[0]: r for r in s.rows()}
+    assert rows["1"][1:4] == ["yes", "", "4"] and rows["1"][4] == "keep"
+    assert rows["2"][4].startswith("no live snapshot needs it")
+    assert rows["3"][2] == "yes" and rows["3"][4].startswith("current")
+    assert rows["4"][1] == "MISSING" and "cannot be restored" in rows["4"][4]

@@ -16,6 +16,7 @@ from what exists: the Job, its Pod's termination message, the workload.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -245,6 +246,8 @@ class RestoreReconciler:
         manifest_key = st_storage.get("manifestKey") or ""
         if not manifest_key:
             raise Refused(f"Backup {bns}/{ref['name']} records no manifest")
+        # The snapshot was encrypted with the primary's keys, wherever it is read from.
+        key_secret = StorageRef.from_spec(storage["spec"]).key_secret
         storage, source = self._location(restore, backup, storage)
         primary_prefix = None
         if source["role"] == "Replica":
@@ -254,7 +257,7 @@ class RestoreReconciler:
             name=meta["name"],
             namespace=ns,
             uid=meta["uid"],
-            storage=StorageRef.from_spec(storage["spec"]),
+            storage=dataclasses.replace(StorageRef.from_spec(storage["spec"]), key_secret=key_secret),
             manifest_key=manifest_key,
             primary_prefix=primary_prefix,
             manifest_sha256=st_storage.get("manifestSha256")
@@ -446,7 +449,9 @@ class RestoreReconciler:
             raise Refused(f"reading the backup's manifest: {e}") from e
         try:
             # An encrypted snapshot: the data keys of exactly its objects, never the storage's key.
-            data_keys = hand_over_data_keys(raw, preflight.keyring(self.kube, storage_ns, storage_spec))
+            keys_of = {"encryption": {"keySecretRef": {"name": plan.storage.key_secret}}}
+            ring = preflight.keyring(self.kube, storage_ns, keys_of) if plan.storage.key_secret else None
+            data_keys = hand_over_data_keys(raw, ring)
         except preflight.Missing as e:
             raise Refused(f"the backup's BackupStorage: {e}") from e
         except KeyProblem as e:

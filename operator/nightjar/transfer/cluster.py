@@ -11,6 +11,7 @@ from typing import Any
 
 from nightjar.jobs import StorageRef
 from nightjar.kube import Kube, SecretMissing
+from nightjar.storage.crypto import KeyRing
 from nightjar.storage.objects import S3Target
 from nightjar.transfer import CommandError
 
@@ -83,6 +84,8 @@ class Storage:
     name: str
     target: S3Target
     lock_mode: str
+    #: The key ring when the storage encrypts (spec.encryption), else None.
+    keyring: KeyRing | None = None
 
 
 def storage(kube: Kube, namespace: str, name: str) -> Storage:
@@ -96,7 +99,13 @@ def storage(kube: Kube, namespace: str, name: str) -> Storage:
         target = target_for(kube, namespace, obj["spec"])
     except SecretMissing as e:
         raise CommandError(f"BackupStorage {name} credentials: {e}") from e
-    return Storage(name, target, StorageRef.from_spec(obj["spec"]).lock_mode)
+    from nightjar.reconcile import preflight
+
+    try:
+        ring = preflight.keyring(kube, namespace, obj["spec"])
+    except preflight.Missing as e:
+        raise CommandError(f"BackupStorage {name}: {e}") from e
+    return Storage(name, target, StorageRef.from_spec(obj["spec"]).lock_mode, ring)
 
 
 def residency_refusal(kube: Kube, namespace: str, name: str) -> str:

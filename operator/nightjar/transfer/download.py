@@ -22,6 +22,7 @@ from typing import Any
 from nightjar import archive
 from nightjar.domain.retention import parse_time
 from nightjar.kube import Kube
+from nightjar.storage.crypto import KeyRing
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.objects import unreachable
 from nightjar.storage.snapshot import SnapshotReader
@@ -96,16 +97,22 @@ def open_snapshot(kube: Kube, namespace: str, name: str) -> Snapshot:
     store = t.store()
     why = unreachable(store)
     if why:
-        return _from_replica(kube, namespace, backup, storage.name, why, sha)
+        return _from_replica(kube, namespace, backup, storage.name, why, sha, storage.keyring)
     try:
-        reader = SnapshotReader(store, key, sha)
+        reader = SnapshotReader(store, key, sha, keyring=storage.keyring)
     except IntegrityError as e:
         raise CommandError(f'cannot read the snapshot of Backup "{name}": {e}') from e
     return Snapshot(backup, reader, location=storage.name)
 
 
 def _from_replica(
-    kube: Kube, namespace: str, backup: dict[str, Any], primary: str, why: str, sha: str
+    kube: Kube,
+    namespace: str,
+    backup: dict[str, Any],
+    primary: str,
+    why: str,
+    sha: str,
+    keyring: KeyRing | None,
 ) -> Snapshot:
     from nightjar.storage import layout
 
@@ -131,7 +138,8 @@ def _from_replica(
         prefix = st["storage"].get("prefix") or ""
         key = layout.relocate(st["storage"]["manifestKey"], rt.prefix, prefix)
         try:
-            reader = SnapshotReader(rstore, key, sha, rebase=(prefix, layout.normalize_prefix(rt.prefix)))
+            rebase = (prefix, layout.normalize_prefix(rt.prefix))
+            reader = SnapshotReader(rstore, key, sha, rebase=rebase, keyring=keyring)  # the primary's keys
         except IntegrityError as e:
             tried.append(f"{loc['storage']}: {e}")
             continue
