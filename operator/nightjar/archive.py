@@ -260,7 +260,25 @@ def inspect(
         raise ArchiveError("the archive has no db/db.backup")
     if meta is None:
         raise ArchiveError("the archive has no .metadata")
+    _sizes_agree(meta, dump_size, files_size)
     return ArchiveInfo("Full", meta, dump_header, dump_size, files, files_size)
+
+
+def _sizes_agree(meta: dict[str, Any], dump_size: int, files_size: int) -> None:
+    """``.metadata`` sizes (when given) must be what the archive holds: a mismatch means a
+    truncated or assembled-by-hand archive, refused naming the field."""
+    for field, actual, what in (
+        ("dumpSize", dump_size, "db/db.backup"),
+        ("filesSize", files_size, "the files under tree/"),
+    ):
+        if field not in meta:
+            continue
+        try:
+            stated = int(str(meta[field]).strip())
+        except ValueError as e:
+            raise ArchiveError(f".metadata {field} is {meta[field]!r}, not a number of bytes") from e
+        if stated != actual:
+            raise ArchiveError(f".metadata {field} says {stated} bytes, but {what} holds {actual} bytes")
 
 
 def _inspect_bare_dump(rest: Readable, on_dump: Callable[[Readable, int], None] | None) -> ArchiveInfo:

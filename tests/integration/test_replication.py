@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 from botocore.config import Config
 from kubernetes import client
 
+from nightjar.storage.crypto import new_key_text
 from tests.integration.conftest import Env
 from tests.integration.helpers import (
     TABLE_CHECKSUMS,
@@ -167,6 +169,7 @@ def test_a_backup_ends_replicated_in_both_locations_and_the_objects_match(
     objects_match(env, b2)
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_with_the_primary_server_stopped_a_restore_reads_the_replica_and_gives_identical_data(
     custom: client.CustomObjectsApi,
     core: client.CoreV1Api,
@@ -176,8 +179,21 @@ def test_with_the_primary_server_stopped_a_restore_reads_the_replica_and_gives_i
     files_pvc: Path,
     acceptance: Env,
     tmp_path: Path,
+    encrypted: bool,
 ) -> None:
     pair(custom, core, env, namespace)
+    if encrypted:  # the replica holds ciphertext and needs no key; the primary's key opens it
+        core.create_namespaced_secret(
+            namespace, {"metadata": {"name": "backup-keys"}, "stringData": {"key-1": new_key_text()}}
+        )
+        custom.patch_namespaced_custom_object(
+            G,
+            V,
+            namespace,
+            "backupstorages",
+            "s3",
+            {"spec": {"encryption": {"keySecretRef": {"name": "backup-keys"}}}},
+        )
     take_backup(custom, namespace, backup_body("b1"))
     wait_for("b1 replicated", lambda: replicated(custom, namespace, "b1"), 120)
     with stopped_s3("primary"):

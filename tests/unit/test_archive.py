@@ -301,3 +301,18 @@ def test_memory_does_not_grow_with_the_number_of_files() -> None:
 
     small, large = peak(2_000), peak(20_000)
     assert large < small + 1_000_000, (small, large)
+
+
+@pytest.mark.parametrize(
+    ("dump_size", "files_size", "field"),
+    [(len(DUMP) + 1, 403, "dumpSize"), (len(DUMP), 402, "filesSize"), (len(DUMP), "lots", "filesSize")],
+)
+def test_metadata_sizes_that_contradict_the_contents_are_refused_naming_the_field(
+    dump_size: int, files_size: object, field: str
+) -> None:
+    meta = archive.metadata(model_version="1.0.0.40", dump_size=dump_size, database_size=1, files_size=0)
+    meta["filesSize"] = str(files_size)
+    out = io.BytesIO()
+    archive.write_archive(out, meta=meta, dump=(len(DUMP), io.BytesIO(DUMP)), files=files())
+    with pytest.raises(archive.ArchiveError, match=f".metadata {field}"):
+        archive.inspect(io.BytesIO(out.getvalue()))

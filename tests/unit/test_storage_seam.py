@@ -544,8 +544,8 @@ def test_a_backups_deletion_keeps_shared_content_and_reports_locked_objects(mem:
     reused, own, old = f"{other}a/packs/1.pack", f"{mine}a/db.dump", f"{other}a/db.dump"
     for k in (reused, own, old):
         mem.put(k, b"x")
-    mem.put(f"{mine}a/manifest.json", json.dumps({"objects": [{"key": reused}, {"key": own}]}).encode())
-    mem.put(f"{other}a/manifest.json", json.dumps({"objects": [{"key": old}]}).encode())
+    mem.put(f"{mine}a/manifest.json", manifest_of(reused, own))
+    mem.put(f"{other}a/manifest.json", manifest_of(old))
     mem.locked.add(own)
     kube: Any = _Kube({"spec": {}})
     rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
@@ -561,3 +561,10 @@ def test_a_backups_deletion_keeps_shared_content_and_reports_locked_objects(mem:
     mem.down = "cannot connect to the S3 endpoint"
     with pytest.raises(Retry, match=r"^deleting stored objects: listing .*: cannot connect"):
         rec.delete_stored(backup)
+
+
+def manifest_of(*keys: str) -> bytes:
+    """A manifest's public part listing ``keys`` (what deletion reads)."""
+    return json.dumps(
+        {"formatVersion": 2, "objects": [{"key": k, "bytes": 1, "sha256": ""} for k in keys]}
+    ).encode()

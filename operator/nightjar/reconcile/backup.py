@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -37,7 +36,7 @@ from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.replication import Replicator
 from nightjar.storage import layout
 from nightjar.storage.errors import IntegrityError
-from nightjar.storage.manifest import Manifest
+from nightjar.storage.manifest import Manifest, PublicManifest
 from nightjar.storage.objects import Lock, ObjectMissing, ObjectStore, StorageError
 
 log = logging.getLogger("nightjar.backup")
@@ -789,8 +788,8 @@ class BackupReconciler:
                 if not layout.is_manifest(info.key):
                     continue
                 objs = {
-                    layout.relocate(o["key"], prefix) if replica else o["key"]
-                    for o in json.loads(store.read(info.key)).get("objects", [])
+                    layout.relocate(o.key, prefix) if replica else o.key
+                    for o in PublicManifest.parse(store.read(info.key), info.key).objects
                 }
                 if info.key.startswith(mine):
                     referenced |= objs

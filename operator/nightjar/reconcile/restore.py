@@ -50,6 +50,8 @@ from nightjar.reconcile.backup import PLURAL as BACKUPS
 from nightjar.reconcile.backup import Retry, _cond, _now
 from nightjar.storage import layout
 from nightjar.storage.crypto import KeyProblem
+from nightjar.storage.errors import IntegrityError
+from nightjar.storage.manifest import PublicManifest
 from nightjar.storage.objects import StorageError
 from nightjar.storage.snapshot import hand_over_data_keys
 
@@ -444,8 +446,8 @@ class RestoreReconciler:
             target = storage_rec.target_for(self.kube, storage_ns, storage_spec)
             store = storage_rec.store_of(target)
             raw = store.read(plan.manifest_key)
-            manifest = json.loads(raw)
-        except (SecretMissing, StorageError) as e:
+            manifest = PublicManifest.parse(raw, f"manifest {plan.manifest_key}")
+        except (SecretMissing, StorageError, IntegrityError) as e:
             raise Refused(f"reading the backup's manifest: {e}") from e
         try:
             # An encrypted snapshot: the data keys of exactly its objects, never the storage's key.
@@ -456,7 +458,7 @@ class RestoreReconciler:
             raise Refused(f"the backup's BackupStorage: {e}") from e
         except KeyProblem as e:
             raise Refused(str(e)) from e
-        keys = [o["key"] for o in manifest.get("objects", [])]
+        keys = [o.key for o in manifest.objects]
         if plan.primary_prefix is not None:  # a replica: the same objects under its own prefix
             keys = [layout.relocate(k, target.prefix, plan.primary_prefix) for k in keys]
         expires = self.config.job_active_deadline_seconds + PRESIGN_MARGIN

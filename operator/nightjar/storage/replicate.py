@@ -13,12 +13,12 @@ flight), whatever the sizes.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nightjar.storage.errors import IntegrityError
+from nightjar.storage.manifest import PublicManifest
 from nightjar.storage.objects import SHA_META, Lock, ObjectStore, already_there, copy_object
 
 __all__ = ["SHA_META", "ReplicaReport", "rebase", "replicate_snapshot"]
@@ -67,13 +67,10 @@ def replicate_snapshot(
     manifest_body = src.read(manifest_key)
     if manifest_sha256 and hashlib.sha256(manifest_body).hexdigest() != manifest_sha256:
         raise IntegrityError(f"manifest {manifest_key} in the primary does not match the Backup's sha256")
-    try:
-        manifest = json.loads(manifest_body)
-    except ValueError as e:
-        raise IntegrityError(f"manifest {manifest_key} in the primary is not JSON: {e}") from e
+    manifest = PublicManifest.parse(manifest_body, f"manifest {manifest_key} in the primary")
     report = ReplicaReport(manifest_key=rebase(manifest_key, src_prefix, dst_prefix))
-    for obj in manifest.get("objects", []):
-        key, size, sha = obj["key"], int(obj["bytes"]), obj["sha256"]
+    for obj in manifest.objects:
+        key, size, sha = obj.key, obj.bytes, obj.sha256
         dkey = rebase(key, src_prefix, dst_prefix)
         if already_there(dst.head(dkey), size, sha):
             report.skipped_objects += 1
@@ -105,8 +102,8 @@ def replicate_snapshot(
     landed = dst.read(report.manifest_key)
     if hashlib.sha256(landed).hexdigest() != digest:
         raise IntegrityError(f"manifest {report.manifest_key} in the replica does not read back intact")
-    for obj in manifest.get("objects", []):
-        dkey = rebase(obj["key"], src_prefix, dst_prefix)
-        if not already_there(dst.head(dkey), int(obj["bytes"]), obj["sha256"]):
+    for obj in manifest.objects:
+        dkey = rebase(obj.key, src_prefix, dst_prefix)
+        if not already_there(dst.head(dkey), obj.bytes, obj.sha256):
             raise IntegrityError(f"object {dkey} vanished from the replica during the copy")
     return report
