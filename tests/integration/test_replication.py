@@ -152,7 +152,7 @@ def test_a_backup_ends_replicated_in_both_locations_and_the_objects_match(
     cond = next(c for c in st["conditions"] if c["type"] == "Replicated")
     assert cond["status"] == "True"
     n = objects_match(env, backup)
-    assert n >= 3 and st["locations"][1]["copiedObjects"] == n + 1  # + the manifest
+    assert n >= 2 and st["locations"][1]["copiedObjects"] == n + 1  # + the manifest
     # Object Lock retention in the replica as in the primary: until the Backup expires.
     dst = s3_of(env, "replica")
     key = "replica-" + st["storage"]["manifestKey"].removeprefix("primary-")
@@ -293,7 +293,7 @@ def test_a_replica_down_during_the_backup_catches_up_when_it_returns(
     backup = wait_for(
         "b1 replicated after the replica returned", lambda: replicated(custom, namespace, "b1"), 120
     )
-    assert objects_match(env, backup) >= 3
+    assert objects_match(env, backup) >= 2  # packs (dump, files, index share them)
 
 
 def test_gc_removes_an_expired_snapshot_from_both_locations(
