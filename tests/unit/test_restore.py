@@ -278,18 +278,19 @@ def test_an_upload_stored_out_of_path_order_is_read_pack_by_pack(tmp_path: Path)
     """An archive whose tree/ came in directory order: packs hold files out of path order.
     The restore reads them in storage order (a GET per pack, not per file) and the tree is exact."""
     bucket = Bucket()
-    objects: list[dict[str, Any]] = []
-    packer = f.Packer(
-        open_object=lambda n: (f"packs/{n:06d}", _Writer(bucket, f"packs/{n:06d}")),
-        on_object=lambda o: objects.append({"key": o.key, "bytes": o.size, "sha256": o.sha256}),
-    )
     contents = {f"{i % 7:02d}/{i:04d}": os.urandom(50 + i) for i in range(400)}
     entries: list[f.Entry] = []
-    for path in sorted(contents, reverse=True):  # stored in reverse path order
+    pack = bytearray()  # format 1: raw file bytes one after the other, here in reverse path order
+    for path in sorted(contents, reverse=True):
         data = contents[path]
-        key, offset, digest, n = packer.add_stream(io.BytesIO(data), len(data))
-        entries.append(f.Entry(path, "f", 0o640, n, 10**18, digest, key, offset))
-    packer.close()
+        entries.append(
+            f.Entry(
+                path, "f", 0o640, len(data), 10**18, hashlib.sha256(data).hexdigest(), "packs/1", len(pack)
+            )
+        )
+        pack += data
+    bucket.objects["packs/1"] = bytes(pack)
+    objects = [{"key": "packs/1", "bytes": len(pack), "sha256": hashlib.sha256(pack).hexdigest()}]
     entries += [f.Entry(f"{d:02d}", "d", 0o755) for d in range(7)]
     entries.sort(key=lambda e: f.sort_key(e.path))
     index = gzip.compress("".join(e.to_json() + "\n" for e in entries).encode())

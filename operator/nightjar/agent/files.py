@@ -6,28 +6,21 @@ component tuples; the previous snapshot's index is streamed in the same order, s
 whether a file is unchanged is a merge join, not a lookup table. A file whose path, size and
 modification time match the previous snapshot reuses that snapshot's stored bytes without
 being read (as restic does). Other files are read once and become blobs in packs
-(:mod:`nightjar.storage.packs`; one S3 request per pack, not per file). ``Packer`` is the
-format-1 packer that ``nightjar upload`` still uses.
+(:mod:`nightjar.storage.packs`; one S3 request per pack, not per file).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Protocol
 
 from nightjar.storage.index import Entry, read_index
 from nightjar.storage.writer import IndexWriter
 
 __all__ = ["Entry", "read_index"]
-
-PACK_TARGET = 16 * 1024 * 1024
-LARGE_FILE = 4 * 1024 * 1024
-READ_CHUNK = 1024 * 1024
 
 
 class Sink(Protocol):
@@ -95,80 +88,6 @@ class PreviousIndex:
         if self.cur is not None and self.cur.path == path:
             return self.cur
         return None
-
-
-@dataclass
-class PackStats:
-    files: int = 0
-    bytes: int = 0
-    dirs: int = 0
-    reused_files: int = 0
-    reused_bytes: int = 0
-    uploaded_bytes: int = 0
-
-
-@dataclass
-class StoredObject:
-    key: str
-    size: int
-    sha256: str
-
-
-@dataclass
-class Packer:
-    """Turns file contents into pack objects through ``open_object``.
-
-    ``open_object(n)`` returns (key, writer): a writable object with ``sha256`` and ``size`` after
-    ``close()``. Returned objects are reported through ``on_object``.
-    """
-
-    open_object: Callable[[int], tuple[str, Any]]
-    on_object: Callable[[StoredObject], None]
-    n: int = 0
-    key: str = ""
-    writer: Any = None
-    fill: int = 0
-    stats: PackStats = field(default_factory=PackStats)
-
-    def _new(self) -> None:
-        self.n += 1
-        self.key, self.writer = self.open_object(self.n)
-        self.fill = 0
-
-    def _finish(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.on_object(StoredObject(self.key, self.writer.size, self.writer.sha256))
-            self.writer = None
-
-    def add_file(self, path: Path, size: int) -> tuple[str, int, str, int]:
-        """Store one file; returns (pack key, offset, sha256, bytes read)."""
-        with open(path, "rb") as f:
-            return self.add_stream(f, size)
-
-    def add_stream(self, stream: IO[bytes], size: int) -> tuple[str, int, str, int]:
-        """Store one file's bytes read from ``stream`` (``size`` as listed; the bytes read win)."""
-        if size >= LARGE_FILE:
-            self._finish()  # a large file gets a pack of its own
-        elif self.writer is not None and self.fill + size > PACK_TARGET:
-            self._finish()
-        if self.writer is None:
-            self._new()
-        offset = self.fill
-        h = hashlib.sha256()
-        n = 0
-        while chunk := stream.read(READ_CHUNK):
-            h.update(chunk)
-            self.writer.write(chunk)
-            n += len(chunk)
-        self.fill += n
-        self.stats.uploaded_bytes += n
-        if size >= LARGE_FILE:
-            self._finish()
-        return self.key, offset, h.hexdigest(), n
-
-    def close(self) -> None:
-        self._finish()
 
 
 def back_up_tree(root: Path, index: IndexWriter, previous: PreviousIndex) -> None:

@@ -258,6 +258,8 @@ def _refuses(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # a listener still closing (its process just killed): not yet
+        return False
 
 
 def _wait_for(
