@@ -19,7 +19,9 @@ deletable objects under its own prefix, which deleting the Backup removes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import subprocess
 import threading
 import urllib.parse
@@ -152,6 +154,7 @@ def _dump_database(req: BackupRequest, w: SnapshotWriter) -> tuple[Database, dic
     stdout, stderr = proc.stdout, proc.stderr
     if stdout is None or stderr is None:
         raise RuntimeError("pg_dump pipes are missing")
+    _widen_pipe(stdout.fileno())
     err_lines: list[str] = []
 
     def drain_stderr() -> None:
@@ -189,6 +192,12 @@ def _dump_database(req: BackupRequest, w: SnapshotWriter) -> tuple[Database, dic
         dbname=header.database,
     )
     return database, client.summary()
+
+
+def _widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe instead of 64 KiB: pg_dump writes on while a block is being chunked."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), READ_BLOCK)
 
 
 def _previous(req: BackupRequest, store: ObjectStore) -> tuple[SnapshotReader | None, str]:

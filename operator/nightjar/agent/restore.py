@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -244,21 +245,36 @@ def _finish_file(fd: int, tmp: str, dest: str, e: Entry) -> None:
     os.close(fd)
 
 
+def _after(first: Future[None] | None, fn: Any, *args: Any) -> None:
+    if first is not None:
+        first.result()  # the directory could not be made: neither can what goes inside it
+    fn(*args)
+
+
 class _Writers:
     """A few threads writing small files (the syscalls release the GIL), with a bounded backlog."""
 
-    def __init__(self, workers: int = 4, backlog: int = 256) -> None:
+    def __init__(self, workers: int = 8, backlog: int = 512) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write")
         self.slots = threading.BoundedSemaphore(backlog)
         self.futures: collections.deque[Future[None]] = collections.deque()
+        #: Directories being made: a file (or directory) inside one waits for it. Tasks run in
+        #: the order submitted and a parent is submitted before its children, so waiting never
+        #: blocks the pool. Finished ones are dropped from time to time.
+        self.dirs: dict[str, Future[None]] = {}
 
-    def submit(self, fn: Any, *args: Any) -> None:
+    def submit(self, fn: Any, *args: Any, parent: str = "", dir_path: str = "") -> None:
         while self.futures and self.futures[0].done():
             self.futures.popleft().result()  # the first failure stops the restore
         self.slots.acquire()
-        f = self.pool.submit(fn, *args)
+        wait_for = self.dirs.get(parent) if parent else None
+        f = self.pool.submit(_after, wait_for, fn, *args)
         f.add_done_callback(lambda _f: self.slots.release())
         self.futures.append(f)
+        if dir_path:
+            if len(self.dirs) > 4096:
+                self.dirs = {k: v for k, v in self.dirs.items() if not v.done() or v.exception()}
+            self.dirs[dir_path] = f
 
     def wait(self) -> None:
         try:
@@ -277,13 +293,18 @@ class _SafeDest:
         self.root = root
         self.real_root = os.path.realpath(root)
         self.checked: str | None = None
+        self.trusted: set[str] = set()
+
+    def trust(self, path: str) -> None:
+        """A directory this restore made itself (a real directory, not a link)."""
+        self.trusted.add(path)
 
     def __call__(self, path: str) -> Path:
         parts = path.split("/")
         if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise IntegrityError(f"the index lists the unsafe path {path!r}")
         parent = path.rpartition("/")[0]
-        if parent != self.checked:
+        if parent != self.checked and parent not in self.trusted:
             real = os.path.realpath(os.path.join(self.root, parent))
             if real != self.real_root and not real.startswith(self.real_root + os.sep):
                 raise IntegrityError(f"the index lists {path!r}, which leads outside the files directory")
@@ -309,8 +330,11 @@ class Staged:
         self.reader = reader
         self.root = root
         self.sequential = sequential
-        self.created_dirs: list[Path] = []
+        #: Directories staging made (relative paths), in the order made: already with their mode.
+        self.created_dirs: list[str] = []
         self.staged = 0
+        #: The target held nothing (but lost+found): there is nothing to replace or remove.
+        self.was_empty = not any(name not in KEEP_AT_ROOT for name in os.listdir(root))
 
     def _files(self) -> Iterator[Entry]:
         return (e for e in self.reader.entries() if e.type == "f")
@@ -321,22 +345,27 @@ class Staged:
                 os.unlink(os.path.join(self.root, e.path) + TMP_SUFFIX)
         for d in reversed(self.created_dirs):
             with contextlib.suppress(OSError):
-                d.rmdir()  # only if still empty: nothing of the target's is removed
+                os.rmdir(os.path.join(self.root, d))  # only if still empty: nothing of the target's
 
     def commit(self, counters: Counters) -> dict[str, Any]:
         safe = _SafeDest(self.root)
+        made = set(self.created_dirs)
         read_only_dirs: list[tuple[Path, int]] = []
         written = 0
+        root = str(self.root)
         for e in self.reader.entries():
-            dest = safe(e.path)
-            if e.type in ("d", "l"):
-                _make_dir_or_link(dest, e, read_only_dirs)
-                safe.forget()
-            elif e.type == "f":
-                _place(str(dest))
+            if e.type == "f":
+                _place(os.path.join(root, e.path))
                 written += 1
                 counters.add(nfiles=1)
-        removed = _prune(self.reader, self.root)
+            elif e.type == "d" and e.path in made:
+                mode = e.mode & 0o7777  # made by staging with its mode already
+                if mode & 0o700 != 0o700 or mode & 0o7000:
+                    read_only_dirs.append((self.root / e.path, mode))
+            else:
+                _make_dir_or_link(safe(e.path), e, read_only_dirs)
+                safe.forget()
+        removed = 0 if self.was_empty else _prune(self.reader, self.root)
         for d, mode in reversed(read_only_dirs):
             os.chmod(d, mode)
         return {"files": written, "removed": removed, "order": "index" if self.sequential else "storage"}
@@ -366,6 +395,7 @@ def stage_tree(reader: SnapshotReader, root: Path, counters: Counters) -> Staged
     sequential = reader.format == 2 or scan(reader.entries()).sequential
     staged = Staged(reader, root, sequential)
     writers = _Writers()
+    umask = os.umask(0)  # directories are made with the snapshot's mode, not the umask's
     try:
         try:
             if not sequential:
@@ -376,28 +406,34 @@ def stage_tree(reader: SnapshotReader, root: Path, counters: Counters) -> Staged
                     if e.type == "l":
                         seen_links.add(e.path)
                     elif e.type == "d":
-                        _stage_dir(safe(e.path), staged)
+                        safe(e.path)
+                        _stage_dir(e, staged)
+                        safe.trust(e.path)
                 entries: Iterator[Entry] = storage_order(reader.entries())
             else:
                 entries = reader.entries()
             links: set[str] = set()
             for e, stream in reader.contents(entries):
-                dest = safe(e.path)
+                safe(e.path)
                 if links:
                     _not_below_links(e.path, links)
                 if e.type == "l":
                     links.add(e.path)
                 elif e.type == "d":
-                    _stage_dir(dest, staged)
-                    safe.forget()
+                    safe.trust(e.path)  # its files wait for _stage_dir, which refuses a non-directory
+                    parent = e.path.rpartition("/")[0]
+                    writers.submit(_stage_dir, e, staged, parent=parent, dir_path=e.path)
                 elif stream is not None:
+                    parent = e.path.rpartition("/")[0]
                     if e.size <= SMALL_FILE:
                         data = bytearray()
                         while chunk := stream.read(CHUNK):
                             data += chunk
                         stream.drain()  # checks the sha256 now, before anything is written
-                        writers.submit(_write_small, root, e, bytes(data), counters)
+                        writers.submit(_write_small, root, e, bytes(data), counters, parent=parent)
                     else:
+                        if parent in writers.dirs:
+                            writers.dirs[parent].result()
                         _write_file(root, e, stream, counters)
                     staged.staged += 1
         finally:
@@ -405,6 +441,8 @@ def stage_tree(reader: SnapshotReader, root: Path, counters: Counters) -> Staged
     except BaseException:
         staged.discard()
         raise
+    finally:
+        os.umask(umask)
     return staged
 
 
@@ -421,18 +459,23 @@ def _not_below_links(path: str, links: set[str]) -> None:
         parent = parent.rpartition("/")[0]
 
 
-def _stage_dir(dest: Path, staged: Staged) -> None:
-    """A directory the staged files need: made when missing (remembered, so discarding removes
-    it); a file or link in its place is left for the commit, which replaces it."""
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise RestoreFailed(
-            f"files: {dest} is a file or link where the snapshot has a directory; move it away and "
-            "restore again",
-            UNCHANGED,
-        )
-    if not dest.exists():
-        dest.mkdir()
-        staged.created_dirs.append(dest)
+def _stage_dir(e: Entry, staged: Staged) -> None:
+    """A directory the staged files need: made when missing, with its mode (remembered, so
+    discarding removes it and its files need no real-path check); a file or link in its place is
+    refused (staging replaces nothing)."""
+    path = os.path.join(staged.root, e.path)
+    try:
+        os.mkdir(path, (e.mode & 0o777) | 0o700)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise RestoreFailed(
+                f"files: {path} is a file or link where the snapshot has a directory; move it away "
+                "and restore again",
+                UNCHANGED,
+            ) from None
+        return
+    staged.created_dirs.append(e.path)  # list.append is atomic: writer threads call this
 
 
 def restore_tree(reader: SnapshotReader, root: Path, counters: Counters) -> dict[str, Any]:

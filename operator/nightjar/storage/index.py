@@ -13,7 +13,7 @@ import gzip
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from nightjar.storage.packs import ChunkRef
@@ -34,6 +34,8 @@ class Entry:
     target: str = ""
     #: Format 2: where the file's bytes are (one blob, or several for a large file).
     chunks: list[ChunkRef] | None = None
+    #: The line this entry was read from (an unchanged file's line is written again as it is).
+    raw: str = field(default="", repr=False, compare=False)
 
     @property
     def where(self) -> tuple[str, int]:
@@ -73,6 +75,7 @@ class Entry:
             offset=d.get("o", 0),
             target=d.get("l", ""),
             chunks=[ChunkRef.from_list(c) for c in d["c"]] if "c" in d else None,
+            raw=line.rstrip("\n"),
         )
 
 

@@ -260,7 +260,11 @@ class Manifest:
             return json.dumps({**public, **self._content()}, indent=1, sort_keys=True).encode()
         content = self._content()
         if keyring is None:
-            public["content"] = content
+            # The content part holds every chunk reference: compressed, it is a tenth of its size
+            # (each night's new manifest is most of what an unchanged night adds).
+            text = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+            public["contentZstd"] = base64.b64encode(Codec().encode(text)).decode()
+            public["contentBytes"] = len(text)
             return json.dumps(public, indent=1, sort_keys=True).encode()
         content["publicSha256"] = _digest(public)
         dek, kid, wrapped = keyring.new_data_key()
@@ -310,6 +314,12 @@ class Manifest:
             public = {k: d[k] for k in ("formatVersion", "snapshotId", "createdOn", "expiresOn", "objects")}
             if content.get("publicSha256") != _digest(public):
                 raise IntegrityError(f"{what} is damaged: its public part was changed")
+        elif "contentZstd" in d:
+            try:
+                packed = base64.b64decode(d["contentZstd"])
+            except (binascii.Error, ValueError) as e:
+                raise IntegrityError(f"{what} is damaged: its content part is not base64") from e
+            content = _json(Codec().decode(packed, int(d.get("contentBytes") or 0), what), what)
         else:
             content = d.get("content") or {}
         try:
@@ -317,7 +327,7 @@ class Manifest:
             known = {
                 "formatVersion", "snapshotId", "createdOn", "expiresOn", "objects", "backup", "source",
                 "contents", "modelVersion", "sizeUncompressedBytes", "database", "files", "idKey",
-                "publicSha256", "content",
+                "publicSha256", "content", "contentZstd", "contentBytes",
             }  # fmt: skip
             return cls(
                 snapshot_id=str(d.get("snapshotId") or ""),

@@ -287,6 +287,10 @@ class S3Target:
                     connect_timeout=10,
                     read_timeout=120,
                     max_pool_connections=pool,
+                    # Nightjar checks every object's sha256 itself; botocore's extra CRC32 of every
+                    # upload only costs CPU (S3 still gets Content-MD5 where it requires one).
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
                 ),
             )
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,9 +42,9 @@ PACK_MAX_BLOBS = 20_000
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 #: Content-defined chunking of streams (dump, index, large files): FastCDC 2020.
-CDC_MIN = 256 * 1024
+CDC_MIN = 512 * 1024
 CDC_AVG = 1024 * 1024
-CDC_MAX = 4 * 1024 * 1024
+CDC_MAX = 8 * 1024 * 1024
 #: Files smaller than this are one blob each; larger ones are cut by CDC.
 WHOLE_FILE = CDC_MAX
 #: Ranged GETs while reading: join consecutive blobs of a pack up to this many bytes.
@@ -109,12 +110,12 @@ class Codec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def encode(self, data: bytes) -> bytes:
+    def encode(self, data: bytes | memoryview) -> bytes:
         if len(data) >= 64:
             packed = self._c().compress(data)
             if len(packed) + 1 < len(data):
                 return bytes([CODEC_ZSTD]) + packed
-        return bytes([CODEC_RAW]) + data
+        return bytes([CODEC_RAW]) + bytes(data)
 
     def decode(self, blob: bytes, size: int, what: str) -> bytes:
         if not blob:
@@ -139,29 +140,38 @@ class Codec:
 
 class Chunker:
     """Push-style FastCDC: feed bytes, get whole chunks. Cut points depend only on content since
-    the previous cut, so re-cutting the unfinished tail gives what one pass over the stream would."""
+    the previous cut, so re-cutting the unfinished tail gives what one pass over the stream would.
+
+    Each byte is copied once (the blocks are joined into one buffer per window); the chunks are
+    views of that buffer, which lives as long as one of them is still waiting to be stored.
+    """
 
     def __init__(self, min_size: int = CDC_MIN, avg_size: int = CDC_AVG, max_size: int = CDC_MAX) -> None:
         self._cdc = FastCDC(avg_size=avg_size, min_size=min_size, max_size=max_size)
-        self._max = max_size
-        self._buf = bytearray()
+        self._window = 3 * max_size
+        self._parts: list[bytes] = []
+        self._size = 0
 
-    def push(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        self._buf += data
-        if len(self._buf) < 4 * self._max:
+    def push(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
+        self._parts.append(bytes(data) if not isinstance(data, bytes) else data)
+        self._size += len(data)
+        if self._size < self._window:
             return []
         return self._cut(final=False)
 
-    def finish(self) -> list[bytes]:
-        return self._cut(final=True) if self._buf else []
+    def finish(self) -> list[memoryview]:
+        return self._cut(final=True) if self._size else []
 
-    def _cut(self, final: bool) -> list[bytes]:
-        data = bytes(self._buf)
+    def _cut(self, final: bool) -> list[memoryview]:
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         cuts = [(c.offset, c.length) for c in self._cdc.cut_buf(data)]
         keep = cuts if final else cuts[:-1]  # the last may be cut short by the buffer's end
-        out = [data[o : o + n] for o, n in keep]
+        view = memoryview(data)
+        out = [view[o : o + n] for o, n in keep]
         consumed = keep[-1][0] + keep[-1][1] if keep else 0
-        del self._buf[:consumed]
+        rest = data[consumed:]
+        self._parts = [rest] if rest else []
+        self._size = len(rest)
         return out
 
 
@@ -232,14 +242,14 @@ class PackWriter:
         self._slots = threading.BoundedSemaphore(in_flight)
         self._futures: list[Future[list[ChunkRef]]] = []
         self._n = 0
-        self._blobs: list[bytes] = []
+        self._blobs: list[bytes | memoryview] = []
         self._fill = 0
         self._current: Future[list[ChunkRef]] = Future()
         self._lock = threading.Lock()
         self.stored_bytes = 0
         self.plain_bytes = 0
 
-    def add(self, data: bytes, cid: str = "") -> Pending:
+    def add(self, data: bytes | memoryview, cid: str = "") -> Pending:
         """Queue one blob; returns its pending reference."""
         if self._blobs and (self._fill + len(data) > self.pack_target or len(self._blobs) >= PACK_MAX_BLOBS):
             self._seal_current()
@@ -254,14 +264,22 @@ class PackWriter:
         self._blobs, self._fill, self._current = [], 0, Future()
         self._n += 1
         key = self.key_for(self._n)
+        # Finished packs are dropped here (their references live on in the Pendings that still
+        # need them): memory does not grow with the number of packs. The first failure stops us.
+        running = []
         for f in self._futures:
-            if f.done() and f.exception() is not None:
+            if not f.done():
+                running.append(f)
+            elif f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
+        self._futures = running
         self._slots.acquire()
         job = self._pool.submit(self._store_pack, key, blobs, future)
         self._futures.append(job)
 
-    def _store_pack(self, key: str, blobs: list[bytes], future: Future[list[ChunkRef]]) -> list[ChunkRef]:
+    def _store_pack(
+        self, key: str, blobs: list[bytes | memoryview], future: Future[list[ChunkRef]]
+    ) -> list[ChunkRef]:
         try:
             sealer: Sealer | None = None
             kid = wrapped = ""
@@ -318,6 +336,10 @@ class Ordered:
         self._q: collections.deque[tuple[Any, list[Slot]]] = collections.deque()
         self._pending = 0
 
+    @property
+    def pending(self) -> int:
+        return len(self._q)
+
     def put(self, item: Any, slots: list[Slot]) -> Iterator[tuple[Any, list[ChunkRef]]]:
         self._q.append((item, slots))
         return self._ready(wait=len(self._q) > self.limit)
@@ -345,29 +367,65 @@ class StreamStore:
     """
 
     def __init__(
-        self, writer: PackWriter, id_key: bytes | None, previous: dict[str, ChunkRef] | None = None
+        self,
+        writer: PackWriter,
+        id_key: bytes | None,
+        previous: dict[str, ChunkRef] | None = None,
+        *,
+        background: bool = False,
     ) -> None:
+        """``background``: content ids are computed and chunks handed to the writer on a thread
+        of their own, while the producer (pg_dump's pipe) is read and cut; the stream must then
+        be the writer's only producer until :meth:`finish`."""
         self.writer = writer
         self.id_key = id_key
         self.previous = previous or {}
         self.chunker = Chunker()
         self.slots: list[Slot] = []
         self.size = 0
-        self.hash = hashlib.sha256()
         self.reused_bytes = 0
         self._seen: dict[str, Slot] = {}
+        self._queue: queue.Queue[memoryview | None] | None = queue.Queue(maxsize=4) if background else None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self.size += len(data)
-        self.hash.update(data)
         for c in self.chunker.push(data):
-            self._add(c)
+            self._submit(c)
         return len(data)
+
+    def _submit(self, chunk: memoryview) -> None:
+        if self._queue is None:
+            self._add(chunk)
+            return
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="chunks", daemon=True)
+            self._thread.start()
+        self._queue.put(chunk)
+
+    def _run(self) -> None:
+        assert self._queue is not None  # noqa: S101 - started only with a queue
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._add(chunk)
+                except BaseException as e:  # handed to the producer at its next write or finish
+                    self._error = e
+
+    def stop(self) -> None:
+        """End the background thread (after finish, or when the stream is abandoned)."""
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def flush(self) -> None:
         """File-like API: chunks are cut as data arrives."""
 
-    def _add(self, chunk: bytes) -> None:
+    def _add(self, chunk: bytes | memoryview) -> None:
         cid = chunk_id(chunk, self.id_key)
         ref = self.previous.get(cid)
         if ref is not None:
@@ -381,7 +439,10 @@ class StreamStore:
 
     def finish(self) -> None:
         for c in self.chunker.finish():
-            self._add(c)
+            self._submit(c)
+        self.stop()
+        if self._error is not None:
+            raise self._error
 
     def refs(self) -> list[ChunkRef]:
         """After the writer is flushed/closed: the chunk list, in stream order."""
@@ -393,19 +454,25 @@ class StreamStore:
 
     @property
     def sha256(self) -> str:
-        return self.hash.hexdigest()
+        """A stream's own digest is not kept: every chunk is checked against its content id,
+        and the chunk list is part of the (authenticated) manifest."""
+        return ""
 
 
-def split_file(data_source: Any, size: int) -> Iterator[bytes]:
-    """A file's bytes as blobs: one blob when small, CDC chunks when large."""
+def split_file(data_source: Any, size: int) -> Iterator[bytes | memoryview]:
+    """A file's bytes as blobs: one blob when small, CDC chunks when large (``size`` is what was
+    listed; the bytes read win)."""
     if size < WHOLE_FILE:
-        data = bytearray()
-        while block := data_source.read(1024 * 1024):
-            data += block
-        if len(data) < WHOLE_FILE:
-            yield bytes(data)
+        parts: list[bytes] = []
+        n = 0
+        while n < WHOLE_FILE and (block := data_source.read(WHOLE_FILE - n)):
+            parts.append(block)
+            n += len(block)
+        head = parts[0] if len(parts) == 1 else b"".join(parts)
+        if n < WHOLE_FILE:
+            yield head
             return
-        data_source = _Prefixed(bytes(data), data_source)  # longer than listed: cut it by content
+        data_source = _Prefixed(head, data_source)  # longer than listed: cut it by content
     chunker = Chunker()
     while block := data_source.read(4 * 1024 * 1024):
         yield from chunker.push(block)

@@ -43,6 +43,8 @@ from nightjar.storage.packs import (
 )
 
 READ_CHUNK = 1024 * 1024
+#: Index lines are handed to the chunker in blocks of about this size.
+INDEX_BUFFER = 256 * 1024
 
 
 @dataclass
@@ -63,32 +65,56 @@ class IndexWriter:
         self.stream = stream
         self.order = Ordered()
         self.stats = FileStats()
+        self._buf = bytearray()
+        self._last_pack = ""
+
+    def _write(self, line: str) -> None:
+        self._buf += line.encode()
+        self._buf += b"\n"
+        if len(self._buf) >= INDEX_BUFFER:
+            self.stream.write(bytes(self._buf))
+            self._buf.clear()
 
     def _emit(self, ready: Iterable[tuple[object, list[ChunkRef]]]) -> None:
         for item, refs in ready:
+            if isinstance(item, str):  # an unchanged entry's line, as the previous index had it
+                self._write(item)
+                continue
             if not isinstance(item, Entry):
                 raise TypeError("the index holds entries only")
             if item.type == "f":
                 item.chunks = refs
-            self.stream.write(item.to_json().encode() + b"\n")
+            self._write(item.to_json())
+
+    def _put(self, item: Entry | str, slots: list[Slot]) -> None:
+        if not slots and not self.order.pending:
+            self._emit([(item, [])])  # nothing waits for a pack: no queueing
+        else:
+            self._emit(self.order.put(item, slots))
 
     def add_dir(self, path: str, mode: int) -> None:
         self.stats.dirs += 1
-        self._emit(self.order.put(Entry(path, "d", mode), []))
+        self._put(Entry(path, "d", mode), [])
 
     def add_link(self, path: str, mode: int, target: str) -> None:
-        self._emit(self.order.put(Entry(path, "l", mode, target=target), []))
+        self._put(Entry(path, "l", mode, target=target), [])
 
     def reuse(self, path: str, mode: int, prev: Entry) -> None:
-        """An unchanged file: the previous snapshot's blobs, not read again."""
-        slots: list[Slot] = [Ready(c) for c in prev.chunks or []]
+        """An unchanged file: the previous snapshot's blobs, not read again (and, when nothing
+        about it changed, its index line written again as it was)."""
         for c in prev.chunks or []:
-            self.w.use_object(c.pack)
+            if c.pack != self._last_pack:
+                self.w.use_object(c.pack)
+                self._last_pack = c.pack
         self.stats.files += 1
         self.stats.bytes += prev.size
         self.stats.reused_files += 1
         self.stats.reused_bytes += prev.size
-        self._emit(self.order.put(Entry(path, "f", mode, prev.size, prev.mtime_ns, prev.sha256), slots))
+        if prev.raw and prev.mode == mode and prev.path == path:
+            self._put(prev.raw, [])
+        else:
+            slots: list[Slot] = [Ready(c) for c in prev.chunks or []]
+            self._put(Entry(path, "f", mode, prev.size, prev.mtime_ns, prev.sha256), slots)
 
     def add_stored(self, entry: Entry) -> None:
         """A file already stored by this snapshot (``entry.chunks`` set), e.g. by an upload that
@@ -116,6 +142,9 @@ class IndexWriter:
     def finish(self) -> Files:
         self.w.packs.flush()
         self._emit(self.order.drain())
+        if self._buf:
+            self.stream.write(bytes(self._buf))
+            self._buf.clear()
         self.stream.finish()
         s = self.stats
         return Files(
@@ -172,12 +201,15 @@ class SnapshotWriter:
 
     # --- streams ---------------------------------------------------------------------------
 
-    def _stream(self, previous: list[ChunkRef]) -> StreamStore:
-        return StreamStore(self.packs, self.id_key, {c.id: c for c in previous if c.id})
+    def _stream(self, previous: list[ChunkRef], background: bool = False) -> StreamStore:
+        return StreamStore(
+            self.packs, self.id_key, {c.id: c for c in previous if c.id}, background=background
+        )
 
     def dump_stream(self) -> StreamStore:
+        """The database dump (written alone: content ids are computed on a thread of their own)."""
         prev = self.previous.database.dump.chunks if self.previous and self.previous.database else []
-        self._dump = self._stream(prev)
+        self._dump = self._stream(prev, background=True)
         return self._dump
 
     def database(
@@ -257,6 +289,8 @@ class SnapshotWriter:
         return self.loc.manifest, digest, manifest
 
     def abort(self) -> None:
+        if self._dump is not None:
+            self._dump.stop()
         self.packs.abort()
 
     @property
