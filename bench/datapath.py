@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -442,7 +443,6 @@ class Bench:
         if self.encryption:
             ops.append(("nightjar backup, encrypted", nightjar_encrypted))
         self.interleave(r, ops)
-        delete_prefix(self.s3, self.bucket, nje + "/")
 
         for night in range(1, self.nights + 1):
             self.psql(PG_DB, UPDATE_NEWEST_PERCENT)
@@ -465,8 +465,6 @@ class Bench:
             self.interleave(
                 r + night, [("nightjar backup", nightjar_night), ("pg_dump | restic", restic_night)]
             )
-        for p in (nj, rs):
-            delete_prefix(self.s3, self.bucket, p + "/")
 
     def files_round(self, r: int, tree: Path) -> None:
         nj, rs, nje = (
@@ -511,8 +509,7 @@ class Bench:
         restored: dict[str, Path] = {}
 
         def empty_dir(who: str) -> Path:
-            target = self.work / f"restore-{who}"
-            shutil.rmtree(target, ignore_errors=True)
+            target = self.work / f"restore-r{r}-{len(restored)}"
             target.mkdir()
             restored[who] = target
             return target
@@ -536,7 +533,6 @@ class Bench:
         if self.encryption:
             first.append(("nightjar first backup, encrypted", nightjar_first_encrypted))
         self.interleave(r, first)
-        delete_prefix(self.s3, self.bucket, nje + "/")
         self.interleave(
             r, [("nightjar second backup", nightjar_second), ("restic second backup", restic_second)]
         )
@@ -548,15 +544,10 @@ class Bench:
                 ("nightjar restore, tiny database only", nightjar_restore_db_only),
             ],
         )
-        # Checked and removed only now: deleting 100,000 files between the two restores would
-        # slow the second one down (ext4 with discard).
         for who, target in restored.items():
             got = count_files(target)
             if got != self.nfiles:
                 raise RuntimeError(f"{who} restored {got} files, expected {self.nfiles}")
-            shutil.rmtree(target)
-        for p in (nj, rs):
-            delete_prefix(self.s3, self.bucket, p + "/")
 
     def million_run(self) -> None:
         tree = self.work / "million"
@@ -568,8 +559,6 @@ class Bench:
         log(f"  nightjar first backup of {self.million_files:,} files: {m.seconds:.1f} s")
         self.rec("million.time.nightjar", m.seconds)
         self.rec("million.rss.nightjar", m.rss_bytes)
-        delete_prefix(self.s3, self.bucket, prefix + "/")
-        shutil.rmtree(tree)
 
     # --- the whole run ------------------------------------------------------------------------
 
@@ -580,22 +569,19 @@ class Bench:
         make_text_tree(small, 200, self.file_size)
         prefix, repo = f"{self.top}/warm-nightjar", f"{self.top}/warm-restic"
         res, _ = self.nightjar_backup(prefix, "warm", TINY_DB, files=small)
-        target = self.work / "warm-restore"
-        target.mkdir()
-        self.nightjar_restore(prefix, res, target)
-        shutil.rmtree(target)
+        (self.work / "warm-restore-nightjar").mkdir()
+        self.nightjar_restore(prefix, res, self.work / "warm-restore-nightjar")
         self.restic_init(repo)
         self.restic(repo, "backup", "-q", "--host", "bench", str(small))
-        self.restic(repo, "restore", "latest", "-q", "--target", str(target))
+        self.restic(repo, "restore", "latest", "-q", "--target", str(self.work / "warm-restore-restic"))
         run_measured(
             [str(self.bindir / "pg_dump"), "-Fc", "-Z0", "-O", "-x"], self.pg_env(PG_DB), stdout_to_null=True
         )
-        shutil.rmtree(target)
-        shutil.rmtree(small)
-        for p in (prefix, repo):
-            delete_prefix(self.s3, self.bucket, p + "/")
 
     def run(self) -> None:
+        """Everything written (objects, restored trees) stays until :meth:`cleanup`: deleting
+        slows down the I/O that follows it (ext4 with online discard on the development
+        machine), which would land in whichever command ran next."""
         self.ensure_restic()
         self.check_agent()
         self.setup_databases()
@@ -609,7 +595,6 @@ class Bench:
             self.database_round(r)
             log(f"round {r + 1}/{self.rounds}: files")
             self.files_round(r, tree)
-        shutil.rmtree(tree)
         if self.million:
             self.million_run()
 
@@ -848,6 +833,9 @@ def _git_describe() -> str:
 
 
 def main() -> None:
+    # SIGTERM (run-bench.sh interrupted) unwinds like Ctrl-C: measured commands are killed,
+    # the work directory and the bench's objects removed.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     bench = Bench()
     log(
         f"datapath: {bench.rounds} round(s), pgbench scale {bench.pg_scale}, {bench.nights} nights, "

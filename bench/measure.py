@@ -9,14 +9,16 @@ of it and the children it waited for (the agent's ``pg_dump``), never their sum.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -46,6 +48,19 @@ class Measured:
     stdout: str
 
 
+@contextlib.contextmanager
+def _killed_on_error(proc: subprocess.Popen[Any]) -> Iterator[None]:
+    """Interrupted (Ctrl-C, SIGTERM, an error) while ``proc`` runs: kill its whole process group,
+    the measured command and its children included, not only the wrapper."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
 def _tail(f: IO[str], n: int = 15) -> str:
     f.seek(0)
     return "\n".join(f.read().splitlines()[-n:])
@@ -63,16 +78,18 @@ def run_measured(
         tempfile.TemporaryFile("w+") as out,
         tempfile.TemporaryFile("w+") as err,
     ):
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-S", "-c", _WRAPPER, rep.name, *argv],
             env=dict(env),
             stdin=stdin,
             stdout=subprocess.DEVNULL if stdout_to_null else out,
             stderr=err,
-            check=False,
+            start_new_session=True,
         )
-        if proc.returncode != 0:
-            raise CommandFailed(f"{argv[0]} exited with {proc.returncode}:\n{_tail(err)}")
+        with _killed_on_error(proc):
+            code = proc.wait()
+        if code != 0:
+            raise CommandFailed(f"{argv[0]} exited with {code}:\n{_tail(err)}")
         got = json.loads(Path(rep.name).read_text())
         out.seek(0)
         return Measured(got["seconds"], int(got["maxrssKiB"]) * 1024, out.read())
@@ -95,6 +112,7 @@ def run_pipeline(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=perr,
+            start_new_session=True,
         )
         assert prod.stdout is not None  # noqa: S101 - stdout=PIPE
         cons = subprocess.Popen(
@@ -103,10 +121,12 @@ def run_pipeline(
             stdin=prod.stdout,
             stdout=out,
             stderr=err,
+            start_new_session=True,
         )
         prod.stdout.close()  # the consumer holds the read end now
-        ccode = cons.wait()
-        pcode = prod.wait()
+        with _killed_on_error(prod), _killed_on_error(cons):
+            ccode = cons.wait()
+            pcode = prod.wait()
         seconds = time.monotonic() - t0
         if pcode != 0:
             raise CommandFailed(f"{producer[0]} exited with {pcode}:\n{_tail(perr)}")
