@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
 import random
@@ -582,6 +583,8 @@ class Bench:
         """Everything written (objects, restored trees) stays until :meth:`cleanup`: deleting
         slows down the I/O that follows it (ext4 with online discard on the development
         machine), which would land in whichever command ran next."""
+        self.info["agentVersion"] = _agent_version()
+        log(f"agent from {self.info['agentVersion']}")
         self.ensure_restic()
         self.check_agent()
         self.setup_databases()
@@ -733,6 +736,10 @@ class Bench:
         return rows
 
     def report(self, write: bool = True) -> None:
+        now = _agent_version()
+        if now != self.info.get("agentVersion", now):
+            print(f"the agent's code changed during the run: {self.info['agentVersion']} -> {now}")
+            self.info["agentVersionAtEnd"] = now
         out_rows: list[dict[str, Any]] = []
         header = (
             f"{'measurement':<58} {'unit':>4} {'nightjar min':>12} {'median':>9} "
@@ -786,7 +793,7 @@ class Bench:
                 "million": self.million_files if self.million else None,
                 "millionFileSize": self.million_size if self.million else None,
             },
-            "info": {**self.info, "git": _git_describe()},
+            "info": self.info,
             "rows": out_rows,
             "samples": self.samples,
         }
@@ -818,18 +825,18 @@ def _num(s: dict[str, float] | None, k: str) -> str:
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
-def _git_describe() -> str:
-    """The commit the agent ran from, marked dirty when operator/ has uncommitted changes."""
+def _agent_version() -> str:
+    """The commit the agent runs from; with uncommitted changes under operator/, "+dirty-" and a
+    digest of them (so a change during the run shows)."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "operator"], capture_output=True, text=True, check=True
-        )
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "operator"], capture_output=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return ""
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    dirty = f"+dirty-{hashlib.sha256(diff.stdout).hexdigest()[:8]}" if diff.stdout else ""
+    return head.stdout.strip() + dirty
 
 
 def main() -> None:
