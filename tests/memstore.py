@@ -66,7 +66,7 @@ class MemoryStore:
     def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         lock: Lock | None = None,
         metadata: dict[str, str] | None = None,

@@ -123,7 +123,7 @@ class ObjectStore(Protocol):
     def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         lock: Lock | None = None,
         metadata: dict[str, str] | None = None,
@@ -325,7 +325,7 @@ class S3Store:
     def put(
         self,
         key: str,
-        data: bytes,
+        data: bytes | bytearray,
         *,
         lock: Lock | None = None,
         metadata: dict[str, str] | None = None,

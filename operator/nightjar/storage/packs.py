@@ -229,7 +229,7 @@ class PackWriter:
         *,
         level: int = 3,
         workers: int = 2,
-        in_flight: int = 3,
+        in_flight: int = 2,
         pack_target: int | None = None,
     ) -> None:
         self.store = store
@@ -288,12 +288,15 @@ class PackWriter:
                 sealer = Sealer(dek)
             out = bytearray()
             refs: list[ChunkRef] = []
-            for i, data in enumerate(blobs):
+            for i in range(len(blobs)):
+                data = blobs[i]
+                blobs[i] = b""  # each plaintext is let go once sealed: memory is about one pack
                 enc = self.codec.encode(data)
                 stored = sealer.seal(i, enc) if sealer is not None else enc
                 refs.append(ChunkRef(key, len(out), len(stored), len(data), i))
                 out += stored
-            body = bytes(out)
+            del data
+            body = out
             self.store.put(key, body)
             obj = PackObject(key, len(body), hashlib.sha256(body).hexdigest(), kid, wrapped)
             with self._lock:
