@@ -10,8 +10,9 @@ from typing import Any
 
 from kubernetes import client
 
-from nightjar.storage.crypto import new_key_text
+from nightjar.storage.crypto import KeyRing, new_key_text
 from nightjar.storage.manifest import PublicManifest
+from nightjar.storage.snapshot import SnapshotReader
 from tests.integration.conftest import Env
 from tests.integration.helpers import (
     TABLE_CHECKSUMS,
@@ -174,3 +175,55 @@ def test_a_missing_key_secret_fails_the_backup_naming_it(
     st = wait_terminal(custom, namespace, "nokeys", timeout=240)["status"]
     assert st["phase"] == "Failed"
     assert "no-such-keys" in st["message"], st["message"]
+
+
+def test_one_flipped_byte_anywhere_fails_the_restore_and_changes_nothing(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    s3: Any,
+) -> None:
+    keys = {"key-1": new_key_text()}
+    encrypted_storage(custom, core, env, namespace, keys)
+    st = take_backup(custom, namespace, backup_body("victim"))
+    bucket = env["NIGHTJAR_S3_BUCKET_PLAIN"]
+    ring = KeyRing.from_data("backup-keys", keys)
+    reader = SnapshotReader(s3, bucket, st["storage"]["manifestKey"], keyring=ring)
+    assert reader.m.database is not None and reader.m.files is not None
+    a_file = next(e for e in reader.entries() if e.type == "f" and e.size > 0)
+    targets = {
+        "the dump": reader.m.database.dump.chunks[-1],
+        "the index": reader.m.files.index.chunks[0],
+        "a file": (a_file.chunks or [])[0],
+    }
+    psql(env, app_db, "update customers set name = 'after the backup'")
+    rows = psql(env, app_db, TABLE_CHECKSUMS)
+    files = tree(files_pvc)
+    (files_pvc / "after-backup.txt").write_text("not in the backup")
+    files_after = tree(files_pvc)
+
+    def flipped(key: str, at: int) -> None:
+        data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        data[at] ^= 0x01
+        s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+    docs = {"files": {"persistentVolumeClaim": {"claimName": "files", "path": "docs"}}}
+    for n, (what, ref) in enumerate([*targets.items(), ("the manifest", None)]):
+        key = ref.pack if ref else st["storage"]["manifestKey"]
+        original = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        flipped(key, ref.offset + ref.stored // 2 if ref else len(original) // 2)
+        custom.create_namespaced_custom_object(
+            G, V, namespace, "restores", restore_body(f"t{n}", "victim", target=docs)
+        )
+        out = wait_restore(custom, namespace, f"t{n}")
+        s3.put_object(Bucket=bucket, Key=key, Body=original)
+        message = out["message"]
+        assert out["phase"] == "Failed", what
+        assert out["targetState"] == "Unchanged", (what, message)
+        assert key.rsplit("/", 1)[-1] in message or "manifest" in message, (what, message)  # names it
+        assert psql(env, app_db, TABLE_CHECKSUMS) == rows, what  # nothing committed
+        assert tree(files_pvc) == files_after, what  # nothing staged is left, nothing replaced
+    assert files != files_after

@@ -18,6 +18,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from nightjar.storage.crypto import new_key_text
+from nightjar.storage.manifest import PublicManifest
 from nightjar.storage.snapshot import SnapshotReader
 from tests.integration.conftest import Env
 from tests.integration.helpers import (
@@ -462,6 +464,7 @@ def uploaded_backup(custom: client.CustomObjectsApi, ns: str, known: set[str]) -
     return None
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_download_upload_restore_round_trip_gives_identical_data(
     custom: client.CustomObjectsApi,
     core: client.CoreV1Api,
@@ -470,8 +473,16 @@ def test_download_upload_restore_round_trip_gives_identical_data(
     app_db: str,
     files_pvc: Path,
     tmp_path: Path,
+    s3: Any,
+    encrypted: bool,
 ) -> None:
     make_storage(custom, core, env, namespace)
+    if encrypted:  # download decrypts with the storage's key; the upload is encrypted again
+        core.create_namespaced_secret(
+            namespace, {"metadata": {"name": "backup-keys"}, "stringData": {"key-7": new_key_text()}}
+        )
+        enc = {"spec": {"encryption": {"keySecretRef": {"name": "backup-keys"}}}}
+        custom.patch_namespaced_custom_object(G, V, namespace, "backupstorages", "s3", enc)
     take_backup(custom, namespace, backup_body("orig"))
     checksums = psql(env, app_db, TABLE_CHECKSUMS)
     files = regular_files(files_pvc)
@@ -482,6 +493,11 @@ def test_download_upload_restore_round_trip_gives_identical_data(
     assert r.returncode == 0, r.stderr
     up = wait_for("the uploaded Backup", lambda: uploaded_backup(custom, namespace, set()), 60)
     assert up["status"]["phase"] == "Completed", up["status"].get("message")
+    if encrypted:
+        raw = s3.get_object(
+            Bucket=env["NIGHTJAR_S3_BUCKET_PLAIN"], Key=up["status"]["storage"]["manifestKey"]
+        )
+        assert PublicManifest.parse(raw["Body"].read()).key_ids() == {"7"}  # the upload is encrypted too
 
     # The app's data changes; restoring the uploaded copy brings back exactly what was downloaded.
     psql(env, app_db, "delete from orders; update customers set name = 'changed'")

@@ -312,3 +312,27 @@ def test_an_upload_stored_out_of_path_order_is_read_pack_by_pack(tmp_path: Path)
     got = {str(p.relative_to(dst)): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     assert got == contents
     assert (dst / "03" / "0003").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_damaged_index_or_file_leaves_the_target_exactly_as_it_was(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    (src / "ro").chmod(0o755)
+    pristine, digest = snapshot_of(src)
+    reader = SnapshotReader(pristine, "b", "manifest.json", digest)
+    assert reader.m.files is not None
+    index_ref = reader.m.files.index.chunks[0]
+    big = next(e for e in reader.entries() if e.path == "big")
+    dst.mkdir()
+    (dst / "00").mkdir()
+    (dst / "00" / "f1").write_text("what the target had")
+    before = listing(dst)
+    for ref in (index_ref, (big.chunks or [])[-1]):
+        bucket = Bucket()
+        bucket.objects = dict(pristine.objects)
+        data = bytearray(bucket.objects[ref.pack])
+        data[ref.offset + ref.stored // 2] ^= 1
+        bucket.objects[ref.pack] = bytes(data)
+        with pytest.raises(IntegrityError):
+            restore_tree(SnapshotReader(bucket, "b", "manifest.json", digest), dst, Counters())
+        assert listing(dst) == before  # no staged file, no new directory, nothing replaced

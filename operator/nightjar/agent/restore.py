@@ -336,13 +336,13 @@ class Staged:
         #: The target held nothing (but lost+found): there is nothing to replace or remove.
         self.was_empty = not any(name not in KEEP_AT_ROOT for name in os.listdir(root))
 
-    def _files(self) -> Iterator[Entry]:
-        return (e for e in self.reader.entries() if e.type == "f")
-
     def discard(self) -> None:
-        for e in self._files():
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.root, e.path) + TMP_SUFFIX)
+        """Remove what staging wrote: found on disk by name, not through the index (which may
+        be the damaged part)."""
+        for rel, st in walk(self.root):
+            if rel.endswith(TMP_SUFFIX) and stat.S_ISREG(st.st_mode):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.root, rel))
         for d in reversed(self.created_dirs):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(self.root, d))  # only if still empty: nothing of the target's
