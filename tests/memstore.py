@@ -1,4 +1,6 @@
-"""An in-memory ObjectStore for unit tests of the storage seam (no S3 server needed)."""
+"""The one in-memory ObjectStore of the tests: code above the storage seam runs on it without an
+S3 server. ``locked`` keys survive deletion (Object Lock); ``down`` fails every call (an outage);
+``writes`` records the order of writes; ``gets`` counts reads."""
 
 from __future__ import annotations
 
@@ -9,23 +11,25 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import IO
 
-from nightjar.storage.objects import Lock, ObjectInfo, ObjectMissing
+from nightjar.storage.objects import Lock, ObjectInfo, ObjectMissing, StorageError
+
+EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 class _Writer:
-    def __init__(self, store: MemoryStore, key: str, metadata: dict[str, str] | None) -> None:
-        self.store, self.key, self.metadata = store, key, metadata or {}
+    def __init__(
+        self, store: MemoryStore, key: str, lock: Lock | None, metadata: dict[str, str] | None
+    ) -> None:
+        self.store, self.key, self.lock, self.metadata = store, key, lock, metadata or {}
         self.buf = bytearray()
         self.size = 0
-        self.hash = hashlib.sha256()
 
     @property
     def sha256(self) -> str:
-        return self.hash.hexdigest()
+        return hashlib.sha256(self.buf).hexdigest()
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         self.buf += data
-        self.hash.update(data)
         self.size += len(data)
         return len(data)
 
@@ -33,7 +37,7 @@ class _Writer:
         pass
 
     def close(self) -> None:
-        self.store.put(self.key, bytes(self.buf), metadata=self.metadata)
+        self.store.put(self.key, bytes(self.buf), lock=self.lock, metadata=self.metadata)
 
     def abort(self) -> None:
         self.buf = bytearray()
@@ -51,17 +55,25 @@ class _Writer:
 
 
 class MemoryStore:
-    bucket = "memory"
-    endpoint = "memory://"
+    """An ObjectStore in a dict; ``locked`` keys survive deletion; ``down`` fails everything."""
 
-    def __init__(self) -> None:
+    def __init__(self, bucket: str = "memory") -> None:
+        self.bucket, self.endpoint = bucket, "memory://"
+        self.gets = 0
         self.objects: dict[str, bytes] = {}
         self.meta: dict[str, dict[str, str]] = {}
         self.locks: dict[str, Lock] = {}
-        self.gets = 0
+        self.locked: set[str] = set()
+        self.writes: list[str] = []
+        self.object_lock: str | None = None
+        self.down = ""
+
+    def _up(self, what: str) -> None:
+        if self.down:
+            raise StorageError(f"{what}: {self.down}")
 
     def check(self) -> None:
-        pass
+        self._up(f"bucket {self.bucket} at {self.endpoint}")
 
     def put(
         self,
@@ -72,32 +84,35 @@ class MemoryStore:
         metadata: dict[str, str] | None = None,
         content_type: str = "",
     ) -> None:
-        self.objects[key] = bytes(data)
-        self.meta[key] = dict(metadata or {})
+        self._up(f"writing {key}")
+        self.objects[key], self.meta[key] = bytes(data), dict(metadata or {})
+        self.writes.append(key)
         if lock is not None:
             self.locks[key] = lock
 
     def writer(
         self, key: str, *, lock: Lock | None = None, metadata: dict[str, str] | None = None
     ) -> _Writer:
-        return _Writer(self, key, metadata)
+        return _Writer(self, key, lock, metadata)
 
     def get(self, key: str, start: int = 0, end: int | None = None) -> IO[bytes]:
         return io.BytesIO(self.read(key, start, end))
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
+        self._up(f"reading {key}")
         if key not in self.objects:
             raise ObjectMissing(f"reading {key}: NoSuchKey")
         self.gets += 1
-        data = self.objects[key]
-        return data[start : len(data) if end is None else end]
+        return self.objects[key][start:end]
 
     def head(self, key: str) -> ObjectInfo | None:
+        self._up(f"checking {key}")
         if key not in self.objects:
             return None
-        return ObjectInfo(key, len(self.objects[key]), self.meta.get(key, {}))
+        return ObjectInfo(key, len(self.objects[key]), dict(self.meta[key]))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        self._up(f"listing {prefix}")
         for k in sorted(self.objects):
             if k.startswith(prefix):
                 yield ObjectInfo(
@@ -109,22 +124,25 @@ class MemoryStore:
             yield o.key, None
 
     def delete(self, keys_or_prefix: str | list[str]) -> tuple[int, list[str]]:
-        keys = (
-            [o.key for o in self.list(keys_or_prefix)] if isinstance(keys_or_prefix, str) else keys_or_prefix
-        )
-        n = 0
+        self._up("deleting objects")
+        if isinstance(keys_or_prefix, str):
+            keys = [k for k in self.objects if k.startswith(keys_or_prefix)]
+        else:
+            keys = [k for k in keys_or_prefix if k in self.objects]
+        locked = sorted(k for k in keys if k in self.locked)
         for k in keys:
-            if self.objects.pop(k, None) is not None:
-                n += 1
-        return n, []
+            if k not in self.locked:
+                del self.objects[k]
+        return len(keys) - len(locked), locked
 
     def extend_retention(self, key: str, lock: Lock) -> None:
-        cur = self.locks.get(key)
-        if cur is None or cur.until < lock.until:
+        self._up(f"setting Object Lock retention on {key}")
+        if key not in self.locks or self.locks[key].until < lock.until:
             self.locks[key] = lock
 
     def lock_mode(self) -> str | None:
-        return None
+        self._up(f"bucket {self.bucket}: reading its Object Lock configuration")
+        return self.object_lock
 
     def presign_get(self, key: str, expires_in: int) -> str:
         return f"memory://{key}?expires={expires_in}"
