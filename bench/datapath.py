@@ -197,6 +197,7 @@ class Row:
 
 
 _SCALE = {"s": 1.0, "MB": MB, "MiB": MIB}
+AGENT_MAIN = "import sys\nfrom nightjar.cli import main\nsys.argv[0] = 'nightjar'\nsys.exit(main())\n"
 
 
 class Bench:
@@ -222,7 +223,11 @@ class Bench:
         )
         self.top = f"datapath-{uuid.uuid4().hex[:8]}"
         self.work = Path(tempfile.mkdtemp(prefix="nightjar-datapath-"))
-        self.agent = str(Path(sys.executable).with_name("nightjar"))
+        # The agent runs from a copy of operator/nightjar taken at the start (PYTHONPATH wins over
+        # the editable install): the tree may be edited while the bench runs for the better part
+        # of an hour, and every measured run must be of the same code.
+        self.agent_dir = self.work / "agent"
+        self.agent = [sys.executable, "-c", AGENT_MAIN]
         self.bindir = Path(self.env["NIGHTJAR_PG_BINDIR"])
         self.restic_bin = shutil.which("restic") or "restic"
         self.samples: dict[str, list[float]] = defaultdict(list)
@@ -254,6 +259,7 @@ class Bench:
             "NIGHTJAR_DB_USER": self.env.get("NIGHTJAR_PG_USER", "postgres"),
             "NIGHTJAR_DB_PASSWORD": self.env["NIGHTJAR_PG_PASSWORD"],
             "NIGHTJAR_PG_BINDIR": str(self.bindir),
+            "PYTHONPATH": str(self.agent_dir),
         }
 
     def restic_env(self, repo: str) -> dict[str, str]:
@@ -296,7 +302,7 @@ class Bench:
         self.serial += 1
         uid = f"{source}-{self.serial}-{uuid.uuid4().hex[:6]}"
         result_file = self.work / f"result-{uid}.json"
-        args = [self.agent, "agent", "backup", "--endpoint", self.endpoint, "--bucket", self.bucket]
+        args = [*self.agent, "agent", "backup", "--endpoint", self.endpoint, "--bucket", self.bucket]
         args += ["--prefix", prefix, "--namespace", "bench", "--backup-name", uid, "--backup-uid", uid]
         args += ["--source-id", source, "--attempt", f"a-{uid}", "--expires", "2030-01-01T00:00:00Z"]
         args += ["--contents", "Full" if files is not None else "DatabaseOnly"]
@@ -316,7 +322,7 @@ class Bench:
 
     def nightjar_restore(self, prefix: str, backup: dict[str, Any], files: Path | None) -> Measured:
         result_file = self.work / f"restore-{uuid.uuid4().hex[:6]}.json"
-        args = [self.agent, "agent", "restore", "--endpoint", self.endpoint, "--bucket", self.bucket]
+        args = [*self.agent, "agent", "restore", "--endpoint", self.endpoint, "--bucket", self.bucket]
         args += ["--prefix", prefix, "--manifest-key", backup["manifestKey"]]
         if backup.get("manifestSha256"):
             args += ["--manifest-sha256", backup["manifestSha256"]]
@@ -366,9 +372,32 @@ class Bench:
 
     # --- setup --------------------------------------------------------------------------------
 
+    def copy_agent(self) -> None:
+        src = Path(__file__).resolve().parents[1] / "operator" / "nightjar"
+        commit = _git_commit()
+        shutil.copytree(src, self.agent_dir / "nightjar", ignore=shutil.ignore_patterns("__pycache__"))
+        digest = hashlib.sha256()
+        for f in sorted((self.agent_dir / "nightjar").rglob("*.py")):
+            digest.update(f"{f.relative_to(self.agent_dir)}\0".encode() + f.read_bytes() + b"\0")
+        self.info["agent"] = {"commit": commit, "sourceSha256": digest.hexdigest()}
+        where = subprocess.run(
+            [sys.executable, "-c", "import nightjar; print(nightjar.__file__)"],
+            env=self.agent_env(TINY_DB),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not where.startswith(str(self.agent_dir)):
+            raise RuntimeError(f"the agent would import nightjar from {where}, not from the copy")
+        log(f"agent: a copy of operator/nightjar at {commit} (sources sha256 {digest.hexdigest()[:12]})")
+
     def check_agent(self) -> None:
         help_text = subprocess.run(
-            [self.agent, "agent", "backup", "--help"], capture_output=True, text=True, check=True
+            [*self.agent, "agent", "backup", "--help"],
+            env=self.agent_env(TINY_DB),
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         blocks = option_blocks(help_text)
         required = sorted(n for n, t in blocks.items() if "[required]" in t)
@@ -583,8 +612,7 @@ class Bench:
         """Everything written (objects, restored trees) stays until :meth:`cleanup`: deleting
         slows down the I/O that follows it (ext4 with online discard on the development
         machine), which would land in whichever command ran next."""
-        self.info["agentVersion"] = _agent_version()
-        log(f"agent from {self.info['agentVersion']}")
+        self.copy_agent()
         self.ensure_restic()
         self.check_agent()
         self.setup_databases()
@@ -736,10 +764,6 @@ class Bench:
         return rows
 
     def report(self, write: bool = True) -> None:
-        now = _agent_version()
-        if now != self.info.get("agentVersion", now):
-            print(f"the agent's code changed during the run: {self.info['agentVersion']} -> {now}")
-            self.info["agentVersionAtEnd"] = now
         out_rows: list[dict[str, Any]] = []
         header = (
             f"{'measurement':<58} {'unit':>4} {'nightjar min':>12} {'median':>9} "
@@ -825,18 +849,18 @@ def _num(s: dict[str, float] | None, k: str) -> str:
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
-def _agent_version() -> str:
-    """The commit the agent runs from; with uncommitted changes under operator/, "+dirty-" and a
-    digest of them (so a change during the run shows)."""
+def _git_commit() -> str:
+    """The checkout's commit, "+dirty" when operator/ has uncommitted changes."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
-        diff = subprocess.run(["git", "diff", "HEAD", "--", "operator"], capture_output=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "operator"], capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return ""
-    dirty = f"+dirty-{hashlib.sha256(diff.stdout).hexdigest()[:8]}" if diff.stdout else ""
-    return head.stdout.strip() + dirty
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
