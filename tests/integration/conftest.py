@@ -19,7 +19,7 @@ from botocore.config import Config
 from kubernetes import client
 
 from tests.integration.helpers import psql
-from tests.support import hostpath_claim
+from tests.support import hostpath_claim, wait_for
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -31,8 +31,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def namespace(core: client.CoreV1Api) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"
     core.create_namespace({"metadata": {"name": name, "labels": {"nightjar.dev/test": "true"}}})
+    # As on a real cluster, Pods need the namespace's "default" ServiceAccount, which the
+    # serviceaccount controller makes a moment after the namespace: wait for it, so a test's
+    # first Pod does not race it.
+    wait_for("the default ServiceAccount", lambda: _has_default_sa(core, name), 30)
     yield name
     core.delete_namespace(name)
+
+
+def _has_default_sa(core: client.CoreV1Api, ns: str) -> bool:
+    return any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items)
 
 
 @pytest.fixture(scope="session")
@@ -135,6 +143,7 @@ class Env:
 def acceptance(core: client.CoreV1Api, env: dict[str, str], tmp_path: Path) -> Iterator[Env]:
     ns = f"acc-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": ns, "labels": {"nightjar.dev/test": "true"}}})
+    wait_for("the default ServiceAccount", lambda: _has_default_sa(core, ns), 30)
     db = f"acc_{ns.replace('-', '_')}"
     password = uuid.uuid4().hex
     psql(env, "postgres", f"create role {db} login password '{password}'")
