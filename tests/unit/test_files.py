@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from nightjar.agent import files as f
 from nightjar.storage import layout
 from nightjar.storage.manifest import Manifest
@@ -110,3 +112,38 @@ def test_previous_index_cursor_only_moves_forward() -> None:
     found_c = prev.find("c")
     assert found_c is not None
     assert prev.find("d") is None
+
+
+def test_read_ahead_keeps_walk_order_and_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(f, "BATCH_FILES", 3)
+    monkeypatch.setattr(f, "READ_AHEAD_FILES", 5)
+    src = tmp_path / "src"
+    src.mkdir()
+    tree(src)
+    for i in range(40):  # many batches, interleaved with directories and a large file
+        d = src / f"d{i % 4}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i:02d}").write_bytes(os.urandom(i * 37))
+    store = MemoryStore()
+    key, _ = snapshot(src, "a1", store)
+    reader = SnapshotReader(store, key)
+    got = []
+    for e, stream in reader.contents(reader.entries()):
+        got.append(e.path)
+        if stream is not None:
+            assert stream.read(-1) == (src / e.path).read_bytes(), e.path
+    assert got == [p for p, _ in f.walk(src)]
+
+
+def test_a_read_error_stops_the_backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree(tmp_path)
+    real = f._read_small
+
+    def failing(path: str) -> f.Read:
+        if path.endswith("a/y"):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(f, "_read_small", failing)
+    with pytest.raises(PermissionError, match="a/y"):
+        snapshot(tmp_path, "a1", MemoryStore())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
+import json
 import os
 import random
 from pathlib import Path
@@ -14,10 +15,11 @@ from typing import Any
 import pytest
 
 from nightjar.agent.files import PreviousIndex, back_up_tree
-from nightjar.storage import layout
+from nightjar.storage import layout, packs
 from nightjar.storage.crypto import KeyProblem, KeyRing, Sealer, new_key_text
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.manifest import Manifest, PublicManifest
+from nightjar.storage.packs import Codec
 from nightjar.storage.snapshot import SnapshotReader, hand_over_data_keys, load_data_keys
 from nightjar.storage.writer import SnapshotWriter
 from tests.memstore import MemoryStore
@@ -290,3 +292,66 @@ def test_keys_status_says_which_keys_may_go() -> None:
     assert rows["2"][4].startswith("no live snapshot needs it")
     assert rows["3"][2] == "yes" and rows["3"][4].startswith("current")
     assert rows["4"][1] == "MISSING" and "cannot be restored" in rows["4"][4]
+
+
+def test_chunk_lists_are_groups_stored_once_per_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest lists the groups of the dump's chunk list, not its chunks; a night that changes
+    the end of the dump stores the groups it changed and reuses the others."""
+    monkeypatch.setattr(packs, "LIST_GROUP_AVG", 2)  # many groups from a small dump
+    monkeypatch.setattr(packs, "LIST_INLINE_MAX", 1)
+    store = MemoryStore()
+    keys = ring("1")
+    dump = make_dump(16_000_000)
+    key, _, m1 = take(store, None, dump, "a1", keys)
+    assert m1.database is not None
+    first = m1.database.dump
+    assert len(first.lists) >= 3 and first.count == len(first.chunks) > len(first.lists)
+    changed = dump[:-300_000] + os.urandom(300_000)
+    key2, sha2, m2 = take(store, None, changed, "a2", keys, previous=key)
+    assert m2.database is not None
+    second = m2.database.dump
+    reused = {r.id for r in first.lists} & {r.id for r in second.lists}
+    assert len(reused) >= len(first.lists) - 2, (len(reused), len(first.lists))
+    reader = SnapshotReader(store, key2, sha2, keyring=keys)
+    assert reader.m.database is not None and reader.m.database.dump.chunks == second.chunks
+    assert slurp(reader.open_dump()) == changed
+    # the reused groups' packs are the second snapshot's objects too (locked and kept with it)
+    assert {r.pack for r in second.lists} <= {o.key for o in m2.objects}
+
+
+def test_list_groups_are_cut_by_content() -> None:
+    rnd = random.Random(7)  # noqa: S311 - test data
+    refs = [packs.ChunkRef("p", i, 1, 1, i, rnd.randbytes(32).hex()) for i in range(2000)]
+    before = [packs.encode_list(g) for g in packs.list_groups(refs)]
+    assert 10 < len(before) < 100
+    inserted = [*refs[:1000], packs.ChunkRef("q", 0, 1, 1, 0, rnd.randbytes(32).hex()), *refs[1000:]]
+    after = [packs.encode_list(g) for g in packs.list_groups(inserted)]
+    assert len(set(before) - set(after)) <= 2  # the group with the insertion (and the one it joins)
+    assert sum(len(packs.decode_list(g, "g")) for g in after) == len(inserted)
+    with pytest.raises(IntegrityError, match="not a chunk list"):
+        packs.decode_list(b"{}", "a group")
+
+
+def test_a_damaged_chunk_list_names_the_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packs, "LIST_INLINE_MAX", 0)
+    store = MemoryStore()
+    key, sha, m = take(store, None, make_dump(), "a1", None)
+    assert m.database is not None
+    group = m.database.dump.lists[0]
+    flip(store, group.pack, group.offset + group.stored // 2)
+    with pytest.raises(IntegrityError, match="chunk list of the database dump"):
+        SnapshotReader(store, key, sha)
+
+
+def test_a_short_stream_keeps_its_chunks_in_the_manifest(tmp_path: Path) -> None:
+    store = MemoryStore()
+    dump = make_dump()
+    key, _, m = take(store, None, dump, "a1", None)
+    assert m.database is not None
+    assert not m.database.dump.lists and m.database.dump.chunks  # no object for a short list
+    raw = json.loads(store.objects[key])
+    content = json.loads(Codec().decode(base64.b64decode(raw["contentZstd"]), raw["contentBytes"], "m"))
+    assert "chunks" in content["database"] and "chunkLists" not in content["database"]
+    assert slurp(SnapshotReader(store, key).open_dump()) == dump

@@ -130,7 +130,8 @@ class Bucket:
         self.gets += 1
         data = self.objects[Key]
         if Range:
-            data = data[int(Range.removeprefix("bytes=").split("-")[0]) :]
+            first, _, last = Range.removeprefix("bytes=").partition("-")
+            data = data[int(first) : int(last) + 1 if last else None]
         return {"Body": io.BytesIO(data)}
 
 

@@ -66,20 +66,39 @@ class StoredObject:
 
 @dataclass
 class Stream:
-    """A stored byte stream (the dump, the index): format 1 one object, format 2 chunks."""
+    """A stored byte stream (the dump, the index): format 1 one object, format 2 chunks.
+
+    Format 2 as written now lists the chunk list's groups (``lists``, see
+    :func:`nightjar.storage.packs.list_groups`) rather than the chunks; the reader fills
+    ``chunks`` from them. Format-2 manifests of the first builds list ``chunks`` inline.
+    """
 
     bytes: int
     sha256: str
     key: str = ""  # format 1
     chunks: list[ChunkRef] = field(default_factory=list)  # format 2
+    lists: list[ChunkRef] = field(default_factory=list)  # format 2: where ``chunks`` are stored
+    count: int = 0  # the number of chunks, when they are in ``lists``
+
+    @property
+    def resolved(self) -> bool:
+        """Whether ``chunks`` holds the chunk list (always, except after parsing ``lists``)."""
+        return not self.lists or len(self.chunks) == self.count
+
+    def chunk_json(self, d: dict[str, Any]) -> dict[str, Any]:
+        if self.lists:
+            d["chunkLists"] = [c.to_list() for c in self.lists]
+            d["chunkCount"] = len(self.chunks) if self.chunks else self.count
+        else:
+            d["chunks"] = [c.to_list() for c in self.chunks]
+        return d
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"bytes": self.bytes, "sha256": self.sha256}
         if self.key:
             d["key"] = self.key
-        else:
-            d["chunks"] = [c.to_list() for c in self.chunks]
-        return d
+            return d
+        return self.chunk_json(d)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Stream:
@@ -88,6 +107,8 @@ class Stream:
             str(d.get("sha256") or ""),
             str(d.get("key") or ""),
             [ChunkRef.from_list(c) for c in d.get("chunks") or []],
+            [ChunkRef.from_list(c) for c in d.get("chunkLists") or []],
+            int(d.get("chunkCount") or 0),
         )
 
 
@@ -113,10 +134,9 @@ class Database:
         }
         if fmt == FORMAT_1:
             d["key"] = self.dump.key
-        else:
-            d["chunks"] = [c.to_list() for c in self.dump.chunks]
-            d["dumpCompression"] = self.dump_compression
-        return d
+            return d
+        d["dumpCompression"] = self.dump_compression
+        return self.dump.chunk_json(d)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Database:
@@ -212,7 +232,8 @@ class Manifest:
 
     def part_keys(self) -> set[str]:
         """Every object the snapshot's own content is in (format 1: the dump and index objects;
-        format 2: every pack a chunk of the dump or the index is in)."""
+        format 2: every pack a chunk of the dump or the index, or their chunk lists, is in, as far
+        as the chunk lists are read)."""
         keys: set[str] = set()
         for stream in (
             self.database.dump if self.database else None,
@@ -223,7 +244,17 @@ class Manifest:
             if stream.key:
                 keys.add(stream.key)
             keys |= {c.pack for c in stream.chunks}
+            keys |= {c.pack for c in stream.lists}
         return keys
+
+    def streams(self) -> list[tuple[str, Stream]]:
+        """The snapshot's stored streams, named as errors name them."""
+        out = []
+        if self.database is not None:
+            out.append(("database dump", self.database.dump))
+        if self.files is not None:
+            out.append(("file index", self.files.index))
+        return out
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -265,7 +296,7 @@ class Manifest:
             text = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
             public["contentZstd"] = base64.b64encode(Codec().encode(text)).decode()
             public["contentBytes"] = len(text)
-            return json.dumps(public, indent=1, sort_keys=True).encode()
+            return json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
         content["publicSha256"] = _digest(public)
         dek, kid, wrapped = keyring.new_data_key()
         text = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
@@ -273,7 +304,7 @@ class Manifest:
         public["encryption"] = {"algorithm": "AES-256-GCM-SEG64K", "keyId": kid, "wrappedKey": wrapped}
         public["sealed"] = base64.b64encode(Sealer(dek).seal(0, plain)).decode()
         public["sealedBytes"] = len(text)
-        return json.dumps(public, indent=1, sort_keys=True).encode()
+        return json.dumps(public, sort_keys=True, separators=(",", ":")).encode()
 
     # --- reading --------------------------------------------------------------------------------
 

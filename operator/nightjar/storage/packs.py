@@ -17,12 +17,20 @@ worker threads, and handed out in order.
 
 A :class:`ChunkRef` says where a blob is: pack key, offset, stored length, plaintext length, its
 ordinal in the pack (part of its nonce) and, for dump and index chunks, its content id.
+
+A stream's chunk list (about 1,000 references for a 1 GB dump) is itself stored as blobs: it is
+cut into **list groups** where a chunk id ends a group (:func:`list_groups`, content-defined, so
+a change in one part of the dump changes one group), each group a blob with its own content id,
+deduplicated against the previous snapshot's groups like any chunk. A manifest lists the groups
+only: what a night adds for an unchanged region of the dump is nothing, not its references.
+A short stream (``LIST_INLINE_MAX`` chunks or fewer) keeps its chunks in the manifest.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +57,12 @@ CDC_MAX = 8 * 1024 * 1024
 WHOLE_FILE = CDC_MAX
 #: Ranged GETs while reading: join consecutive blobs of a pack up to this many bytes.
 READ_SPAN = 8 * 1024 * 1024
+#: A chunk list group ends after a chunk whose id's first 32 bits are 0 modulo this (so about
+#: this many references a group), or after LIST_GROUP_MAX references.
+LIST_GROUP_AVG = 64
+LIST_GROUP_MAX = 256
+#: A stream of at most this many chunks keeps its chunk list in the manifest (no extra object).
+LIST_INLINE_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -449,17 +463,76 @@ class StreamStore:
 
     def refs(self) -> list[ChunkRef]:
         """After the writer is flushed/closed: the chunk list, in stream order."""
-        out = []
-        for s in self.slots:
-            r = s.result()
-            out.append(r if r.id else ChunkRef(r.pack, r.offset, r.stored, r.size, r.ordinal, s.id))
-        return out
+        return _with_ids(self.slots)
 
     @property
     def sha256(self) -> str:
         """A stream's own digest is not kept: every chunk is checked against its content id,
         and the chunk list is part of the (authenticated) manifest."""
         return ""
+
+
+def list_groups(refs: Iterable[ChunkRef]) -> Iterator[list[ChunkRef]]:
+    """A chunk list cut into groups at content-defined points: where a chunk id says so (ids are
+    uniform hashes), so an inserted or changed chunk changes its own group only."""
+    group: list[ChunkRef] = []
+    for r in refs:
+        group.append(r)
+        if len(group) >= LIST_GROUP_MAX or (r.id and int(r.id[:8], 16) % LIST_GROUP_AVG == 0):
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def encode_list(group: list[ChunkRef]) -> bytes:
+    return json.dumps([r.to_list() for r in group], separators=(",", ":")).encode()
+
+
+def decode_list(data: bytes, what: str) -> list[ChunkRef]:
+    try:
+        items = json.loads(data)
+    except ValueError as e:
+        raise IntegrityError(f"{what} is not a chunk list: {e}") from e
+    if not isinstance(items, list):
+        raise IntegrityError(f"{what} is not a chunk list")
+    return [ChunkRef.from_list(v) for v in items]
+
+
+class ListStore:
+    """Stores a chunk list as list groups (see the module's docstring), reusing the groups the
+    previous snapshot stored; :meth:`refs` gives the group references once the writer is done."""
+
+    def __init__(self, writer: PackWriter, id_key: bytes | None, previous: Iterable[ChunkRef]) -> None:
+        self.writer = writer
+        self.id_key = id_key
+        self.previous = {r.id: r for r in previous if r.id}
+        self.slots: list[Slot] = []
+
+    def store(self, refs: Iterable[ChunkRef]) -> ListStore:
+        seen: dict[str, Slot] = {}
+        for group in list_groups(refs):
+            data = encode_list(group)
+            cid = chunk_id(data, self.id_key)
+            prev = self.previous.get(cid)
+            if prev is not None:
+                self.slots.append(Ready(prev))
+                continue
+            if cid not in seen:
+                seen[cid] = self.writer.add(data, cid)
+            self.slots.append(seen[cid])
+        return self
+
+    def refs(self) -> list[ChunkRef]:
+        return _with_ids(self.slots)
+
+
+def _with_ids(slots: list[Slot]) -> list[ChunkRef]:
+    out = []
+    for s in slots:
+        r = s.result()
+        out.append(r if r.id else ChunkRef(r.pack, r.offset, r.stored, r.size, r.ordinal, s.id))
+    return out
 
 
 def split_file(data_source: Any, size: int) -> Iterator[bytes | memoryview]:

@@ -27,9 +27,9 @@ from botocore.exceptions import ClientError
 from nightjar.storage.crypto import KeyProblem, KeyRing, Sealer
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.index import Entry, read_index, read_lines
-from nightjar.storage.manifest import Manifest
+from nightjar.storage.manifest import Manifest, Stream
 from nightjar.storage.objects import ObjectMissing, StorageError, describe_error
-from nightjar.storage.packs import BlobReader, KeyOpener
+from nightjar.storage.packs import BlobReader, ChunkRef, KeyOpener, decode_list
 
 #: In ``data_keys``: the manifest's own data key.
 MANIFEST_DATA_KEY = "manifest"
@@ -187,6 +187,23 @@ class SnapshotReader:
             self.key,
             id_key=self.m.id_key,
         )
+        for what, stream in self.m.streams():
+            if not stream.resolved:
+                stream.chunks = self._chunk_list(what, stream)
+
+    def _chunk_list(self, what: str, stream: Stream) -> list[ChunkRef]:
+        """A stream's chunk list, read from its list groups (checked like every blob)."""
+        out: list[ChunkRef] = []
+        try:
+            for data in self.blobs.read(stream.lists):
+                out += decode_list(data, f"a chunk list group of the {what}")
+        except IntegrityError as e:
+            raise IntegrityError(f"the chunk list of the {what}: {e}") from e
+        if len(out) != stream.count:
+            raise IntegrityError(
+                f"the chunk list of the {what} has {len(out)} chunks, the manifest says {stream.count}"
+            )
+        return out
 
     def key(self, key: str) -> str:
         """Where an object the manifest names is in this bucket."""

@@ -25,14 +25,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO
 
-from nightjar.storage import layout
+from nightjar.storage import layout, packs
 from nightjar.storage.crypto import KeyRing
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.index import Entry
 from nightjar.storage.manifest import FORMAT_2, Database, Files, Manifest, StoredObject, Stream
 from nightjar.storage.objects import Lock, ObjectStore
 from nightjar.storage.packs import (
+    WHOLE_FILE,
     ChunkRef,
+    ListStore,
     Ordered,
     PackObject,
     PackWriter,
@@ -138,6 +140,17 @@ class IndexWriter:
         self.stats.bytes += n
         self.stats.uploaded_bytes += n
         self._emit(self.order.put(Entry(path, "f", mode, n, mtime_ns, h.hexdigest()), slots))
+
+    def add_whole(self, path: str, mode: int, mtime_ns: int, data: bytes, sha256: str) -> None:
+        """A small file read whole (shorter than one chunk) with its sha256, e.g. by a reader
+        thread: one blob."""
+        if len(data) >= WHOLE_FILE:
+            raise ValueError(f"{path}: {len(data)} bytes is not a small file")
+        self.stats.files += 1
+        self.stats.bytes += len(data)
+        self.stats.uploaded_bytes += len(data)
+        slot = self.w.packs.add(data)
+        self._emit(self.order.put(Entry(path, "f", mode, len(data), mtime_ns, sha256), [slot]))
 
     def finish(self) -> Files:
         self.w.packs.flush()
@@ -254,13 +267,28 @@ class SnapshotWriter:
         """Store what is queued, lock it, write the manifest last and read it back."""
         from nightjar.domain.retention import format_time
 
-        self.packs.close()
+        self.packs.flush()
         if database is not None and self._dump is not None:
             database.dump.chunks = self._dump.refs()
         if files is not None and self._index is not None:
             files.index.chunks = self._index.refs()
+        # The chunk lists are stored as blobs too (after the chunks: they name their packs).
+        prev_db = self.previous.database if self.previous else None
+        prev_files = self.previous.files if self.previous else None
+        lists: list[tuple[Stream, ListStore]] = []
+        for part, prev in (
+            (database.dump if database else None, prev_db.dump if prev_db else None),
+            (files.index if files else None, prev_files.index if prev_files else None),
+        ):
+            if part is not None and len(part.chunks) > packs.LIST_INLINE_MAX:
+                store = ListStore(self.packs, self.id_key, prev.lists if prev else [])
+                lists.append((part, store.store(part.chunks)))
+        self.packs.close()
+        for part, stored in lists:
+            part.lists = stored.refs()
+            part.count = len(part.chunks)
         for part in (database.dump if database else None, files.index if files else None):
-            for r in part.chunks if part else []:
+            for r in [*part.chunks, *part.lists] if part else []:
                 self.use_object(r.pack)
         if self.lock is not None:
             for key in sorted(self.objects):
