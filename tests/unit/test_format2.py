@@ -319,6 +319,13 @@ def test_chunk_lists_are_groups_stored_once_per_source(
     assert slurp(reader.open_dump()) == changed
     # the reused groups' packs are the second snapshot's objects too (locked and kept with it)
     assert {r.pack for r in second.lists} <= {o.key for o in m2.objects}
+    # a replica (every object under another prefix) reads the lists' references relocated
+    for k in [o.key for o in m2.objects] + [key2]:
+        store.objects["replica/" + k] = store.objects[k]
+    replica = SnapshotReader(store, "replica/" + key2, sha2, rebase=("", "replica/"), keyring=keys)
+    for o in m2.objects:
+        del store.objects[o.key]
+    assert slurp(replica.open_dump()) == changed
 
 
 def test_list_groups_are_cut_by_content() -> None:
