@@ -290,6 +290,15 @@ class Bench:
     def stored(self, prefix: str) -> int:
         return stored_bytes(self.s3, self.bucket, prefix + "/")
 
+    def listing(self, prefix: str) -> dict[str, int]:
+        """Every object under ``prefix``/ with its size (to say what a night added)."""
+        out: dict[str, int] = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix + "/"
+        ):
+            out.update({o["Key"]: int(o["Size"]) for o in page.get("Contents", [])})
+        return out
+
     def nightjar_backup(
         self,
         prefix: str,
@@ -479,16 +488,24 @@ class Bench:
             self.psql(PG_DB, "VACUUM ANALYZE pgbench_accounts")  # what autovacuum would do overnight
 
             def nightjar_night(night: int = night) -> None:
-                before = self.stored(nj)
+                before = self.listing(nj)
                 res, m = self.nightjar_backup(nj, source, PG_DB, previous=chain["previous"])
                 chain["previous"] = res["manifestKey"]
-                self.rec(f"night{night}.added.nightjar", self.stored(nj) - before)
+                added = {k: v for k, v in self.listing(nj).items() if k not in before}
+                self.rec(f"night{night}.added.nightjar", sum(added.values()))
+                manifest = added.get(res["manifestKey"], 0)
+                self.rec("nights.meta.nightjar", manifest)
+                self.rec("nights.data.nightjar", sum(added.values()) - manifest)
                 self.rec("nights.time.nightjar", m.seconds)
 
             def restic_night(night: int = night) -> None:
-                before = self.stored(rs)
+                before = self.listing(rs)
                 m = self.restic_dump(rs)
-                self.rec(f"night{night}.added.restic", self.stored(rs) - before)
+                added = {k: v for k, v in self.listing(rs).items() if k not in before}
+                self.rec(f"night{night}.added.restic", sum(added.values()))
+                data = sum(v for k, v in added.items() if "/data/" in k)
+                self.rec("nights.meta.restic", sum(added.values()) - data)
+                self.rec("nights.data.restic", data)
                 self.rec("nights.time.restic", m.seconds)
 
             log(f" night {night}")
@@ -668,6 +685,18 @@ class Bench:
             for n in range(1, self.nights + 1)
         ]
         rows += [
+            Row(
+                "  of a night: packs (restic: data/, the tree included)",
+                "MB",
+                "nights.data.nightjar",
+                "nights.data.restic",
+            ),
+            Row(
+                "  of a night: the manifest (restic: index/, snapshots/)",
+                "MB",
+                "nights.meta.nightjar",
+                "nights.meta.restic",
+            ),
             Row(
                 "nightly backup time vs pg_dump -Z0 | restic",
                 "s",
