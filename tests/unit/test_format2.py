@@ -281,6 +281,28 @@ def test_chunker_matches_one_pass() -> None:
     io.BytesIO()  # keep io imported for readers of this test
 
 
+def test_a_dumps_header_is_a_chunk_of_its_own() -> None:
+    """pg_dump writes the time of the dump into its header: a night must not re-store the
+    megabytes of rows that would share the first chunk with it."""
+    from nightjar.storage.packs import DUMP_HEAD, Chunker
+
+    rows = random.Random(9).randbytes(12 * 1024 * 1024)  # noqa: S311
+    nights = []
+    for stamp in (b"2026-11-29 01:00", b"2026-11-30 01:00"):
+        c = Chunker(head=DUMP_HEAD)
+        data = b"PGDMP" + stamp + rows
+        chunks = []
+        for i in range(0, len(data), 100_003):  # the head is cut wherever the blocks end
+            chunks += [bytes(x) for x in c.push(data[i : i + 100_003])]
+        chunks += [bytes(x) for x in c.finish()]
+        assert b"".join(chunks) == data and len(chunks[0]) == DUMP_HEAD
+        nights.append(chunks)
+    assert nights[0][0] != nights[1][0]
+    assert nights[0][1:] == nights[1][1:]  # everything after the header is shared
+    short = Chunker(head=DUMP_HEAD)
+    assert [bytes(x) for x in short.push(b"tiny") + short.finish()] == [b"tiny"]
+
+
 def test_keys_status_says_which_keys_may_go() -> None:
     from collections import Counter
 

@@ -11,8 +11,8 @@ being read (as restic does). Other files are read once and become blobs in packs
 Small files are opened, read and hashed by a reader thread ahead of the walk, in batches of
 ``BATCH_FILES`` (the system calls and hashlib let go of the GIL, so the walk's ``lstat`` calls and
 the reads overlap; batches keep the threads from trading the GIL per file: one reader with
-batches of 64 took 4.0 s where the walk reading each file itself took 6.9 s, and where 2–4
-readers took 6–8 s, for 50,000 files of 4 KiB in the page cache; 8.1 s against 12.9 s from a
+batches of 64 took 4.0 s where the walk reading each file itself took 6.9 s, and where 2 to 4
+readers took 6 to 8 s, for 50,000 files of 4 KiB in the page cache; 8.1 s against 12.9 s from a
 cold cache). At most ``READ_AHEAD_FILES`` files and ``READ_AHEAD_BYTES`` bytes are read ahead;
 the index still gets every entry in walk order. Files of a chunk or more stream through the
 chunker on the walking thread.

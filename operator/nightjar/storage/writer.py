@@ -214,15 +214,15 @@ class SnapshotWriter:
 
     # --- streams ---------------------------------------------------------------------------
 
-    def _stream(self, previous: list[ChunkRef], background: bool = False) -> StreamStore:
+    def _stream(self, previous: list[ChunkRef], background: bool = False, head: int = 0) -> StreamStore:
         return StreamStore(
-            self.packs, self.id_key, {c.id: c for c in previous if c.id}, background=background
+            self.packs, self.id_key, {c.id: c for c in previous if c.id}, background=background, head=head
         )
 
     def dump_stream(self) -> StreamStore:
         """The database dump (written alone: content ids are computed on a thread of their own)."""
         prev = self.previous.database.dump.chunks if self.previous and self.previous.database else []
-        self._dump = self._stream(prev, background=True)
+        self._dump = self._stream(prev, background=True, head=packs.DUMP_HEAD)
         return self._dump
 
     def database(
