@@ -1,7 +1,10 @@
 """The Dockerfile, checked without a Docker engine: what it copies reaches the build context, what it
 runs is a declared console script, the base image's Python satisfies the project, the PostgreSQL
 clients are one per server major of the documented support matrix (the newest on PATH), and the
-runtime stage runs as the agent's non-root uid with no build tools.
+runtime stage runs as the agent's non-root uid with no build tools. Also: extra CA certificates are
+a build input only, a PostgreSQL client that cannot be installed fails the build naming its major
+(the check itself is run here against a stand-in ``apt-cache``), the dependencies are installed in a
+layer before the code is copied, and nothing needs BuildKit (dockerd's legacy builder builds it).
 
 The Dockerfile is parsed as Docker does it: parser directives, line continuations (comment lines
 inside a continuation dropped), stages by ``FROM ... AS name``, ``ARG`` defaults (global ones only in
@@ -28,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 UPGRADING = ROOT / "docs" / "upgrading.md"
+#: The build input for extra CA certificates (certs/README.md) and where the stages copy it.
+CERTS_DIR = "certs/"
+EXTRA_CA_DEST = "/tmp/extra-ca/"
 
 KEYWORDS = {
     "ADD",
@@ -464,7 +470,9 @@ def test_final_stage_copies_only_the_venv_from_the_builder() -> None:
     for cp in froms:
         assert cp.from_stage in names[: df.final.index], f"line {cp.line}: --from names no earlier stage"
         assert (cp.from_stage, cp.sources, cp.dest) == ("builder", ["/opt/nightjar"], "/opt/nightjar")
-    assert [cp for cp in copies(df.final) if cp.from_stage is None] == [], "the final stage copies sources"
+    # From the build context, only the (optional) extra CA certificates, which a RUN deletes.
+    sources = [(cp.sources, cp.dest) for cp in copies(df.final) if cp.from_stage is None]
+    assert sources == [([CERTS_DIR], EXTRA_CA_DEST)], "the final stage copies sources"
     assert "python -m venv /opt/nightjar" in run_text(df.stage("builder"))
 
 
@@ -599,3 +607,159 @@ def test_stage_args_take_the_global_defaults(variable: str) -> None:
     would install `postgresql-client-` or label version ``."""
     final = dockerfile().final
     assert final.variables.get(variable) == dockerfile().global_args[variable]
+
+
+# --- build-time inputs: extra CA certificates, the PostgreSQL client check, layer order -----------
+
+
+def test_nothing_needs_buildkit() -> None:
+    """dockerd's legacy builder (DOCKER_BUILDKIT=0, Debian's docker.io 20.10 has no buildx) must be
+    able to build it: no syntax directive, RUN --mount, COPY --chmod/--link or heredocs."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    for stage in dockerfile().stages:
+        for ins in stage.instructions:
+            m = re.match(r"((?:--[\w-]+(?:=\S*)?\s+)*)", ins.args)
+            flags = set(re.findall(r"--([\w-]+)", m.group(1) if m else ""))
+            allowed = {"COPY": {"from", "chown"}, "ADD": {"chown"}}.get(ins.keyword, set())
+            assert flags <= allowed, (
+                f"line {ins.line}: {ins.keyword} --{sorted(flags - allowed)} needs BuildKit"
+            )
+            assert "<<" not in ins.args, f"line {ins.line}: heredocs need BuildKit"
+
+
+def _stage_uses_network(stage: Stage) -> bool:
+    runs = run_text(stage)
+    return "apt-get update" in runs or "pip install --no-compile -r" in runs
+
+
+def test_extra_ca_certificates_are_an_optional_build_input() -> None:
+    """certs/ reaches the context and holds no certificate in git (a plain build is unchanged);
+    every stage that downloads copies it first."""
+    assert (ROOT / CERTS_DIR).is_dir()
+    assert not ignore_rules().excluded("certs/corp.pem")
+    tracked = files_under(CERTS_DIR)
+    assert tracked == ["certs/README.md"], f"certs/ must hold no certificate in git: {tracked}"
+    if (ROOT / ".git").exists():
+        for path in ("certs/corp.pem", "certs/corp.crt", "certs/.build-host-ca.pem"):
+            ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+            assert ignored.returncode == 0, f".gitignore must keep {path} out of git"
+    for stage in dockerfile().stages:
+        if not _stage_uses_network(stage):
+            continue
+        copy_lines = [cp.line for cp in copies(stage) if cp.sources == [CERTS_DIR]]
+        assert [cp.dest for cp in copies(stage) if cp.sources == [CERTS_DIR]] == [EXTRA_CA_DEST]
+        first_download = min(
+            i.line for i in stage.of("RUN") if "apt-get update" in i.args or "pip install" in i.args
+        )
+        assert copy_lines[0] < first_download, f"stage {stage.name} downloads before it has the certificates"
+
+
+def test_pip_and_apt_trust_the_extra_certificates_at_build_time_only() -> None:
+    df = dockerfile()
+    builder_run = run_text(df.stage("builder"))
+    # pip: the system bundle plus the extra files, for the RUN that downloads (export, not ENV).
+    assert "export PIP_CERT=/tmp/build-ca.pem" in builder_run
+    assert "*.pem" in builder_run
+    assert "*.crt" in builder_run
+    final = df.final
+    (use,) = [i for i in final.of("RUN") if "/tmp/extra-ca" in i.args]
+    assert 'Acquire::https::CaInfo "/tmp/build-ca.pem"' in use.args
+    # The same RUN removes the copy, the bundle and apt's configuration: nothing left in the image.
+    cleanup = use.args[use.args.rindex("rm -rf") :]
+    for path in ("/tmp/extra-ca", "/tmp/build-ca.pem", "/etc/apt/apt.conf.d/00nightjar-build-ca"):
+        assert path in cleanup.split(";")[0], f"line {use.line}: {path} stays in the image"
+    # And nothing of the runtime stage points at them: no ENV, no ARG.
+    for stage in (df.stage("builder"), final):
+        for name, value in stage.variables.items():
+            assert name not in {"PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}
+            assert "extra-ca" not in value
+            assert "build-ca" not in value
+
+
+def _client_check(majors: str) -> str:
+    """The runtime stage's check that each major of PG_MAJORS has a client package, as a shell
+    script of its own (taken from the RUN, with PG_MAJORS set to ``majors``)."""
+    final = dockerfile().final
+    (ins,) = [i for i in final.of("RUN") if "postgresql-client-$major" in i.args and "apt-cache" in i.args]
+    text = substitute(ins.args, {**final.variables, "PG_MAJORS": majors})
+    m = re.search(r'(missing="";.*?exit 1; fi;)', text)
+    assert m, f"line {ins.line}: no check of the client packages before the install"
+    assert text.index(m.group(1)) < text.index("apt-get install -y --no-install-recommends $pkgs")
+    return m.group(1)
+
+
+@pytest.mark.parametrize(
+    ("majors", "available", "fails_naming"),
+    [
+        ("15", {"15": "15.13-0+deb12u1"}, None),
+        ("15 16 17", {"15": "15.13-0+deb12u1", "16": "16.9-1.pgdg120+1", "17": "17.5-1.pgdg120+1"}, None),
+        ("14 15 16", {"15": "15.13-0+deb12u1"}, ["14", "16"]),
+        ("12", {}, ["12"]),
+    ],
+)
+def test_a_client_that_cannot_be_installed_fails_the_build_naming_its_major(
+    tmp_path: Path, majors: str, available: dict[str, str], fails_naming: list[str] | None
+) -> None:
+    """Run the check itself with an apt-cache that knows only ``available`` (as when PGDG is
+    unreachable and only Debian's postgresql-client-15 exists): it must exit non-zero naming every
+    missing major, and pass quietly otherwise."""
+    apt_cache = tmp_path / "apt-cache"
+    cases = "".join(f'  "postgresql-client-{m}") echo "  Candidate: {v}";;\n' for m, v in available.items())
+    apt_cache.write_text(
+        '#!/bin/sh\n[ "$1" = policy ] || exit 2\necho "$2:"\necho "  Installed: (none)"\n'
+        f'case "$2" in\n{cases}  *) echo "  Candidate: (none)";;\nesac\n'
+    )
+    apt_cache.chmod(0o755)
+    preamble = 'set -eu; pgdg=unreachable; PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"'
+    script = f"{preamble}; {_client_check(majors)}"
+    result = subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if fails_naming is None:
+        assert result.returncode == 0, result.stderr
+        for m, v in available.items():
+            assert f"postgresql-client-{m} {v}" in result.stdout
+        return
+    assert result.returncode != 0, "a missing client must fail the build"
+    error = result.stderr.splitlines()[0]
+    assert f"major(s) {' '.join(fails_naming)} " in error, error
+    assert "PGDG repository unreachable" in error
+
+
+def test_an_unreachable_pgdg_is_said_and_not_hidden() -> None:
+    run = run_text(dockerfile().final)
+    assert "apt.postgresql.org*Packages*" in run, "the build tells whether PGDG was reached"
+    install = next(c for c in run.split(";") if "apt-get install -y --no-install-recommends $pkgs" in c)
+    assert "||" not in install, "a failed install must fail the build"
+
+
+def test_dependencies_are_installed_in_a_layer_before_the_code() -> None:
+    """A change to operator/ (or README.md) must not reinstall the dependencies: they come from
+    pyproject.toml alone, in a RUN before the code is copied; the code's own install needs no
+    network."""
+    builder = dockerfile().stage("builder")
+    ins = builder.instructions
+    deps_at = next(
+        n for n, i in enumerate(ins) if i.keyword == "RUN" and "-r /tmp/requirements.txt" in i.args
+    )
+    code_at = next(n for n, i in enumerate(ins) if i.keyword == "COPY" and "operator" in i.args.split())
+    assert deps_at < code_at
+    before = [cp.sources for cp in copies(Stage(0, "b", "", instructions=ins[:deps_at]))]
+    assert sorted(before) == [[CERTS_DIR], ["pyproject.toml"]], f"copied before the dependencies: {before}"
+    (install,) = [i for i in ins[code_at:] if i.keyword == "RUN" and "pip install" in i.args]
+    assert "--no-deps" in install.args
+    assert "--no-build-isolation" in install.args
+    assert "pip check" in install.args
+    # The requirements the dependency layer installs are exactly pyproject's.
+    m = re.search(r"python -c '([^']+)' > /tmp/requirements.txt", ins[deps_at].args)
+    assert m, "the dependency layer reads its requirements from pyproject.toml"
+    out = subprocess.run(
+        ["python3", "-c", m.group(1)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    project = pyproject()
+    assert [r for r in out if r] == project["build-system"]["requires"] + project["project"]["dependencies"]
