@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 TEST_STATE := .local/test
 E2E_STATE := .local/e2e
 PYTEST_ARGS ?=
+IMAGE_ARGS ?=
 
-.PHONY: help deps venv binaries up down status test test-unit test-integration test-e2e lint fmt bench crds docs clean
+.PHONY: help deps venv binaries image up down status test test-unit test-integration test-e2e lint fmt bench crds docs clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,6 +29,9 @@ venv: $(STAMP) ## Create .venv with Nightjar and its dev dependencies.
 
 binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO, helm (cached by version).
 	@hack/build-binaries.sh
+
+image: ## Build the image nightjar:dev with dockerd; base images made from Debian's packages if none can be pulled (IMAGE_ARGS=--help).
+	@hack/build-image.sh $(IMAGE_ARGS)
 
 up: deps venv binaries ## Start the local stack and the operator in the background (state in .local/).
 	@$(PY) -m nightjar.devstack up --state .local
@@ -70,5 +74,6 @@ crds: venv ## Copy the shared schema parts between CRDs and into the chart; rege
 
 docs: crds ## Same as `make crds` (docs/reference.md is generated from the CRDs).
 
-clean: down ## Stop the stack and remove .local and .venv (the binary cache stays).
+clean: down ## Stop the stack and remove .local and .venv (the binary and image caches stay).
+	@hack/build-image.sh --stop-dockerd
 	@rm -rf .local $(VENV)
