@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the local stack's binaries from upstream source through the Go module proxy and
 # cache them by version outside the repository:
-#   $NIGHTJAR_CACHE/bin/kubernetes-<v>+<build>/{kube-apiserver,kube-controller-manager,kubectl}
+#   $NIGHTJAR_CACHE/bin/kubernetes-<v>+<build>/{kube-apiserver,kube-controller-manager,kubectl,kubelet}
 #   $NIGHTJAR_CACHE/bin/etcd-<v>/etcd
 #   $NIGHTJAR_CACHE/bin/minio-<v>/minio
 #   $NIGHTJAR_CACHE/bin/helm-<v>/helm
@@ -74,7 +74,8 @@ build_kubernetes() {
     stamp+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   GOFLAGS="$GOFLAGS -mod=mod" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags="-s -w$stamp" \
-    -o ../out/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
+    -o ../out/ k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kubelet
   cd .. && rm -rf w
 }
 
