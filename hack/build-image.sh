@@ -16,6 +16,8 @@
 #   --import SOCKET    then import the image and the pause image into the containerd at SOCKET
 #                      (namespace k8s.io), as `ctr -a SOCKET -n k8s.io images import`
 #   --no-build         with --import: import the tarballs of the last build, without dockerd
+#   --pause-only       only make sure the pause image is cached (the local stack's real node needs
+#                      it, not the project image), and exit
 #   --keep-dockerd     leave running the dockerd this script started (a later run reuses it)
 #   --stop-dockerd     stop a dockerd kept by an earlier run, and exit
 #
@@ -54,6 +56,7 @@ import_socket=""
 build=1
 keep_dockerd=0
 stop_only=0
+pause_only=0
 pause_tag=local/pause:3.10
 
 log() { printf '[build-image] %s\n' "$*" >&2; }
@@ -71,6 +74,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0; shift ;;
     --keep-dockerd) keep_dockerd=1; shift ;;
     --stop-dockerd) stop_only=1; shift ;;
+    --pause-only) pause_only=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
     *) die "unknown option $1 (--help lists them)" ;;
   esac
@@ -483,6 +487,14 @@ import_into() { # socket
 
 total_start=$SECONDS
 build_seconds=0
+if [ "$pause_only" = 1 ]; then
+  use_docker
+  pause_prepare
+  cached_image "$pause_tag" build_pause "$pause_key"
+  printf '%s/%s-%s.tar\n' "$imgcache" "$(printf '%s' "$pause_tag" | tr '/:' '__')" "$pause_key" >"$state/pause.tar.path"
+  log "done in $((SECONDS - total_start)) s"
+  exit 0
+fi
 if [ "$build" = 1 ]; then
   use_docker
   phase=$SECONDS
