@@ -10,6 +10,8 @@ TEST_STATE := .local/test
 E2E_STATE := .local/e2e
 PYTEST_ARGS ?=
 IMAGE_ARGS ?=
+# NODE=real: a real kubelet with containerd runs the Pods instead of the process node.
+NODE ?=
 
 .PHONY: help deps venv binaries image up down status test test-unit test-integration test-e2e lint fmt bench crds docs clean
 
@@ -33,8 +35,8 @@ binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO
 image: ## Build the image nightjar:dev with dockerd; base images made from Debian's packages if none can be pulled (IMAGE_ARGS=--help).
 	@hack/build-image.sh $(IMAGE_ARGS)
 
-up: deps venv binaries ## Start the local stack and the operator in the background (state in .local/).
-	@$(PY) -m nightjar.devstack up --state .local
+up: deps venv binaries ## Start the local stack and the operator in the background (state in .local/; NODE=real for a real kubelet).
+	@$(PY) -m nightjar.devstack up --state .local $(if $(NODE),--node $(NODE))
 
 down: ## Stop exactly the processes `make up` started.
 	@if [ -x $(PY) ]; then $(PY) -m nightjar.devstack down --state .local; else echo "nothing to stop"; fi

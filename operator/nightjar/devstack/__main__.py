@@ -1,4 +1,4 @@
-"""``python -m nightjar.devstack {up,down,status,s3,node}`` — TEST/DEV ONLY (see the package doc)."""
+"""``python -m nightjar.devstack {up,down,status,s3,node,bind}`` — TEST/DEV ONLY (see the package doc)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import FrameType
 
 import click
 
-from nightjar.devstack.stack import NODE_NAME, S3_SERVERS, Stack, StackError, describe
+from nightjar.devstack.stack import NODE_KINDS, NODE_NAME, S3_SERVERS, Stack, StackError, describe
 
 
 def _state_option(f: click.decorators.FC) -> click.decorators.FC:
@@ -33,11 +33,19 @@ def main() -> None:
 @main.command()
 @_state_option
 @click.option("--operator/--no-operator", default=True, help="Also start the Nightjar operator.")
-def up(state_dir: Path, operator: bool) -> None:
-    """Start etcd, kube-apiserver, kube-controller-manager, the process node, two MinIOs, PostgreSQL."""
+@click.option(
+    "--node",
+    type=click.Choice(NODE_KINDS),
+    default=lambda: os.environ.get("NIGHTJAR_NODE", "process"),
+    show_default="process",
+    help="What runs the Pods: the process node (local processes), or a real kubelet with containerd "
+    "(root; installs Debian's containerd, runc and CNI plugins when missing).",
+)
+def up(state_dir: Path, operator: bool, node: str) -> None:
+    """Start etcd, kube-apiserver, kube-controller-manager, a node, two MinIOs, PostgreSQL."""
     stack = Stack(state_dir)
     try:
-        stack.up(with_operator=operator)
+        stack.up(with_operator=operator, node=node)
     except StackError as e:
         raise click.ClickException(str(e)) from e
     click.echo(stack.usage())
@@ -124,6 +132,27 @@ def node(state_dir: Path, name: str) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     pn.run()
+
+
+@main.command()
+@_state_option
+def bind(state_dir: Path) -> None:
+    """Bind pending Pods to the real node (what `up --node real` starts in the background)."""
+    from kubernetes import client, config
+
+    from nightjar.devstack.realnode import NODE_NAME as REAL_NODE_NAME
+    from nightjar.devstack.realnode import bind_pods
+
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    api = client.CoreV1Api(config.new_client_from_config(str(state_dir.resolve() / "kubeconfig")))
+    bind_pods(api, REAL_NODE_NAME, stop=lambda: bool(stopping))
 
 
 if __name__ == "__main__":

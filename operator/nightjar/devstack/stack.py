@@ -1,5 +1,6 @@
 """The local stack: real etcd, kube-apiserver, kube-controller-manager, process node, MinIO and
-PostgreSQL as local processes on loopback, plus the Nightjar operator.
+PostgreSQL as local processes on loopback, plus the Nightjar operator. With ``node="real"``
+(``up --node real``) a real kubelet with containerd replaces the process node (see ``realnode``).
 
 TEST/DEV ONLY. ``make up`` / ``make down`` and the test suite drive this module. Every process
 is started detached with its pid recorded under ``<state>/pids``; ``down`` stops exactly those
@@ -63,6 +64,8 @@ ADMIN_TOKEN_USER = "nightjar-admin"  # noqa: S105 - a user name, not a secret
 BUCKET_LOCKED = "nightjar-locked"
 BUCKET_PLAIN = "nightjar-plain"
 NODE_NAME = "nightjar-process-node"
+# What runs the Pods: "process" (the process node) or "real" (containerd and a kubelet).
+NODE_KINDS = ("process", "real")
 S3_REGION = "us-east-1"
 
 
@@ -188,6 +191,10 @@ class State:
     pg_password: str = ""
     # Processes stopped on purpose (`stop_s3`): not running, and not a broken stack either.
     stopped: list[str] = field(default_factory=list)
+    node: str = "process"  # one of NODE_KINDS
+    # The real node: its names on the host (realnode.NodeNet), and which host objects it made.
+    real_node: dict[str, str] = field(default_factory=dict)
+    made: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -337,14 +344,16 @@ class Stack:
 
     # --- up -----------------------------------------------------------------------------
 
-    def up(self, with_operator: bool = True) -> State:
+    def up(self, with_operator: bool = True, node: str = "process") -> State:
+        if node not in NODE_KINDS:
+            raise StackError(f"no node kind {node!r}: choose one of {', '.join(NODE_KINDS)}")
         st, alive, dead = self.status()
-        if st is not None and alive and not dead:
+        if st is not None and alive and not dead and st.node == node:
             wanted = {
                 "etcd",
                 "kube-apiserver",
                 "kube-controller-manager",
-                "process-node",
+                *(("containerd", "kubelet", "pod-binder") if node == "real" else ("process-node",)),
                 "postgres",
                 *(srv.proc for srv in S3_SERVERS.values()),
             }
@@ -373,9 +382,16 @@ class Stack:
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         for sub in ("logs", *data):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        st = State(dir=str(self.dir))
+        st = State(dir=str(self.dir), node=node)
         st.save()
         try:
+            if node == "real":
+                from nightjar.devstack import realnode
+
+                # Before anything starts: installing packages may take a minute.
+                realnode.ensure_packages(self.out)
+                st.real_node = realnode.choose_net(self.dir).to_dict()
+                st.save()
             self._pki(st)
             self._etcd(st)
             self._apiserver(st)
@@ -383,7 +399,10 @@ class Stack:
             self._postgres(st)
             self._minio(st)
             self._write_env(st)
-            self._process_node(st)
+            if node == "real":
+                self._real_node(st)
+            else:
+                self._process_node(st)
             self._install_crds()
             if with_operator:
                 self._operator(st)
@@ -410,6 +429,10 @@ class Stack:
         (pki / "tokens.csv").write_text(f"{token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},system:masters\n")
         for f in ("sa.key", "token", "tokens.csv"):
             (pki / f).chmod(0o600)
+        if st.node == "real":
+            from nightjar.devstack import realnode
+
+            realnode.make_pki(pki, st.real_node["node_ip"])
 
     def _etcd(self, st: State) -> None:
         client_port = free_port(st.ports.values())
@@ -450,14 +473,13 @@ class Stack:
                 f"--secure-port={port}",
                 f"--cert-dir={pki / 'apiserver'}",
                 f"--token-auth-file={pki / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-cluster-ip-range=10.0.0.0/24",
-                "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 "--endpoint-reconciler-type=none",
+                *self._apiserver_node_args(st),
             ],
         )
         token = (pki / "token").read_text()
@@ -473,6 +495,14 @@ class Stack:
         _wait_for("kube-apiserver", ready, 90, proc, self.dir / "logs" / "kube-apiserver.log")
         self._write_kubeconfig(base, ca, token)
         self.out(f"  kube-apiserver           {base}")
+
+    def _apiserver_node_args(self, st: State) -> list[str]:
+        if st.node != "real":
+            # The process node gives Pods their tokens itself: no ServiceAccount admission.
+            return ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
+        from nightjar.devstack import realnode
+
+        return realnode.apiserver_args(self.dir / "pki")
 
     def _write_kubeconfig(self, server: str, ca: Path, token: str) -> None:
         cfg = {
@@ -516,7 +546,9 @@ class Stack:
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={port}",
-                f"--controllers={CONTROLLERS}",
+                # The real node: a Ready kubelet's node.kubernetes.io/not-ready taint removed, as on
+                # every cluster.
+                f"--controllers={CONTROLLERS}{',node-lifecycle-controller' if st.node == 'real' else ''}",
                 f"--service-account-private-key-file={self.dir / 'pki' / 'sa.key'}",
                 "--cluster-name=nightjar-local",
                 f"--root-ca-file={self.dir / 'pki' / 'apiserver' / 'apiserver.crt'}",
@@ -701,7 +733,11 @@ class Stack:
             "NIGHTJAR_PG_DSN": dsn,
             "NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
             "NIGHTJAR_KUBECTL": str(binary("kubernetes", "kubectl")),
+            "NIGHTJAR_NODE": st.node,
         }
+        if st.node == "real":
+            lines["NIGHTJAR_NODE_IP"] = st.real_node["node_ip"]
+            lines["NIGHTJAR_CONTAINERD_ADDRESS"] = st.real_node["socket"]
         for srv in S3_SERVERS.values():
             keys = st.s3_keys[srv.which]
             lines.update(srv.env(p[srv.port_key], keys["access_key"], keys["secret_key"]))
@@ -735,6 +771,26 @@ class Stack:
 
         _wait_for("process node", ready, 30, proc, self.dir / "logs" / "process-node.log")
         self.out(f"  process node             {NODE_NAME} (test/dev stand-in for a kubelet)")
+
+    def _real_node(self, st: State) -> None:
+        from nightjar.devstack import realnode
+
+        net = realnode.NodeNet.from_dict(st.real_node)
+
+        def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+            return self._spawn(st, name, argv)
+
+        def record(what: str) -> None:
+            st.made.append(what)
+            st.save()
+
+        realnode.RealNode(self.dir, net, self.out).start(spawn, self.dir / "kubeconfig", record)
+        self._spawn(
+            st,
+            "pod-binder",
+            [sys.executable, "-m", "nightjar.devstack", "bind", "--state", str(self.dir)],
+        )
+        self.out("  pod-binder               binds pending Pods to the node (the stack has no scheduler)")
 
     def _install_crds(self) -> None:
         from nightjar.devstack.crds import install_crds
@@ -874,6 +930,8 @@ class Stack:
                 self.out(f"No stack recorded in {self.dir}; nothing to stop.")
             return 0
         stopped = 0
+        if st.node == "real":
+            stopped += self._stop_real_node(st)
         for p in reversed(st.procs):
             if not _alive(p):
                 continue
@@ -881,6 +939,14 @@ class Stack:
             # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for clients to leave.
             _terminate(p, signal.SIGINT if p.name == "postgres" else signal.SIGTERM)
         self._kill_node_leftovers()
+        if st.node == "real" and st.real_node:
+            from nightjar.devstack import realnode
+
+            net = realnode.NodeNet.from_dict(st.real_node)
+            realnode.cleanup(self.dir, net, st.made)
+            left = realnode.leftovers(self.dir, net)
+            if left:
+                self.out("The real node left these behind (remove them by hand):\n  " + "\n  ".join(left))
         if st.pg_datadir and Path(st.pg_datadir).name.startswith("nightjar-pg-"):
             shutil.rmtree(st.pg_datadir, ignore_errors=True)
         for sub in ("pids",):
@@ -889,6 +955,33 @@ class Stack:
         (self.dir / "env").unlink(missing_ok=True)
         if not quiet:
             self.out(f"Stopped {stopped} processes of the stack in {self.dir}.")
+        return stopped
+
+    def _stop_real_node(self, st: State) -> int:
+        """Before the rest of the stack: the kubelet stops every Pod while the API server still runs
+        (so CNI tears each sandbox's network down), then the kubelet, what is left of the containers,
+        and containerd stop. Returns how many of the node's processes were running."""
+        from nightjar.devstack import realnode
+
+        procs = {p.name: p for p in st.procs}
+        stopped = 0
+        binder = procs.get("pod-binder")
+        if binder and _alive(binder):
+            _terminate(binder, signal.SIGTERM)
+            stopped += 1
+        kubelet, api = procs.get("kubelet"), procs.get("kube-apiserver")
+        if kubelet and api and _alive(kubelet) and _alive(api) and st.real_node:
+            with contextlib.suppress(Exception):
+                realnode.drain(self.dir / "kubeconfig")
+        if kubelet and _alive(kubelet):
+            _terminate(kubelet, signal.SIGTERM)
+            stopped += 1
+        if st.real_node:
+            realnode.kill_containers(realnode.NodeNet.from_dict(st.real_node))
+        containerd = procs.get("containerd")
+        if containerd and _alive(containerd):
+            _terminate(containerd, signal.SIGTERM)
+            stopped += 1
         return stopped
 
     def _kill_node_leftovers(self) -> None:
@@ -927,7 +1020,14 @@ def parse_env(path: Path) -> dict[str, str]:
 def describe(state: State | None, alive: list[Proc], dead: list[Proc]) -> str:
     if state is None:
         return "down"
-    rows = [
+    rows = []
+    if state.node == "real" and state.real_node:
+        n = state.real_node
+        rows.append(
+            f"  {'node (real)':<24} IP {n['node_ip']} on {n['host_if']}, pods {n['pod_cidr']} "
+            f"on {n['bridge']}, cgroups {n['cgroup_root']}"
+        )
+    rows += [
         f"  {p.name:<24} pid {p.pid:<8} {'running' if p in alive else 'NOT RUNNING'}" for p in state.procs
     ]
     for srv in S3_SERVERS.values():
