@@ -64,6 +64,10 @@ CONTAINER_LOG_LINKS = Path("/var/log/containers")  # fixed in the kubelet
 KUBELET_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY", "KUBE-FIREWALL")
 CNI_FIREWALL_CHAINS = ("CNI-FORWARD", "CNI-ADMIN")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+SHIM_SOCKETS = Path("/run/containerd/s")
+# The device manager's socket: a path fixed in the kubelet (not under --root-dir), shared by every
+# kubelet on the host; each removes the others' on start (harmless: the stack has no device plugins).
+DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
 
 Spawn = Callable[[str, list[str]], "subprocess.Popen[bytes]"]
 
@@ -503,7 +507,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             node = api.read_node(NODE_NAME)
             return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
-        _wait_for(f"kubelet (node {NODE_NAME} Ready)", ready, 60, proc, self.logs / "kubelet.log")
+        try:
+            _wait_for(f"kubelet (node {NODE_NAME} Ready)", ready, 60, proc, self.logs / "kubelet.log")
+        except StackError as e:
+            # The log rarely says why the node is not Ready; its Ready condition does.
+            why = ""
+            with contextlib.suppress(Exception):
+                conds = api.read_node(NODE_NAME).status.conditions or []
+                why = "".join(
+                    f"\nNode condition Ready: {c.reason}: {c.message}" for c in conds if c.type == "Ready"
+                )
+            raise StackError(f"{e}{why}") from None
 
 
 def pause_tarball() -> Path | None:
@@ -607,17 +621,20 @@ def _cgroup_pids(net: NodeNet) -> set[int]:
     return pids
 
 
-def _shim_pids(net: NodeNet) -> set[int]:
-    """containerd shims of this stack: they name its containerd socket on their command line."""
-    sock = net.socket.encode()
-    found = set()
+def _shims(net: NodeNet) -> dict[int, Path]:
+    """containerd shims of this stack (they name its containerd socket on their command line), each
+    with the socket it listens on: containerd 1.6 puts it in /run/containerd/s/, named by a hash
+    of the containerd socket, namespace and id, and a killed shim leaves it there."""
+    found = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-            if argv and b"containerd-shim" in argv[0] and sock in argv:
-                found.add(int(d.name))
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            argv = (d / "cmdline").read_bytes().decode().split("\0")
+            if argv and "containerd-shim" in argv[0] and net.socket in argv:
+                ns, cid = argv[argv.index("-namespace") + 1], argv[argv.index("-id") + 1]
+                digest = hashlib.sha256(os.path.join(net.socket, ns, cid).encode()).hexdigest()
+                found[int(d.name)] = SHIM_SOCKETS / digest
     return found
 
 
@@ -643,14 +660,19 @@ def drain(kubeconfig: Path, timeout: float = 30) -> None:
 def kill_containers(net: NodeNet) -> None:
     """SIGKILL every process in the node's cgroups (containers whose kubelet is gone) and every
     shim of this stack's containerd."""
+    sockets: set[Path] = set()
     for _ in range(20):
-        pids = _cgroup_pids(net) | _shim_pids(net)
+        shims = _shims(net)
+        sockets.update(shims.values())
+        pids = _cgroup_pids(net) | set(shims)
         if not pids:
-            return
+            break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
+    for sock in sockets:
+        sock.unlink(missing_ok=True)
 
 
 def cleanup(state_dir: Path, net: NodeNet, made: list[str]) -> None:
@@ -679,6 +701,10 @@ def cleanup(state_dir: Path, net: NodeNet, made: list[str]) -> None:
         _remove_shared_chains()
         if "ip_forward" in made:
             IP_FORWARD.write_text("0\n")
+        DEVICE_PLUGIN_SOCKET.unlink(missing_ok=True)
+        for d in (DEVICE_PLUGIN_SOCKET.parent, DEVICE_PLUGIN_SOCKET.parent.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty: never a host kubelet's data
 
 
 def _iptables_rules(net: NodeNet) -> list[tuple[str, str]]:
@@ -795,4 +821,6 @@ def leftovers(state_dir: Path, net: NodeNet) -> list[str]:
     left += [f"directory {r}" for r in roots[1:] if r.exists()]
     if not other_kubelets():
         left += [f"{cmd} -t {table} chain {chain}" for cmd, table, chain in _shared_chains()]
+        if DEVICE_PLUGIN_SOCKET.exists():
+            left.append(f"socket {DEVICE_PLUGIN_SOCKET}")
     return left
