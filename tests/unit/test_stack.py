@@ -67,7 +67,7 @@ def test_the_two_s3_servers_share_nothing_and_keep_the_primarys_env_names() -> N
     assert (replica.proc, replica.data) == ("minio-replica", "s3-replica")
     for attr in ("proc", "data", "port_key", "env_prefix", "bucket_locked", "bucket_plain"):
         assert getattr(primary, attr) != getattr(replica, attr), attr
-    assert primary.env(9000, "ak", "sk") == {
+    assert primary.env("127.0.0.1", 9000, "ak", "sk") == {
         "NIGHTJAR_S3_ENDPOINT": "http://127.0.0.1:9000",
         "NIGHTJAR_S3_REGION": "us-east-1",
         "NIGHTJAR_S3_ACCESS_KEY": "ak",
@@ -75,8 +75,8 @@ def test_the_two_s3_servers_share_nothing_and_keep_the_primarys_env_names() -> N
         "NIGHTJAR_S3_BUCKET_LOCKED": "nightjar-locked",
         "NIGHTJAR_S3_BUCKET_PLAIN": "nightjar-plain",
     }
-    assert replica.env(9001, "ak2", "sk2") == {
-        "NIGHTJAR_S3_REPLICA_ENDPOINT": "http://127.0.0.1:9001",
+    assert replica.env("10.99.7.1", 9001, "ak2", "sk2") == {
+        "NIGHTJAR_S3_REPLICA_ENDPOINT": "http://10.99.7.1:9001",
         "NIGHTJAR_S3_REPLICA_REGION": "us-east-1",
         "NIGHTJAR_S3_REPLICA_ACCESS_KEY": "ak2",
         "NIGHTJAR_S3_REPLICA_SECRET_KEY": "sk2",
@@ -162,3 +162,9 @@ def test_s3_commands_need_a_stack_and_a_known_server(tmp_path: Path) -> None:
         assert out.exit_code == 1 and "no stack in" in out.output
         out = CliRunner().invoke(main, ["s3", action, "secondary", "--state", str(tmp_path)])
         assert out.exit_code == 2 and "'primary', 'replica'" in out.output
+
+
+def test_the_stacks_servers_are_reached_at_loopback_or_at_the_real_nodes_address() -> None:
+    # Pods of the real node live in their own network namespaces: loopback is not the host's there.
+    assert stack.State(dir="/x").host == "127.0.0.1"
+    assert stack.State(dir="/x", node="real", real_node={"node_ip": "10.99.7.1"}).host == "10.99.7.1"

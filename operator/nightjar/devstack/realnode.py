@@ -40,10 +40,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nightjar.devstack.stack import REPO_ROOT, StackError, _wait_for, binary, cache_dir
+from nightjar.devstack.stack import KUBERNETES_SERVICE_IP, REPO_ROOT, StackError, _wait_for, binary, cache_dir
 
 NODE_NAME = "nightjar-node"
 PAUSE_IMAGE = "docker.io/local/pause:3.10"
+# What `make image` (hack/build-image.sh) builds; each `up` imports it. The operator's Jobs run it.
+PROJECT_IMAGE = "nightjar:dev"
+PROJECT_IMAGE_TAR = REPO_ROOT / ".local" / "image" / "image.tar"
+#: The image's id as containerd reports it (the digest of its config): a Pod's imageID.
+PROJECT_IMAGE_ID = PROJECT_IMAGE_TAR.parent / "image.id"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 # A command (or a file) each package provides, and the Debian package.
 PACKAGES = (
@@ -257,10 +262,26 @@ def apiserver_args(pki: Path) -> list[str]:
         "--kubelet-preferred-address-types=InternalIP",
         "--authorization-mode=Node,RBAC",
         "--enable-admission-plugins=NodeRestriction",
+        # The kubernetes Service's Endpoints at the advertise address (the node IP), as on a cluster.
+        "--endpoint-reconciler-type=lease",
     ]
 
 
 # --- start ---------------------------------------------------------------------------------------
+
+
+def make_interfaces(net: NodeNet, record: Callable[[str], None]) -> None:
+    """The veth pair holding the node IP (before anything else starts: the stack's servers listen
+    on it), and forwarding on, for the pods behind the bridge."""
+    _run(["ip", "link", "add", net.host_if, "type", "veth", "peer", "name", net.peer_if])
+    record("veth")
+    _run(["ip", "addr", "add", f"{net.node_ip}/32", "dev", net.host_if])
+    _run(["ip", "link", "set", net.host_if, "up"])
+    _run(["ip", "link", "set", net.peer_if, "up"])
+    # Pods reach the node address through the bridge: the host must forward.
+    if IP_FORWARD.read_text().strip() != "1":
+        record("ip_forward")
+        IP_FORWARD.write_text("1\n")
 
 
 class RealNode:
@@ -274,11 +295,12 @@ class RealNode:
         self.logs = state_dir / "logs"
 
     def start(self, spawn: Spawn, kubeconfig: Path, record: Callable[[str], None]) -> None:
-        """Interfaces, cgroup root, containerd (with the pause image), CNI, kubelet; returns once
-        the Node is Ready. ``record(what)`` is told of each host object as it is made, so ``down``
-        removes exactly those even when a later step fails."""
+        """Cgroup root, containerd (with the pause image), CNI, the route to the API server,
+        kubelet; returns once the Node is Ready. The interfaces are made first, by
+        :func:`make_interfaces` (the stack's servers listen on the node IP). ``record(what)`` is
+        told of each host object as it is made, so ``down`` removes exactly those even when a
+        later step fails."""
         self.node_dir.mkdir(parents=True, exist_ok=True)
-        self._interfaces(record)
         self._cgroup_root(record)
         t = time.monotonic()
         self._containerd(spawn)
@@ -288,6 +310,7 @@ class RealNode:
             self.import_image(tar)
         self.out(f"  images                   imported in {time.monotonic() - t:.1f}s")
         self._cni()
+        self._route_kubernetes_service(kubeconfig)
         t = time.monotonic()
         self._kubelet(spawn, kubeconfig)
         self.out(
@@ -295,17 +318,23 @@ class RealNode:
             f"(node IP {self.net.node_ip}, pods {self.net.pod_cidr})"
         )
 
-    def _interfaces(self, record: Callable[[str], None]) -> None:
-        n = self.net
-        _run(["ip", "link", "add", n.host_if, "type", "veth", "peer", "name", n.peer_if])
-        record("veth")
-        _run(["ip", "addr", "add", f"{n.node_ip}/32", "dev", n.host_if])
-        _run(["ip", "link", "set", n.host_if, "up"])
-        _run(["ip", "link", "set", n.peer_if, "up"])
-        # Pods reach the node address through the bridge: the host must forward.
-        if IP_FORWARD.read_text().strip() != "1":
-            record("ip_forward")
-            IP_FORWARD.write_text("1\n")
+    def _route_kubernetes_service(self, kubeconfig: Path) -> None:
+        """What kube-proxy would do for the one Service Pods need: the kubelet gives every Pod
+        ``KUBERNETES_SERVICE_HOST``/``_PORT`` = the ``kubernetes`` Service's ClusterIP, port 443,
+        whose Endpoints the API server keeps at its advertise address (the node IP). A DNAT rule
+        for this node's pod range sends it there; the API server's serving cert covers the
+        ClusterIP. (No kube-proxy: it is not among the binaries the stack builds, and one rule
+        is all it would add here.) The rule names the pod range, so ``down`` removes it with
+        the node's other rules."""
+        server = json.loads(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+        api = server.removeprefix("https://")
+        _run(
+            [
+                "iptables", "-t", "nat", "-A", "PREROUTING", "-s", self.net.pod_cidr,
+                "-d", f"{KUBERNETES_SERVICE_IP}/32", "-p", "tcp", "--dport", "443",
+                "-j", "DNAT", "--to-destination", api,
+            ]
+        )  # fmt: skip
 
     def _cgroup_root(self, record: Callable[[str], None]) -> None:
         """The kubelet wants its cgroupRoot to exist in every hierarchy; a new cpuset cgroup starts
@@ -382,9 +411,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if res.returncode != 0 or pause is None:
                 raise StackError(f"building the pause image failed:\n{res.stderr[-3000:]}")
         images = [pause]
-        project = REPO_ROOT / ".local" / "image" / "image.tar"
-        if project.is_file():
-            images.append(project)
+        if PROJECT_IMAGE_TAR.is_file():
+            images.append(PROJECT_IMAGE_TAR)
         return images
 
     def import_image(self, tar: Path) -> None:

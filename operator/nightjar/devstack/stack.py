@@ -67,6 +67,11 @@ NODE_NAME = "nightjar-process-node"
 # What runs the Pods: "process" (the process node) or "real" (containerd and a kubelet).
 NODE_KINDS = ("process", "real")
 S3_REGION = "us-east-1"
+# The API server's Service range; its first address is the ``kubernetes`` Service's ClusterIP,
+# which the kubelet gives every Pod as KUBERNETES_SERVICE_HOST (port 443).
+SERVICE_CIDR = "10.0.0.0/24"
+KUBERNETES_SERVICE_IP = "10.0.0.1"
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -81,11 +86,11 @@ class S3Server:
     bucket_locked: str
     bucket_plain: str
 
-    def env(self, port: int, access_key: str, secret_key: str) -> dict[str, str]:
+    def env(self, host: str, port: int, access_key: str, secret_key: str) -> dict[str, str]:
         """Its lines of ``<state>/env``."""
         p = self.env_prefix
         return {
-            f"{p}ENDPOINT": f"http://127.0.0.1:{port}",
+            f"{p}ENDPOINT": f"http://{host}:{port}",
             f"{p}REGION": S3_REGION,
             f"{p}ACCESS_KEY": access_key,
             f"{p}SECRET_KEY": secret_key,
@@ -200,6 +205,13 @@ class State:
     def path(self) -> Path:
         return Path(self.dir)
 
+    @property
+    def host(self) -> str:
+        """Where the API server, PostgreSQL and the S3 servers are reached: loopback, or with the
+        real node its node IP (an address the stack made), because Pods there live in network
+        namespaces of their own, where 127.0.0.1 is the Pod itself."""
+        return self.real_node["node_ip"] if self.node == "real" and self.real_node else LOOPBACK
+
     def save(self) -> None:
         tmp = self.path / "state.json.tmp"
         tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
@@ -258,10 +270,10 @@ def _terminate(p: Proc, sig: signal.Signals, grace: float = 15) -> None:
         os.waitpid(p.pid, os.WNOHANG)
 
 
-def _refuses(port: int) -> bool:
-    """Nothing accepts connections on 127.0.0.1:``port``."""
+def _refuses(host: str, port: int) -> bool:
+    """Nothing accepts connections on ``host``:``port``."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.create_connection((host, port), timeout=1):
             return False
     except ConnectionRefusedError:
         return True
@@ -392,6 +404,8 @@ class Stack:
                 realnode.ensure_packages(self.out)
                 st.real_node = realnode.choose_net(self.dir).to_dict()
                 st.save()
+                # First: the node IP is where the API server, PostgreSQL and MinIO listen.
+                realnode.make_interfaces(realnode.NodeNet.from_dict(st.real_node), self._recorder(st))
             self._pki(st)
             self._etcd(st)
             self._apiserver(st)
@@ -468,23 +482,24 @@ class Stack:
             [
                 str(binary("kubernetes", "kube-apiserver")),
                 f"--etcd-servers=http://127.0.0.1:{st.ports['etcd']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # Its self-signed serving cert covers the bind and advertise addresses and the
+                # kubernetes Service's ClusterIP (the names Pods use).
+                f"--bind-address={st.host}",
+                f"--advertise-address={st.host}",
                 f"--secure-port={port}",
                 f"--cert-dir={pki / 'apiserver'}",
                 f"--token-auth-file={pki / 'tokens.csv'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
-                "--endpoint-reconciler-type=none",
                 *self._apiserver_node_args(st),
             ],
         )
         token = (pki / "token").read_text()
         ca = pki / "apiserver" / "apiserver.crt"
-        base = f"https://127.0.0.1:{port}"
+        base = f"https://{st.host}:{port}"
 
         def ready() -> bool:
             if not ca.is_file():
@@ -498,8 +513,13 @@ class Stack:
 
     def _apiserver_node_args(self, st: State) -> list[str]:
         if st.node != "real":
-            # The process node gives Pods their tokens itself: no ServiceAccount admission.
-            return ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
+            # The process node gives Pods their tokens itself: no ServiceAccount admission. Its
+            # Pods share the host's network and are told the API server's address directly.
+            return [
+                "--authorization-mode=RBAC",
+                "--disable-admission-plugins=ServiceAccount",
+                "--endpoint-reconciler-type=none",
+            ]
         from nightjar.devstack import realnode
 
         return realnode.apiserver_args(self.dir / "pki")
@@ -611,6 +631,15 @@ class Stack:
         pwfile.unlink()
         if res.returncode != 0:
             raise StackError(f"initdb failed: {res.stderr.decode(errors='replace')}")
+        listen = [LOOPBACK]
+        if st.node == "real":
+            # Pods connect from the pod range to the node IP; the host's own clients from the
+            # node IP. initdb allowed loopback only.
+            net = st.real_node
+            listen.append(net["node_ip"])
+            with open(pgdata / "pg_hba.conf", "a", encoding="utf-8") as hba:
+                for cidr in (f"{net['node_ip']}/32", net["pod_cidr"]):
+                    hba.write(f"host all all {cidr} scram-sha-256\n")
         port = free_port(st.ports.values())
         st.ports["postgres"] = port
         proc = self._spawn(
@@ -625,7 +654,7 @@ class Stack:
                 "-k",
                 str(datadir),
                 "-c",
-                "listen_addresses=127.0.0.1",
+                f"listen_addresses={','.join(listen)}",
                 "-c",
                 "fsync=off",
                 "-c",
@@ -640,7 +669,7 @@ class Stack:
         def ready() -> bool:
             return (
                 subprocess.run(
-                    [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                    [str(bindir / "pg_isready"), "-h", st.host, "-p", str(port)],
                     capture_output=True,
                     check=False,
                 ).returncode
@@ -648,7 +677,8 @@ class Stack:
             )
 
         _wait_for("postgres", ready, 60, proc, self.dir / "logs" / "postgres.log")
-        self.out(f"  postgres                 127.0.0.1:{port} ({bindir.parent.name}, data in {datadir})")
+        where = " ".join(f"{a}:{port}" for a in listen)
+        self.out(f"  postgres                 {where} ({bindir.parent.name}, data in {datadir})")
 
     def _minio(self, st: State) -> None:
         """Every S3 server: all are started first, then each is waited for, so they start together."""
@@ -670,7 +700,7 @@ class Stack:
             )
 
     def _s3_url(self, st: State, srv: S3Server) -> str:
-        return f"http://127.0.0.1:{st.ports[srv.port_key]}"
+        return f"http://{st.host}:{st.ports[srv.port_key]}"
 
     def _spawn_minio(self, st: State, srv: S3Server) -> subprocess.Popen[bytes]:
         """Start ``srv`` on its recorded port, data dir and keys (the same each time it starts)."""
@@ -683,7 +713,7 @@ class Stack:
                 "server",
                 "--quiet",
                 "--address",
-                f"127.0.0.1:{st.ports[srv.port_key]}",
+                f"{st.host}:{st.ports[srv.port_key]}",
                 str(self.dir / srv.data),
             ],
             env={
@@ -722,11 +752,11 @@ class Stack:
 
     def _write_env(self, st: State) -> None:
         p = st.ports
-        dsn = f"postgresql://postgres:{st.pg_password}@127.0.0.1:{p['postgres']}/postgres"
+        dsn = f"postgresql://postgres:{st.pg_password}@{st.host}:{p['postgres']}/postgres"
         lines = {
             "KUBECONFIG": str(self.dir / "kubeconfig"),
             "NIGHTJAR_STATE_DIR": str(self.dir),
-            "NIGHTJAR_PG_HOST": "127.0.0.1",
+            "NIGHTJAR_PG_HOST": st.host,
             "NIGHTJAR_PG_PORT": str(p["postgres"]),
             "NIGHTJAR_PG_USER": "postgres",
             "NIGHTJAR_PG_PASSWORD": st.pg_password,
@@ -740,7 +770,7 @@ class Stack:
             lines["NIGHTJAR_CONTAINERD_ADDRESS"] = st.real_node["socket"]
         for srv in S3_SERVERS.values():
             keys = st.s3_keys[srv.which]
-            lines.update(srv.env(p[srv.port_key], keys["access_key"], keys["secret_key"]))
+            lines.update(srv.env(st.host, p[srv.port_key], keys["access_key"], keys["secret_key"]))
         if p.get("operator_metrics"):
             lines["NIGHTJAR_METRICS_URL"] = f"http://127.0.0.1:{p['operator_metrics']}/metrics"
         text = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in lines.items())
@@ -780,17 +810,23 @@ class Stack:
         def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
             return self._spawn(st, name, argv)
 
-        def record(what: str) -> None:
-            st.made.append(what)
-            st.save()
-
-        realnode.RealNode(self.dir, net, self.out).start(spawn, self.dir / "kubeconfig", record)
+        realnode.RealNode(self.dir, net, self.out).start(spawn, self.dir / "kubeconfig", self._recorder(st))
         self._spawn(
             st,
             "pod-binder",
             [sys.executable, "-m", "nightjar.devstack", "bind", "--state", str(self.dir)],
         )
         self.out("  pod-binder               binds pending Pods to the node (the stack has no scheduler)")
+
+    @staticmethod
+    def _recorder(st: State) -> Callable[[str], None]:
+        """``record(what)``: the real node made host object ``what`` (``down`` removes it)."""
+
+        def record(what: str) -> None:
+            st.made.append(what)
+            st.save()
+
+        return record
 
     def _install_crds(self) -> None:
         from nightjar.devstack.crds import install_crds
@@ -821,8 +857,7 @@ class Stack:
             ],
             env={
                 "KUBECONFIG": str(self.dir / "kubeconfig"),
-                # The process node runs agents on this host: tell them where pg_dump is.
-                "NIGHTJAR_AGENT_ENV_NIGHTJAR_PG_BINDIR": str(postgres_bindir()),
+                **self._agent_env(st),
                 # Short sweeps so a developer (and the tests) see schedules and GC act quickly.
                 "NIGHTJAR_SCHEDULER_INTERVAL_SECONDS": os.environ.get(
                     "NIGHTJAR_SCHEDULER_INTERVAL_SECONDS", "3"
@@ -838,6 +873,24 @@ class Stack:
 
         _wait_for("operator", ready, 60, proc, log)
         self.out(f"  operator                 log at {log}")
+
+    def _agent_env(self, st: State) -> dict[str, str]:
+        """How the operator's Jobs run here. On the real node: as containers of the image ``make
+        image`` built and the node imported (never pulled: there is no registry). On the process
+        node: as processes of this host, told where its pg_dump is."""
+        if st.node == "real":
+            from nightjar.devstack import realnode
+
+            if not realnode.PROJECT_IMAGE_TAR.is_file():
+                self.out(
+                    f"  WARNING: no {realnode.PROJECT_IMAGE_TAR}: the operator's Jobs cannot start "
+                    "(ErrImageNeverPull) until `make image` builds it and `up` imports it"
+                )
+            return {
+                "NIGHTJAR_AGENT_IMAGE": realnode.PROJECT_IMAGE,
+                "NIGHTJAR_AGENT_IMAGE_PULL_POLICY": "Never",
+            }
+        return {"NIGHTJAR_AGENT_ENV_NIGHTJAR_PG_BINDIR": str(postgres_bindir())}
 
     def restart_operator(self) -> None:
         """Stop the operator (if it runs) and start a new one: what a crash and a restart look like."""
@@ -872,7 +925,7 @@ class Stack:
         # listening socket a moment longer.
         port = st.ports[srv.port_key]
         deadline = time.monotonic() + 15
-        while not _refuses(port):
+        while not _refuses(st.host, port):
             if time.monotonic() > deadline:
                 raise StackError(f"port {port} of {srv.proc} still accepts connections 15s after SIGKILL")
             time.sleep(0.05)
