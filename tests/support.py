@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from nightjar.config import OperatorConfig
 from nightjar.devstack.stack import S3_SERVERS, Stack, parse_env
 
 T = TypeVar("T")
@@ -70,11 +71,32 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
+def real_node() -> bool:
+    """The running stack's Pods are containers under a real kubelet (``up --node real``)."""
+    return stack_env().get("NIGHTJAR_NODE") == "real"
+
+
+def agent_owns(path: Path) -> None:
+    """On the real node, ``path`` (and all below it) belongs to the agent's uid, as a volume that
+    a provisioner made for the Pod's fsGroup would be writable to it: a hostPath volume gets no
+    fsGroup, and the agent runs as 65532, not as the root that wrote the test's files. The process
+    node runs every container as this host's user: nothing to do there."""
+    if not real_node():
+        return
+    uid = OperatorConfig.agent_run_as_user
+    os.chown(path, uid, uid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+
+
 def hostpath_claim(core: Any, namespace: str, claim: str, path: Path) -> str:
-    """A hostPath PV pre-bound to a new PVC ``claim``, bound by the real PV controller.
+    """A hostPath PV pre-bound to a new PVC ``claim``, bound by the real PV controller. The
+    directory is made the agent's (see :func:`agent_owns`).
 
     Returns the PV's name (cluster-scoped: the caller deletes it).
     """
+    agent_owns(path)
     pv = f"pv-{namespace}-{claim}"
     core.create_persistent_volume(
         {

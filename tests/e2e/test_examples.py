@@ -137,7 +137,7 @@ def localize(doc: dict[str, Any], env: dict[str, str], sites: dict[str, Site]) -
     elif kind == "Secret" and "password" in doc["stringData"]:
         site = sites[ns]
         doc["stringData"].update(
-            host="127.0.0.1",
+            host=env["NIGHTJAR_PG_HOST"],
             port=env["NIGHTJAR_PG_PORT"],
             dbname=site.db,
             user=site.db,

@@ -28,7 +28,7 @@ def ha_db(env: dict[str, str], core: client.CoreV1Api) -> Iterator[str]:
         {
             "metadata": {"name": "ha-db"},
             "stringData": {
-                "host": "127.0.0.1",
+                "host": env["NIGHTJAR_PG_HOST"],
                 "port": env["NIGHTJAR_PG_PORT"],
                 "dbname": db,
                 "user": db,

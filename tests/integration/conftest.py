@@ -83,7 +83,7 @@ def app_db(env: dict[str, str], namespace: str, core: client.CoreV1Api) -> Itera
         {
             "metadata": {"name": "db"},
             "stringData": {
-                "host": "127.0.0.1",
+                "host": env["NIGHTJAR_PG_HOST"],
                 "port": env["NIGHTJAR_PG_PORT"],
                 "dbname": db,
                 "user": db,
@@ -160,7 +160,7 @@ def acceptance(core: client.CoreV1Api, env: dict[str, str], tmp_path: Path) -> I
         {
             "metadata": {"name": "db"},
             "stringData": {
-                "host": "127.0.0.1",
+                "host": env["NIGHTJAR_PG_HOST"],
                 "port": env["NIGHTJAR_PG_PORT"],
                 "dbname": db,
                 "user": db,

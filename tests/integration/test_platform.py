@@ -16,7 +16,8 @@ from botocore.exceptions import ClientError
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.support import hostpath_claim, running, wait_for
+from nightjar.devstack import realnode
+from tests.support import agent_owns, hostpath_claim, real_node, running, wait_for
 
 
 def job(
@@ -30,7 +31,7 @@ def job(
     env_from: list[dict[str, Any]] | None = None,
     owner: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": "main", "image": "busybox", "command": command}
+    container: dict[str, Any] = {"name": "main", "command": command, **_image()}
     if mounts:
         container["volumeMounts"] = mounts
     if env:
@@ -53,6 +54,14 @@ def job(
     }
 
 
+def _image() -> dict[str, str]:
+    """On the real node, the image ``make image`` built (the node imported it; there is no
+    registry); the process node runs the command on its host whatever the image."""
+    if real_node():
+        return {"image": realnode.PROJECT_IMAGE, "imagePullPolicy": "Never"}
+    return {"image": "busybox"}
+
+
 def api_message(e: ApiException) -> str:
     """The API server's human-readable message, as kubectl prints it."""
     return str(json.loads(e.body)["message"])
@@ -71,6 +80,8 @@ def pods_of(core: client.CoreV1Api, ns: str, job_name: str) -> list[client.V1Pod
 
 
 def test_process_node_is_registered_and_ready(core: client.CoreV1Api) -> None:
+    if real_node():
+        pytest.skip("the stack runs the real node (tests/integration/test_real_node.py checks it)")
     nodes = core.list_node(label_selector="nightjar.dev/process-node=true").items
     assert len(nodes) == 1
     ready = {c.type: c.status for c in nodes[0].status.conditions}
@@ -86,6 +97,7 @@ def test_job_writes_a_file_and_an_s3_object_and_completes(
     tmp_path: Path,
 ) -> None:
     key = f"platform/{uuid.uuid4().hex}.txt"
+    agent_owns(tmp_path)  # the image runs as 65532
     core.create_namespaced_secret(
         namespace,
         {
@@ -164,6 +176,7 @@ def test_deleting_the_owner_cascades_to_its_job_and_pods_and_kills_the_process(
         volumes=[{"name": "w", "hostPath": {"path": str(tmp_path)}}],
         mounts=[{"name": "w", "mountPath": "/work"}],
     )
+    agent_owns(tmp_path)  # the image runs as 65532
     batch.create_namespaced_job(namespace, body)
     wait_for(
         "pod running",
@@ -171,7 +184,11 @@ def test_deleting_the_owner_cascades_to_its_job_and_pods_and_kills_the_process(
         60,
     )
     pid = int(wait_for("pid file", lambda: (tmp_path / "pid").read_text().strip(), 30))
-    assert Path(f"/proc/{pid}").exists()
+    # The process node runs the container as a process of this host; on the real node it is pid
+    # 1 of its own pid namespace, and the kubelet removes the Pod only once it has stopped it.
+    host_pid = not real_node()
+    if host_pid:
+        assert Path(f"/proc/{pid}").exists()
 
     core.delete_namespaced_config_map("owner", namespace, propagation_policy="Background")
 
@@ -184,7 +201,8 @@ def test_deleting_the_owner_cascades_to_its_job_and_pods_and_kills_the_process(
 
     wait_for("the garbage collector to delete the job", job_gone, 60)
     wait_for("the job's pods to be gone", lambda: not pods_of(core, namespace, "owned"), 60)
-    wait_for("the pod's process to be killed", lambda: not running(pid), 30)
+    if host_pid:
+        wait_for("the pod's process to be killed", lambda: not running(pid), 30)
 
 
 WIDGET_CRD = {

@@ -9,11 +9,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from tests.support import wait_for
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@pytest.fixture(autouse=True)
+def _process_node_only(env: dict[str, str]) -> None:
+    if env.get("NIGHTJAR_NODE") == "real":
+        pytest.skip(
+            "exercises the process node's stand-in for the ServiceAccount admission plugin and the "
+            "kubelet's token mount; on the real node those are the real ones (the restore Job's "
+            "progress and the e2e chart use them)"
+        )
+
 
 # Run by the Pod. It reads its namespace from the in-cluster path (the node rewrites it to the
 # Pod's own directory) and talks to the API with the kubeconfig in $KUBECONFIG, as kopf and the
