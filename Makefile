@@ -10,8 +10,13 @@ TEST_STATE := .local/test
 E2E_STATE := .local/e2e
 PYTEST_ARGS ?=
 IMAGE_ARGS ?=
-# NODE=real: a real kubelet with containerd runs the Pods instead of the process node.
-NODE ?=
+# What runs the stack's Pods: process (the process node: container commands as local processes) or
+# real (a kubelet with containerd: Pods are containers of the image `make image` builds; root only).
+NODE ?= process
+# The e2e tier stays on the process node until the chart is installed with the built image there.
+E2E_NODE ?= process
+# The real node runs the operator's Jobs from the image: build it first (warm: seconds).
+NODE_IMAGE = $(if $(filter real,$(NODE)),image)
 
 .PHONY: help deps venv binaries image up down status test test-unit test-integration test-e2e lint fmt bench crds docs clean
 
@@ -35,8 +40,8 @@ binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO
 image: ## Build the image nightjar:dev with dockerd; base images made from Debian's packages if none can be pulled (IMAGE_ARGS=--help).
 	@hack/build-image.sh $(IMAGE_ARGS)
 
-up: deps venv binaries ## Start the local stack and the operator in the background (state in .local/; NODE=real for a real kubelet).
-	@$(PY) -m nightjar.devstack up --state .local $(if $(NODE),--node $(NODE))
+up: deps venv binaries $(NODE_IMAGE) ## Start the local stack and the operator in the background (state in .local/; NODE=real for a real kubelet).
+	@$(PY) -m nightjar.devstack up --state .local --node $(NODE)
 
 down: ## Stop exactly the processes `make up` started.
 	@if [ -x $(PY) ]; then $(PY) -m nightjar.devstack down --state .local; else echo "nothing to stop"; fi
@@ -57,15 +62,15 @@ fmt: venv ## Format the code with ruff.
 test-unit: venv ## Unit tests only (no stack needed).
 	@$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test: deps venv binaries lint ## Everything CI runs: lint, unit + integration tests on a fresh stack, then e2e (Helm chart) on another.
-	@hack/run-tests.sh $(TEST_STATE) tests/unit tests/integration $(PYTEST_ARGS)
-	@NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
+test: deps venv binaries lint $(NODE_IMAGE) ## Everything CI runs: lint, unit + integration tests on a fresh stack (NODE=process|real), then e2e (Helm chart) on another.
+	@NODE=$(NODE) hack/run-tests.sh $(TEST_STATE) tests/unit tests/integration $(PYTEST_ARGS)
+	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
 test-e2e: deps venv binaries ## The e2e tier only: the Helm chart installed into a fresh stack without the dev operator.
-	@NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
+	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
-test-integration: deps venv binaries ## Integration tests on a fresh stack in .local/test.
-	@hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
+test-integration: deps venv binaries $(NODE_IMAGE) ## Integration tests on a fresh stack in .local/test (NODE=process|real).
+	@NODE=$(NODE) hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
 
 bench: deps venv binaries ## Benchmarks on a private stack: BENCH=files,scale,replicate,datapath (all by default).
 	@BENCH=$${BENCH:-files,scale,replicate,datapath} hack/run-bench.sh
