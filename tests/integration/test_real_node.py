@@ -30,8 +30,8 @@ from tests.support import running, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the real node needs root")
 
-IMAGE = "nightjar:dev"
-IMAGE_TAR = REPO_ROOT / ".local" / "image" / "image.tar"
+IMAGE = realnode.PROJECT_IMAGE
+IMAGE_TAR = realnode.PROJECT_IMAGE_TAR
 
 
 @dataclass
@@ -146,7 +146,7 @@ def test_a_pod_of_the_image_runs_as_a_container_and_its_logs_are_read(
     (status,) = pod.status.container_statuses
     assert status.container_id.startswith("containerd://")
     assert status.state.terminated.exit_code == 0
-    assert status.image_id == (IMAGE_TAR.parent / "image.id").read_text().strip()
+    assert status.image_id == realnode.PROJECT_IMAGE_ID.read_text().strip()
     # The kubelet mounted the ServiceAccount token it projected for the Pod.
     assert any(v.projected for v in pod.spec.volumes)
 

@@ -359,6 +359,11 @@ class Stack:
     def up(self, with_operator: bool = True, node: str = "process") -> State:
         if node not in NODE_KINDS:
             raise StackError(f"no node kind {node!r}: choose one of {', '.join(NODE_KINDS)}")
+        if node == "real" and os.geteuid() != 0:
+            raise StackError(
+                "the real node needs root (it makes interfaces, cgroups and mounts): run as root, "
+                "or use the process node (`--node process`, make NODE=process)"
+            )
         st, alive, dead = self.status()
         if st is not None and alive and not dead and st.node == node:
             wanted = {
