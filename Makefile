@@ -10,9 +10,10 @@ TEST_STATE := .local/test
 E2E_STATE := .local/e2e
 PYTEST_ARGS ?=
 IMAGE_ARGS ?=
-# What runs the stack's Pods: process (the process node: container commands as local processes) or
-# real (a kubelet with containerd: Pods are containers of the image `make image` builds; root only).
-NODE ?= process
+# What runs the stack's Pods: real (a kubelet with containerd: Pods are containers of the image
+# `make image` builds; root only), or process (the process node: container commands run as local
+# processes; no root, no image: a quicker local loop).
+NODE ?= real
 # The e2e tier stays on the process node until the chart is installed with the built image there.
 E2E_NODE ?= process
 # The real node runs the operator's Jobs from the image: build it first (warm: seconds).
@@ -40,7 +41,7 @@ binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO
 image: ## Build the image nightjar:dev with dockerd; base images made from Debian's packages if none can be pulled (IMAGE_ARGS=--help).
 	@hack/build-image.sh $(IMAGE_ARGS)
 
-up: deps venv binaries $(NODE_IMAGE) ## Start the local stack and the operator in the background (state in .local/; NODE=real for a real kubelet).
+up: deps venv binaries $(NODE_IMAGE) ## Start the local stack and the operator in the background (state in .local/; NODE=process for the process node).
 	@$(PY) -m nightjar.devstack up --state .local --node $(NODE)
 
 down: ## Stop exactly the processes `make up` started.
@@ -62,14 +63,14 @@ fmt: venv ## Format the code with ruff.
 test-unit: venv ## Unit tests only (no stack needed).
 	@$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test: deps venv binaries lint $(NODE_IMAGE) ## Everything CI runs: lint, unit + integration tests on a fresh stack (NODE=process|real), then e2e (Helm chart) on another.
+test: deps venv binaries lint $(NODE_IMAGE) ## Everything CI runs: lint, unit + integration tests on a fresh stack (NODE=real|process), then e2e (Helm chart) on another.
 	@NODE=$(NODE) hack/run-tests.sh $(TEST_STATE) tests/unit tests/integration $(PYTEST_ARGS)
 	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
 test-e2e: deps venv binaries ## The e2e tier only: the Helm chart installed into a fresh stack without the dev operator.
 	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
-test-integration: deps venv binaries $(NODE_IMAGE) ## Integration tests on a fresh stack in .local/test (NODE=process|real).
+test-integration: deps venv binaries $(NODE_IMAGE) ## Integration tests on a fresh stack in .local/test (NODE=real|process).
 	@NODE=$(NODE) hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
 
 bench: deps venv binaries ## Benchmarks on a private stack: BENCH=files,scale,replicate,datapath (all by default).
