@@ -19,7 +19,7 @@ E2E_NODE ?= process
 # The real node runs the operator's Jobs from the image: build it first (warm: seconds).
 NODE_IMAGE = $(if $(filter real,$(NODE)),image)
 
-.PHONY: help deps venv binaries image up down status test test-unit test-integration test-e2e lint fmt bench crds docs clean
+.PHONY: help deps venv binaries image up down restart demo status test test-unit test-integration test-e2e lint fmt bench crds docs clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,6 +46,12 @@ up: deps venv binaries $(NODE_IMAGE) ## Start the local stack and the operator i
 
 down: ## Stop exactly the processes `make up` started.
 	@if [ -x $(PY) ]; then $(PY) -m nightjar.devstack down --state .local; else echo "nothing to stop"; fi
+
+restart: ## Restart the operator of the local stack alone (after a code change); `make up` restarts whatever died.
+	@$(PY) -m nightjar.devstack restart --state .local
+
+demo: up ## A demo app on the local stack (PostgreSQL, a PVC with files, BackupStorage): then back it up and restore by copy-paste.
+	@$(PY) -m nightjar.devstack demo --state .local
 
 status: ## Show the processes of the local stack.
 	@$(PY) -m nightjar.devstack status --state .local
