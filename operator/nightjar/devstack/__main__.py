@@ -1,4 +1,5 @@
-"""``python -m nightjar.devstack {up,down,status,s3,node,bind}`` — TEST/DEV ONLY (see the package doc)."""
+"""``python -m nightjar.devstack {up,down,status,s3,node,bind,provision,demo}`` — TEST/DEV ONLY (see the
+package doc)."""
 
 from __future__ import annotations
 
@@ -153,6 +154,35 @@ def bind(state_dir: Path) -> None:
     signal.signal(signal.SIGINT, stop)
     api = client.CoreV1Api(config.new_client_from_config(str(state_dir.resolve() / "kubeconfig")))
     bind_pods(api, REAL_NODE_NAME, stop=lambda: bool(stopping))
+
+
+@main.command()
+@_state_option
+def provision(state_dir: Path) -> None:
+    """Provision the default StorageClass's volumes (what `up` starts in the background)."""
+    from nightjar.devstack import provisioner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
+    state_dir = state_dir.resolve()
+    provisioner.run(state_dir / "kubeconfig", state_dir / "volumes", stop=lambda: bool(stopping))
+
+
+@main.command()
+@_state_option
+@click.option("--namespace", default="shop", show_default=True, help="Where the demo app goes.")
+def demo(state_dir: Path, namespace: str) -> None:
+    """A demo app on the running stack (database, PVC with files, BackupStorage) and the copy-paste
+    steps to back it up and restore it."""
+    from nightjar.devstack import demo as demo_app
+
+    try:
+        made = demo_app.run(state_dir, namespace, out=click.echo)
+    except StackError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(demo_app.instructions(made, state_dir))
 
 
 if __name__ == "__main__":

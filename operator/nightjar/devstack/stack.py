@@ -394,7 +394,7 @@ class Stack:
             self.down(quiet=True)
         # Every `up` starts from empty data: the stack is for development and tests, and its
         # credentials are new each time.
-        data = ("pids", "pki", "etcd", *(srv.data for srv in S3_SERVERS.values()), "node")
+        data = ("pids", "pki", "etcd", *(srv.data for srv in S3_SERVERS.values()), "node", "volumes")
         for sub in data:
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         for sub in ("logs", *data):
@@ -422,6 +422,7 @@ class Stack:
                 self._real_node(st)
             else:
                 self._process_node(st)
+            self._provisioner(st)
             self._install_crds()
             if with_operator:
                 self._operator(st)
@@ -823,6 +824,30 @@ class Stack:
         )
         self.out("  pod-binder               binds pending Pods to the node (the stack has no scheduler)")
 
+    def _provisioner(self, st: State) -> None:
+        """The default StorageClass and its provisioner of hostPath volumes under <state>/volumes."""
+        from kubernetes import client, config
+
+        from nightjar.devstack import provisioner
+
+        proc = self._spawn(
+            st,
+            "provisioner",
+            [sys.executable, "-m", "nightjar.devstack", "provision", "--state", str(self.dir)],
+        )
+        storage = client.StorageV1Api(config.new_client_from_config(str(self.dir / "kubeconfig")))
+        _wait_for(
+            "provisioner",
+            lambda: bool(storage.read_storage_class(provisioner.CLASS_NAME)),
+            30,
+            proc,
+            self.dir / "logs" / "provisioner.log",
+        )
+        self.out(
+            f"  provisioner              default StorageClass {provisioner.CLASS_NAME}: "
+            f"hostPath volumes in {self.dir / 'volumes'}"
+        )
+
     @staticmethod
     def _recorder(st: State) -> Callable[[str], None]:
         """``record(what)``: the real node made host object ``what`` (``down`` removes it)."""
@@ -1007,7 +1032,7 @@ class Stack:
                 self.out("The real node left these behind (remove them by hand):\n  " + "\n  ".join(left))
         if st.pg_datadir and Path(st.pg_datadir).name.startswith("nightjar-pg-"):
             shutil.rmtree(st.pg_datadir, ignore_errors=True)
-        for sub in ("pids",):
+        for sub in ("pids", "volumes"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
         (self.dir / "state.json").unlink(missing_ok=True)
         (self.dir / "env").unlink(missing_ok=True)
