@@ -14,10 +14,10 @@ IMAGE_ARGS ?=
 # `make image` builds; root only), or process (the process node: container commands run as local
 # processes; no root, no image: a quicker local loop).
 NODE ?= real
-# The e2e tier stays on the process node until the chart is installed with the built image there.
-E2E_NODE ?= process
+# The e2e tier's node (the chart's operator and its Jobs run from the built image on the real one).
+E2E_NODE ?= $(NODE)
 # The real node runs the operator's Jobs from the image: build it first (warm: seconds).
-NODE_IMAGE = $(if $(filter real,$(NODE)),image)
+NODE_IMAGE = $(if $(filter real,$(NODE) $(E2E_NODE)),image)
 
 .PHONY: help deps venv binaries image up down restart demo status test test-unit test-integration test-e2e lint fmt bench crds docs clean
 
@@ -73,7 +73,7 @@ test: deps venv binaries lint $(NODE_IMAGE) ## Everything CI runs: lint, unit + 
 	@NODE=$(NODE) hack/run-tests.sh $(TEST_STATE) tests/unit tests/integration $(PYTEST_ARGS)
 	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
-test-e2e: deps venv binaries ## The e2e tier only: the Helm chart installed into a fresh stack without the dev operator.
+test-e2e: deps venv binaries $(NODE_IMAGE) ## The e2e tier only: the Helm chart installed into a fresh stack without the dev operator.
 	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
 test-integration: deps venv binaries $(NODE_IMAGE) ## Integration tests on a fresh stack in .local/test (NODE=real|process).

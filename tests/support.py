@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from nightjar.config import OperatorConfig
+from nightjar.devstack import realnode
 from nightjar.devstack.stack import S3_SERVERS, Stack, parse_env
 
 T = TypeVar("T")
+CHART_VALUES = Path(__file__).resolve().parents[1] / "charts" / "nightjar" / "values.yaml"
 
 
 def stack_env() -> dict[str, str]:
@@ -136,3 +141,34 @@ def read_stream(stream: Any) -> bytes:
     while data := stream.read(1 << 20):
         out += data
     return bytes(out)
+
+
+def _seconds(a: dt.datetime, b: dt.datetime) -> float:
+    return (b - a).total_seconds()
+
+
+def assert_runs_in_the_image(pod: Any) -> str:
+    """The Pod ran to success as a container of the built image, as the chart runs agents; returns
+    a line with its timings."""
+    name = f"{pod.metadata.namespace}/{pod.metadata.name}"
+    assert pod.status.phase == "Succeeded", (name, pod.status)
+    assert pod.spec.node_name == realnode.NODE_NAME
+    (status,) = pod.status.container_statuses
+    assert status.container_id.startswith("containerd://"), name
+    assert status.image_id == realnode.PROJECT_IMAGE_ID.read_text().strip(), name
+    (container,) = pod.spec.containers
+    assert container.image == realnode.PROJECT_IMAGE
+    assert pod.spec.security_context.run_as_user == 65532
+    assert pod.spec.security_context.run_as_non_root is True
+    assert container.security_context.read_only_root_filesystem is True
+    assert container.security_context.allow_privilege_escalation is False
+    agent = yaml.safe_load(CHART_VALUES.read_text(encoding="utf-8"))["agent"]["resources"]
+    assert container.resources.requests == agent["requests"], name
+    assert container.resources.limits == agent["limits"], name
+    term = status.state.terminated
+    assert term.exit_code == 0, name
+    created = pod.metadata.creation_timestamp
+    return (
+        f"{name}: created -> container started {_seconds(created, term.started_at):.0f}s, "
+        f"ran {_seconds(term.started_at, term.finished_at):.0f}s"
+    )

@@ -1,9 +1,12 @@
 """The e2e tier: the Helm chart installed for real into the local stack.
 
 `make test` brings up a second stack for this tier *without* the developer operator
-(`devstack up --no-operator`): the only operator is the chart's Deployment, whose Pod the process
-node runs as a local process with the chart's ServiceAccount token (no admin credentials). So
-whatever works here works because the chart's RBAC allows it.
+(`devstack up --no-operator`): the only operator is the chart's Deployment. On the real node (the
+default) its Pod is a container of the image `make image` built, run by the kubelet as uid 65532
+with a read-only root filesystem, the chart's resources and the ServiceAccount token the kubelet
+projects; its Jobs are containers of the same image. On the process node (`E2E_NODE=process`) the
+Pod is a local process with the chart's ServiceAccount token. Either way nothing has admin
+credentials: whatever works here works because the chart's RBAC allows it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from nightjar.devstack import realnode
 from nightjar.devstack.stack import binary, free_port, postgres_bindir
-from tests.support import wait_for
+from tests.support import real_node, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "nightjar"
@@ -77,24 +81,42 @@ def kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> subpro
 
 def install_values(metrics_port: int) -> list[str]:
     """The release's settings: only what differs on the local stack from a real cluster."""
-    return [
-        f"--set=image.repository={IMAGE}",
+    common = [
         f"--set=watchNamespaces={{{','.join(WATCHED)}}}",
+        # Quick sweeps, so schedules and GC act within a test's patience.
+        "--set=operator.schedulerIntervalSeconds=3",
+        "--set=operator.gcIntervalSeconds=5",
+    ]
+    if real_node():
+        # The image `make image` built, which the node imported: there is no registry to pull from.
+        repository, tag = realnode.PROJECT_IMAGE.split(":")
+        return [
+            *common,
+            f"--set=image.repository={repository}",
+            f"--set=image.tag={tag}",
+            "--set=image.pullPolicy=Never",
+            "--set=agent.pullPolicy=Never",
+        ]
+    return [
+        *common,
+        f"--set=image.repository={IMAGE}",
+        # Every process of the process node shares this host's ports.
         f"--set=metrics.port={metrics_port}",
         "--set=metrics.service.port=8080",
         # The process node runs agents on this host: where its PostgreSQL client tools are.
         f"--set=agent.env.NIGHTJAR_PG_BINDIR={postgres_bindir()}",
-        # Quick sweeps, so schedules and GC act within a test's patience.
-        "--set=operator.schedulerIntervalSeconds=3",
-        "--set=operator.gcIntervalSeconds=5",
     ]
 
 
 class Release:
     def __init__(self, metrics_port: int) -> None:
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.metrics_port = metrics_port
+        self.metrics_host = "127.0.0.1"
         self.service_account = RELEASE  # fullname: release "nightjar" of chart "nightjar"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_host}:{self.metrics_port}/metrics"
 
 
 def operator_pods(core: client.CoreV1Api) -> list[Any]:
@@ -124,7 +146,9 @@ def release(
         except ApiException as e:
             if e.status != 409:
                 raise
-    rel = Release(free_port())
+    # On the real node the operator serves metrics on the chart's port in its own network
+    # namespace, reached from this host at the Pod's IP (the stack runs no kube-proxy).
+    rel = Release(8080 if real_node() else free_port())
     helm(
         "install",
         RELEASE,
@@ -141,5 +165,7 @@ def release(
         lambda: (pods := operator_pods(core)) and lease_holder(api_client) == pods[0].metadata.name,
         60,
     )
+    if real_node():
+        rel.metrics_host = operator_pods(core)[0].status.pod_ip
     yield rel
     helm("uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout=2m", check=False)

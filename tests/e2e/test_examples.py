@@ -23,9 +23,11 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.e2e.conftest import OUTSIDER, REPO, Release, kubectl
+from nightjar.constants import LABEL_BACKUP, LABEL_REPLICATION, LABEL_RESTORE
+from nightjar.devstack import realnode
+from tests.e2e.conftest import CHART, OUTSIDER, REPO, SYSTEM_NS, Release, kubectl, operator_pods
 from tests.integration.helpers import TABLE_CHECKSUMS, psql
-from tests.support import hostpath_claim, wait_for
+from tests.support import assert_runs_in_the_image, hostpath_claim, real_node, wait_for
 
 G, V = "nightjar.dev", "v1alpha1"
 EXAMPLES = REPO / "examples"
@@ -55,7 +57,7 @@ def app_deployment(ns: str, version: str) -> dict[str, Any]:
                     "containers": [
                         {
                             "name": "app",
-                            "image": "shop",
+                            **app_image(),
                             "command": ["sleep", "3600"],
                             "securityContext": {
                                 "allowPrivilegeEscalation": False,
@@ -67,6 +69,14 @@ def app_deployment(ns: str, version: str) -> dict[str, Any]:
             },
         },
     }
+
+
+def app_image() -> dict[str, str]:
+    """On the real node a container needs an image the node has: the built one stands in for the
+    app. The process node runs the command on its host whatever the image."""
+    if real_node():
+        return {"image": realnode.PROJECT_IMAGE, "imagePullPolicy": "Never"}
+    return {"image": "shop"}
 
 
 class Site:
@@ -197,6 +207,7 @@ def test_examples_reach_their_expected_state(
     env: dict[str, str],
     custom: client.CustomObjectsApi,
     apps: client.AppsV1Api,
+    core: client.CoreV1Api,
 ) -> None:
     prod, acc = sites
     by_ns = {prod.ns: prod, acc.ns: acc}
@@ -270,6 +281,42 @@ def test_examples_reach_their_expected_state(
         assert moved >= 1, f"nightjar_backups_total{{phase={phase}}} did not move"
     assert total(after, "nightjar_restores_total", namespace="shop-acceptance", phase="Completed") >= 1
     assert total(after, "nightjar_last_successful_backup_timestamp_seconds", namespace="shop") > 0
+
+    if real_node():
+        jobs = {
+            ("shop", f"{LABEL_BACKUP}=before-upgrade"),
+            ("shop", f"{LABEL_REPLICATION}=before-upgrade"),
+            ("shop-acceptance", f"{LABEL_RESTORE}=from-production"),
+        }
+        for ns, selector in sorted(jobs):
+            pods = [
+                p
+                for p in core.list_namespaced_pod(ns, label_selector=selector).items
+                if p.status.phase == "Succeeded"
+            ]
+            assert pods, f"no finished Pod in {ns} with {selector}"
+            print(assert_runs_in_the_image(pods[-1]))
+        assert_operator_runs_in_the_image(env, core)
+
+
+def assert_operator_runs_in_the_image(env: dict[str, str], core: client.CoreV1Api) -> None:
+    """The chart's operator Pod is a container of the built image under the kubelet, as uid 65532
+    on a read-only root filesystem with the chart's resources, talking to the API server with the
+    ServiceAccount token the kubelet projected into it."""
+    (pod,) = operator_pods(core)
+    (status,) = pod.status.container_statuses
+    assert status.container_id.startswith("containerd://") and status.ready
+    assert status.image_id == realnode.PROJECT_IMAGE_ID.read_text().strip()
+    (container,) = pod.spec.containers
+    chart = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))["operator"]["resources"]
+    assert container.resources.requests == chart["requests"]
+    assert container.resources.limits == chart["limits"]
+    assert any(v.projected and v.name.startswith("kube-api-access-") for v in pod.spec.volumes)
+    name = ["-n", SYSTEM_NS, pod.metadata.name, "--"]
+    out = kubectl(env, "exec", *name, "id", "-u")
+    assert out.returncode == 0 and out.stdout.strip() == "65532", out.stderr
+    out = kubectl(env, "exec", *name, "touch", "/probe")
+    assert out.returncode != 0 and "Read-only file system" in out.stderr, out
 
 
 def test_a_namespace_the_release_does_not_watch_is_left_alone(

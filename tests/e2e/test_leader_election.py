@@ -11,7 +11,7 @@ from kubernetes import client
 
 from tests.e2e.conftest import CHART, RELEASE, SYSTEM_NS, WATCHED, Helm, Release, lease_holder, operator_pods
 from tests.integration.helpers import psql
-from tests.support import wait_for
+from tests.support import real_node, wait_for
 
 G, V = "nightjar.dev", "v1alpha1"
 
@@ -70,7 +70,8 @@ def test_two_replicas_one_leader_and_a_takeover(
     custom: client.CustomObjectsApi,
     api_client: client.ApiClient,
 ) -> None:
-    # Both replicas run as processes on one host: no metrics port, so they do not collide.
+    # On the process node both replicas are processes of one host: no metrics port, so they do
+    # not collide. On the real node each has its own network namespace (and its probes).
     helm(
         "upgrade",
         RELEASE,
@@ -79,7 +80,7 @@ def test_two_replicas_one_leader_and_a_takeover(
         SYSTEM_NS,
         "--reuse-values",
         "--set=replicaCount=2",
-        "--set=metrics.enabled=false",
+        *([] if real_node() else ["--set=metrics.enabled=false"]),
         "--wait",
         "--timeout=3m",
     )
