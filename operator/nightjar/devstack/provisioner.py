@@ -133,29 +133,31 @@ class Provisioner:
             or not pv.status
             or pv.status.phase != "Released"
             or spec.persistent_volume_reclaim_policy != "Delete"
+            or (m.deletion_timestamp is not None and PV_PROTECTION not in (m.finalizers or []))
         ):
-            return
-        if spec.host_path is not None:
-            path = Path(spec.host_path.path).resolve()
-            if path.parent != self.volumes:
-                log.warning("PV %s: %s is not under %s; directory left", m.name, path, self.volumes)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-        # Released means no claim uses it, which is all the pv-protection controller checks before
-        # it drops its finalizer; the stack may not run that controller.
-        if PV_PROTECTION in (m.finalizers or []):
-            finalizers = [f for f in m.finalizers if f != PV_PROTECTION]
-            with contextlib.suppress(ApiException):
-                self.core.patch_persistent_volume(
-                    m.name, {"metadata": {"finalizers": finalizers, "resourceVersion": m.resource_version}}
-                )
+            return  # not ours, in use, kept, or already on its way out
         if m.deletion_timestamp is None:
+            if spec.host_path is not None:
+                path = Path(spec.host_path.path).resolve()
+                if path.parent != self.volumes:
+                    log.warning("PV %s: %s is not under %s; directory left", m.name, path, self.volumes)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
             try:
                 self.core.delete_persistent_volume(m.name)
             except ApiException as e:
                 if e.status != 404:
                     raise
-        log.info("PV %s released: deleted it and its directory", m.name)
+                return
+            log.info("PV %s released: deleted its directory and the PV", m.name)
+        elif PV_PROTECTION in (m.finalizers or []):
+            # Released means no claim uses it, which is all the pv-protection controller checks
+            # before it takes its finalizer off; the stack may not run that controller.
+            finalizers = [f for f in m.finalizers if f != PV_PROTECTION]
+            with contextlib.suppress(ApiException):  # a 409: the controller was first
+                self.core.patch_persistent_volume(
+                    m.name, {"metadata": {"finalizers": finalizers, "resourceVersion": m.resource_version}}
+                )
 
     def watch_claims(self, stop: Callable[[], bool]) -> None:
         watch_forever(self.core.list_persistent_volume_claim_for_all_namespaces, self.on_claim, stop)
