@@ -61,6 +61,24 @@ def down(state_dir: Path) -> None:
 
 @main.command()
 @_state_option
+def restart(state_dir: Path) -> None:
+    """Restart the operator of a running stack alone (to run changed code); the rest keeps running."""
+    stack = Stack(state_dir)
+
+    def pids() -> str:
+        st = stack.status()[0]
+        return ", ".join(str(p.pid) for p in st.procs if p.name == "operator") if st else ""
+
+    old = pids()
+    try:
+        stack.restart_operator()
+    except StackError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"Restarted the operator of the stack in {stack.dir} (pid {old or '-'} -> {pids()}).")
+
+
+@main.command()
+@_state_option
 def status(state_dir: Path) -> None:
     """Show each recorded process and whether it runs; exits 1 unless all run (an S3 server
     stopped with `s3 stop` is shown as stopped and does not count)."""

@@ -40,9 +40,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nightjar.devstack.stack import KUBERNETES_SERVICE_IP, REPO_ROOT, StackError, _wait_for, binary, cache_dir
+from nightjar.devstack.stack import (
+    KUBERNETES_SERVICE_IP,
+    REPO_ROOT,
+    StackError,
+    _http_ok,
+    _wait_for,
+    binary,
+    cache_dir,
+)
 
 NODE_NAME = "nightjar-node"
+# The kubelet's ports on the node IP (fixed: one real node per stack, each on its own node IP).
+KUBELET_PORT = 10250
+KUBELET_HEALTHZ_PORT = 10248
 PAUSE_IMAGE = "docker.io/local/pause:3.10"
 # What `make image` (hack/build-image.sh) builds; each `up` imports it. The operator's Jobs run it.
 PROJECT_IMAGE = "nightjar:dev"
@@ -318,6 +329,19 @@ class RealNode:
             f"(node IP {self.net.node_ip}, pods {self.net.pod_cidr})"
         )
 
+    def restart_containerd(self, spawn: Spawn) -> None:
+        """containerd again, on its recorded root, state and socket: its images, and the shims of
+        the containers that outlived it, are still there."""
+        t = time.monotonic()
+        self._containerd(spawn)
+        self.out(f"  containerd               {self.net.socket} ({time.monotonic() - t:.1f}s)")
+
+    def restart_kubelet(self, spawn: Spawn, kubeconfig: Path) -> None:
+        """The kubelet again (its root dir, certificates and the Pods it ran are kept)."""
+        t = time.monotonic()
+        self._kubelet(spawn, kubeconfig)
+        self.out(f"  kubelet                  {NODE_NAME} Ready in {time.monotonic() - t:.1f}s")
+
     def _route_kubernetes_service(self, kubeconfig: Path) -> None:
         """What kube-proxy would do for the one Service Pods need: the kubelet gives every Pod
         ``KUBERNETES_SERVICE_HOST``/``_PORT`` = the ``kubernetes`` Service's ClusterIP, port 443,
@@ -486,10 +510,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "cgroupRoot": n.cgroup_root,
             "containerRuntimeEndpoint": f"unix://{n.socket}",
             "address": n.node_ip,  # not loopback: the kubelet rejects a loopback node IP
-            "port": 10250,
+            "port": KUBELET_PORT,
             "readOnlyPort": 0,
             "healthzBindAddress": n.node_ip,
-            "healthzPort": 10248,
+            "healthzPort": KUBELET_HEALTHZ_PORT,
             "tlsCertFile": str(pki / "kubelet.crt"),
             "tlsPrivateKeyFile": str(pki / "kubelet.key"),
             "authentication": {
@@ -532,6 +556,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         api = client.CoreV1Api(kconfig.new_client_from_config(str(kubeconfig)))
 
         def ready() -> bool:
+            # Its own health first: a restarted kubelet's Node may still read Ready from before.
+            if not _http_ok(f"http://{n.node_ip}:{KUBELET_HEALTHZ_PORT}/healthz"):
+                return False
             node = api.read_node(NODE_NAME)
             return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 

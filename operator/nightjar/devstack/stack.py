@@ -5,7 +5,11 @@ PostgreSQL as local processes on loopback, plus the Nightjar operator. With ``no
 TEST/DEV ONLY. ``make up`` / ``make down`` and the test suite drive this module. Every process
 is started detached with its pid recorded under ``<state>/pids``; ``down`` stops exactly those
 pids (checking each still runs the binary it recorded, so a recycled pid is never signalled),
-then any container process the process node left behind.
+then any container process the process node left behind. ``up`` on a recorded stack starts again
+only what died, on its recorded ports, keys, PKI and data (``restart_plan``); what cannot restart in
+place (another node kind, a record or file that is gone) is never wiped: the user is asked to run
+``down`` then ``up``. ``restart_operator`` (``devstack restart``, ``make restart``) restarts the
+operator alone.
 
 State layout (``<state>`` is ``.local`` for ``make up``, ``.local/test`` for ``make test``):
 ``kubeconfig``, ``env`` (shell ``export`` lines), ``state.json``, ``logs/``, ``pids/``,
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import os
 import pwd
@@ -55,6 +60,11 @@ CONTROLLERS = ",".join(
         "replicaset-controller",
         "statefulset-controller",
         "persistentvolume-binder-controller",
+        # They take the kubernetes.io/pvc-protection and pv-protection finalizers (which the API
+        # server's admission adds) off unused claims and unbound volumes: without them a namespace
+        # holding a PVC never finishes deleting.
+        "persistentvolumeclaim-protection-controller",
+        "persistentvolume-protection-controller",
         "serviceaccount-controller",
         "pod-garbage-collector-controller",
         "root-ca-certificate-publisher-controller",
@@ -310,6 +320,143 @@ def _http_ok(url: str, ctx: ssl.SSLContext | None = None, token: str | None = No
         return bool(r.status == 200)
 
 
+# The real node's processes, in start order.
+REAL_NODE_PROCS = ("containerd", "kubelet", "pod-binder")
+# Restarting the key restarts these too, after it: a kubelet whose containerd died is restarted
+# with it, so it talks to the new one from the start.
+RESTART_WITH = {"containerd": ("kubelet",)}
+ASK_FRESH = (
+    "run `make down`, then `make up` (python -m nightjar.devstack down / up --state {dir}): "
+    "that starts over with empty data and new ports, keys and PKI"
+)
+
+
+def components(node: str, with_operator: bool) -> list[str]:
+    """The processes of a stack with ``node``, in start order (the order ``up`` restarts them in)."""
+    return [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "postgres",
+        *(srv.proc for srv in S3_SERVERS.values()),
+        *(REAL_NODE_PROCS if node == "real" else ("process-node",)),
+        "provisioner",
+        *(("operator",) if with_operator else ()),
+    ]
+
+
+def restart_plan(
+    node: str, with_operator: bool, recorded: Iterable[str], alive: Iterable[str], stopped: Iterable[str]
+) -> list[str]:
+    """What ``up`` starts on a stack that is already there, in start order: each recorded process
+    that no longer runs, what restarts with it (``RESTART_WITH``), the S3 servers stopped on purpose,
+    and the operator (when asked for) and the provisioner when never started (a stack an earlier
+    version started). Empty: the stack is up.
+
+    Raises StackError when the record lacks one of the stack's processes (an ``up`` that was
+    interrupted, or a stack of another layout): that is not restarted in place."""
+    recorded_set, alive_set, stopped_set = set(recorded), set(alive), set(stopped)
+    wanted = components(node, with_operator)
+    missing = [n for n in wanted if n not in recorded_set | stopped_set]
+    if [n for n in missing if n not in ("operator", "provisioner")]:
+        raise StackError(f"the stack's record has no {', '.join(missing)}")
+    todo = {n for n in recorded_set | stopped_set if n not in alive_set} | set(missing)
+    for name, also in RESTART_WITH.items():
+        if name in todo:
+            todo.update(a for a in also if a in recorded_set)
+    unknown = todo - set(components(node, True))
+    if unknown:
+        raise StackError(
+            f"the stack's record has processes this version does not know: {', '.join(sorted(unknown))}"
+        )
+    return [n for n in components(node, True) if n in todo]
+
+
+def restart_blockers(st: State, names: Iterable[str]) -> list[str]:
+    """Why the processes ``names`` of the stack recorded in ``st`` cannot start again in place on
+    their recorded ports, keys and data (files or records that are gone); empty when they can."""
+    d, p = st.path, st.ports
+    need_files = [d / "kubeconfig", *(d / "pki" / f for f in ("token", "tokens.csv", "sa.key", "sa.pub"))]
+    need_files.append(d / "pki" / "apiserver" / "apiserver.crt")
+    need_ports: list[str] = []
+    problems: list[str] = []
+    if st.node not in NODE_KINDS:
+        problems.append(f"its node kind {st.node!r} is unknown")
+    if st.node == "real":
+        if not all(st.real_node.get(k) for k in ("node_ip", "pod_cidr", "host_if", "socket", "cgroup_root")):
+            problems.append("its record of the real node is incomplete")
+        need_files += [d / "pki" / f"{n}.crt" for n in ("ca", "node", "kubelet", "apiserver-kubelet-client")]
+    for name in names:
+        if name == "etcd":
+            need_ports += ["etcd", "etcd_peer"]
+            need_files.append(d / "etcd")
+        elif name == "kube-apiserver":
+            need_ports += ["apiserver", "etcd"]
+        elif name == "kube-controller-manager":
+            need_ports.append("controller_manager")
+        elif name == "postgres":
+            need_ports.append("postgres")
+            if not st.pg_password:
+                problems.append("its record has no PostgreSQL password")
+            need_files.append(Path(st.pg_datadir or "/nonexistent-pg-datadir") / "data" / "PG_VERSION")
+        elif name in {srv.proc for srv in S3_SERVERS.values()}:
+            srv = next(s for s in S3_SERVERS.values() if s.proc == name)
+            need_ports.append(srv.port_key)
+            need_files.append(d / srv.data)
+            if not {"access_key", "secret_key"} <= set(st.s3_keys.get(srv.which, {})):
+                problems.append(f"its record has no keys for S3 server {srv.which}")
+    problems += [f"its record has no port {k}" for k in dict.fromkeys(need_ports) if not p.get(k)]
+    problems += [f"{f} is missing" for f in dict.fromkeys(need_files) if not f.exists()]
+    return problems
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Nothing holds ``host``:``port`` (a server about to listen there again can bind it). Raises
+    OSError when ``host`` is no address of this machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def _kill_group_leftovers(p: Proc, timeout: float = 10) -> None:
+    """``p`` died: kill what is left of its process group (PostgreSQL's backends hold its shared
+    memory, and a new postmaster refuses to start beside them). Only when ``p.pid`` is no other
+    process now: the kernel does not hand out a pid while a process group of that id lives, so then
+    every member of group ``p.pid`` is one of ours."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(p.pid, os.WNOHANG)  # our own child (the tests start stacks in-process): reap it
+    try:
+        state = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        state = "gone"
+    if state not in ("gone", "Z"):
+        return  # the pid runs another program now
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_members(p.pid):
+        time.sleep(0.05)
+
+
+def _group_members(pgid: int) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields_ = (d / "stat").read_text().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            if fields_[0] != "Z" and int(fields_[2]) == pgid:
+                found.append(int(d.name))
+    return found
+
+
 class Stack:
     """Starts and stops the stack recorded in ``state_dir``."""
 
@@ -364,34 +511,10 @@ class Stack:
                 "the real node needs root (it makes interfaces, cgroups and mounts): run as root, "
                 "or use the process node (`--node process`, make NODE=process)"
             )
-        st, alive, dead = self.status()
-        if st is not None and alive and not dead and st.node == node:
-            wanted = {
-                "etcd",
-                "kube-apiserver",
-                "kube-controller-manager",
-                *(("containerd", "kubelet", "pod-binder") if node == "real" else ("process-node",)),
-                "postgres",
-                *(srv.proc for srv in S3_SERVERS.values()),
-            }
-            if with_operator:
-                wanted.add("operator")
-            if wanted <= {p.name for p in alive} | set(st.stopped):
-                msg = f"The stack in {self.dir} is already up ({len(alive)} processes)"
-                again = [srv for srv in S3_SERVERS.values() if srv.proc in st.stopped]
-                if not again:
-                    self.out(f"{msg}; nothing changed.")
-                    return st
-                # A server stopped with `s3 stop` is part of the stack: `up` starts it again.
-                for srv in again:
-                    self.start_s3(srv.which)
-                self.out(f"{msg}; started the stopped S3 server {', '.join(s.which for s in again)} again.")
-                return self._recorded()
+        st, alive, _dead = self.status()
         if st is not None:
-            self.out(
-                f"Stopping the rest of an earlier stack in {self.dir} ({len(alive)} alive, {len(dead)} dead)."
-            )
-            self.down(quiet=True)
+            # A stack is recorded: what no longer runs starts again on its ports, keys and data.
+            return self._resume(st, alive, with_operator, node)
         # Every `up` starts from empty data: the stack is for development and tests, and its
         # credentials are new each time.
         data = ("pids", "pki", "etcd", *(srv.data for srv in S3_SERVERS.values()), "node", "volumes")
@@ -432,6 +555,139 @@ class Stack:
             raise
         return st
 
+    def _resume(self, st: State, alive: list[Proc], with_operator: bool, node: str) -> State:
+        """``up`` on a recorded stack: start each of its processes that died (and what must restart
+        with it) again, in start order, on its recorded ports, keys, PKI and data; start the S3
+        servers stopped on purpose again. What cannot restart in place is not wiped: the user is
+        asked to run ``down`` then ``up``."""
+        ask = ASK_FRESH.format(dir=self.dir)
+        if st.node != node:
+            raise StackError(
+                f"the stack in {self.dir} runs the {st.node} node, not the {node} node: to switch, {ask}"
+            )
+        try:
+            plan = restart_plan(
+                node, with_operator, [p.name for p in st.procs], [p.name for p in alive], st.stopped
+            )
+        except StackError as e:
+            raise StackError(f"the stack in {self.dir} cannot be restarted in place ({e}): {ask}") from None
+        msg = f"The stack in {self.dir} is already up ({len(alive)} processes)"
+        if not plan:
+            self.out(f"{msg}; nothing changed.")
+            return st
+        problems = restart_blockers(st, plan)
+        if problems:
+            raise StackError(
+                f"the stack in {self.dir} cannot be restarted in place ({'; '.join(problems)}): {ask}"
+            )
+        stopped = [srv for srv in S3_SERVERS.values() if srv.proc in st.stopped]
+        if {srv.proc for srv in stopped} == set(plan):
+            # A server stopped with `s3 stop` is part of the stack: `up` starts it again.
+            for srv in stopped:
+                self.start_s3(srv.which)
+            self.out(f"{msg}; started the stopped S3 server {', '.join(s.which for s in stopped)} again.")
+            return self._recorded()
+        recorded = {p.name for p in st.procs}
+        died = [n for n in plan if n in recorded and not any(p.name == n for p in alive)]
+        self.out(f"Restarting in {self.dir} what no longer runs: {', '.join(plan)}.")
+        t = time.monotonic()
+        try:
+            for name in plan:
+                self._restart_one(st, name)
+                if name == "etcd" and "kube-apiserver" not in plan:
+                    # The API server reconnects to etcd by itself; it serves once it has.
+                    self._wait_apiserver(st, None)
+            self._write_env(st)
+        except StackError as e:
+            raise StackError(
+                f"{e}\nRestarting in place failed; the rest of the stack still runs. Try `up` again, or {ask}"
+            ) from None
+        took = f"{time.monotonic() - t:.1f}s"
+        if died:
+            they = "it" if len(died) == 1 else "they"
+            self.out(f"Restarted {', '.join(died)} ({they} had died); data kept ({took}).")
+        for name in plan:
+            causes = [d for d in died if name in RESTART_WITH.get(d, ())]
+            if causes and name not in died:
+                self.out(f"Restarted {name} too (with {', '.join(causes)}).")
+        if stopped:
+            self.out(f"Started the stopped S3 server {', '.join(s.which for s in stopped)} again.")
+        for name in ("provisioner", "operator"):
+            if name in plan and name not in recorded:
+                self.out(f"Started the {name} (the stack ran without one).")
+        return st
+
+    def _restart_one(self, st: State, name: str) -> None:
+        """Start process ``name`` of the stack again in its recorded place (ports, keys, data)."""
+        for p in [p for p in st.procs if p.name == name]:
+            if _alive(p):  # restarted with another one (RESTART_WITH)
+                _terminate(p, signal.SIGTERM)
+            elif name != "containerd":  # the containers' shims outlive containerd on purpose
+                _kill_group_leftovers(p)
+            st.procs.remove(p)
+        st.save()
+        host = {"etcd": LOOPBACK, "kube-controller-manager": LOOPBACK}.get(name, st.host)
+        ports = {
+            "etcd": ["etcd", "etcd_peer"],
+            "kube-apiserver": ["apiserver"],
+            "kube-controller-manager": ["controller_manager"],
+            "postgres": ["postgres"],
+            **{srv.proc: [srv.port_key] for srv in S3_SERVERS.values()},
+        }.get(name, [])
+        for key in ports:
+            self._wait_port_free(name, host, st.ports[key])
+        srv = next((s for s in S3_SERVERS.values() if s.proc == name), None)
+        if name == "etcd":
+            self._etcd(st)
+        elif name == "kube-apiserver":
+            self._apiserver(st)
+        elif name == "kube-controller-manager":
+            self._controller_manager(st)
+        elif name == "postgres":
+            self._postgres(st)
+        elif srv is not None:
+            self._start_s3(st, srv)
+        elif name == "process-node":
+            self._kill_node_leftovers()
+            self._process_node(st)
+        elif name in REAL_NODE_PROCS:
+            self._restart_real_node_proc(st, name)
+        elif name == "provisioner":
+            self._provisioner(st)
+        elif name == "operator":
+            self._operator(st)
+        else:  # restart_plan names only the processes above
+            raise StackError(f"no way to restart {name}")
+
+    def _restart_real_node_proc(self, st: State, name: str) -> None:
+        from nightjar.devstack import realnode
+
+        net = realnode.NodeNet.from_dict(st.real_node)
+
+        def spawn(proc_name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+            return self._spawn(st, proc_name, argv)
+
+        node = realnode.RealNode(self.dir, net, self.out)
+        if name == "containerd":
+            node.restart_containerd(spawn)
+        elif name == "kubelet":
+            self._wait_port_free(name, net.node_ip, realnode.KUBELET_PORT)
+            node.restart_kubelet(spawn, self.dir / "kubeconfig")
+        else:
+            self._pod_binder(st)
+
+    def _wait_port_free(self, name: str, host: str, port: int, timeout: float = 15) -> None:
+        """The port ``name`` listened on is free again (a process just killed may hold it a moment
+        longer); another program holding it blocks the restart in place."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not _port_free(host, port):
+                if time.monotonic() > deadline:
+                    raise StackError(f"{host}:{port}, the port of {name}, is held by another process")
+                time.sleep(0.1)
+        except OSError as e:
+            raise StackError(f"{name} cannot listen on {host}:{port} again: {e}") from None
+
     def _pki(self, st: State) -> None:
         pki = self.dir / "pki"
         if shutil.which("openssl") is None:
@@ -455,8 +711,9 @@ class Stack:
             realnode.make_pki(pki, st.real_node["node_ip"])
 
     def _etcd(self, st: State) -> None:
-        client_port = free_port(st.ports.values())
-        peer_port = free_port([*st.ports.values(), client_port])
+        # Recorded ports are kept: a restart in place listens where it did.
+        client_port = st.ports.get("etcd") or free_port(st.ports.values())
+        peer_port = st.ports.get("etcd_peer") or free_port([*st.ports.values(), client_port])
         st.ports.update(etcd=client_port, etcd_peer=peer_port)
         url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
         proc = self._spawn(
@@ -479,7 +736,7 @@ class Stack:
         self.out(f"  etcd                     {url}")
 
     def _apiserver(self, st: State) -> None:
-        port = free_port(st.ports.values())
+        port = st.ports.get("apiserver") or free_port(st.ports.values())
         st.ports["apiserver"] = port
         pki = self.dir / "pki"
         proc = self._spawn(
@@ -503,9 +760,17 @@ class Stack:
                 *self._apiserver_node_args(st),
             ],
         )
+        base = self._wait_apiserver(st, proc)
+        pki = self.dir / "pki"
+        self._write_kubeconfig(base, pki / "apiserver" / "apiserver.crt", (pki / "token").read_text())
+        self.out(f"  kube-apiserver           {base}")
+
+    def _wait_apiserver(self, st: State, proc: subprocess.Popen[bytes] | None) -> str:
+        """Wait until the API server answers /readyz; returns its URL."""
+        pki = self.dir / "pki"
         token = (pki / "token").read_text()
         ca = pki / "apiserver" / "apiserver.crt"
-        base = f"https://{st.host}:{port}"
+        base = f"https://{st.host}:{st.ports['apiserver']}"
 
         def ready() -> bool:
             if not ca.is_file():
@@ -514,8 +779,7 @@ class Stack:
             return _http_ok(f"{base}/readyz", ctx, token)
 
         _wait_for("kube-apiserver", ready, 90, proc, self.dir / "logs" / "kube-apiserver.log")
-        self._write_kubeconfig(base, ca, token)
-        self.out(f"  kube-apiserver           {base}")
+        return base
 
     def _apiserver_node_args(self, st: State) -> list[str]:
         if st.node != "real":
@@ -561,7 +825,7 @@ class Stack:
         path.chmod(0o600)
 
     def _controller_manager(self, st: State) -> None:
-        port = free_port(st.ports.values())
+        port = st.ports.get("controller_manager") or free_port(st.ports.values())
         st.ports["controller_manager"] = port
         proc = self._spawn(
             st,
@@ -593,17 +857,63 @@ class Stack:
         self.out("  kube-controller-manager  " + CONTROLLERS.replace(",", " "))
 
     def _postgres(self, st: State) -> None:
+        """PostgreSQL on its recorded port and data dir when the stack has them (a restart in
+        place), else on a new port and data dir made by initdb."""
         bindir = postgres_bindir()
-        user: str | None = None
-        if os.geteuid() == 0:
+        user = "postgres" if os.geteuid() == 0 else None
+        initialised = bool(st.pg_datadir) and (Path(st.pg_datadir) / "data" / "PG_VERSION").is_file()
+        datadir = Path(st.pg_datadir) if initialised else self._initdb(st, bindir, user)
+        listen = [LOOPBACK] + ([st.real_node["node_ip"]] if st.node == "real" else [])
+        port = st.ports.get("postgres") or free_port(st.ports.values())
+        st.ports["postgres"] = port
+        proc = self._spawn(
+            st,
+            "postgres",
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(datadir / "data"),
+                "-p",
+                str(port),
+                "-k",
+                str(datadir),
+                "-c",
+                f"listen_addresses={','.join(listen)}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
+            user=user,
+            cwd=datadir,
+        )
+
+        def ready() -> bool:
+            return (
+                subprocess.run(
+                    [str(bindir / "pg_isready"), "-h", st.host, "-p", str(port)],
+                    capture_output=True,
+                    check=False,
+                ).returncode
+                == 0
+            )
+
+        _wait_for("postgres", ready, 60, proc, self.dir / "logs" / "postgres.log")
+        where = " ".join(f"{a}:{port}" for a in listen)
+        self.out(f"  postgres                 {where} ({bindir.parent.name}, data in {datadir})")
+
+    def _initdb(self, st: State, bindir: Path, user: str | None) -> Path:
+        """A new data dir (in a temp dir: owned by ``user``) with a new password; returns the dir."""
+        if user:
             # PostgreSQL refuses to run as root: run it as the Debian package's `postgres` user.
             try:
-                pw = pwd.getpwnam("postgres")
+                pw = pwd.getpwnam(user)
             except KeyError as e:
                 raise StackError(
                     "running as root needs the `postgres` user (apt-get install postgresql)"
                 ) from e
-            user = "postgres"
             datadir = Path(tempfile.mkdtemp(prefix="nightjar-pg-"))
             os.chown(datadir, pw.pw_uid, pw.pw_gid)
         else:
@@ -637,54 +947,14 @@ class Stack:
         pwfile.unlink()
         if res.returncode != 0:
             raise StackError(f"initdb failed: {res.stderr.decode(errors='replace')}")
-        listen = [LOOPBACK]
         if st.node == "real":
             # Pods connect from the pod range to the node IP; the host's own clients from the
             # node IP. initdb allowed loopback only.
             net = st.real_node
-            listen.append(net["node_ip"])
             with open(pgdata / "pg_hba.conf", "a", encoding="utf-8") as hba:
                 for cidr in (f"{net['node_ip']}/32", net["pod_cidr"]):
                     hba.write(f"host all all {cidr} scram-sha-256\n")
-        port = free_port(st.ports.values())
-        st.ports["postgres"] = port
-        proc = self._spawn(
-            st,
-            "postgres",
-            [
-                str(bindir / "postgres"),
-                "-D",
-                str(pgdata),
-                "-p",
-                str(port),
-                "-k",
-                str(datadir),
-                "-c",
-                f"listen_addresses={','.join(listen)}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-            ],
-            user=user,
-            cwd=datadir,
-        )
-
-        def ready() -> bool:
-            return (
-                subprocess.run(
-                    [str(bindir / "pg_isready"), "-h", st.host, "-p", str(port)],
-                    capture_output=True,
-                    check=False,
-                ).returncode
-                == 0
-            )
-
-        _wait_for("postgres", ready, 60, proc, self.dir / "logs" / "postgres.log")
-        where = " ".join(f"{a}:{port}" for a in listen)
-        self.out(f"  postgres                 {where} ({bindir.parent.name}, data in {datadir})")
+        return datadir
 
     def _minio(self, st: State) -> None:
         """Every S3 server: all are started first, then each is waited for, so they start together."""
@@ -817,6 +1087,9 @@ class Stack:
             return self._spawn(st, name, argv)
 
         realnode.RealNode(self.dir, net, self.out).start(spawn, self.dir / "kubeconfig", self._recorder(st))
+        self._pod_binder(st)
+
+    def _pod_binder(self, st: State) -> None:
         self._spawn(
             st,
             "pod-binder",
@@ -923,8 +1196,20 @@ class Stack:
         return {"NIGHTJAR_AGENT_ENV_NIGHTJAR_PG_BINDIR": str(postgres_bindir())}
 
     def restart_operator(self) -> None:
-        """Stop the operator (if it runs) and start a new one: what a crash and a restart look like."""
+        """Stop the operator (if it runs) and start a new one: what a crash and a restart look like.
+        Only on a stack that runs one (not ``up --no-operator``) and whose other processes run."""
         st = self._recorded()
+        if not any(p.name == "operator" for p in st.procs):
+            raise StackError(
+                f"the stack in {self.dir} runs no operator (it was started with --no-operator): "
+                "`up` without --no-operator starts one"
+            )
+        down = [p.name for p in st.procs if p.name != "operator" and not _alive(p)]
+        if down:
+            raise StackError(
+                f"{', '.join(down)} of the stack in {self.dir} no longer run: `up` restarts them "
+                "(and the operator, if it died)"
+            )
         for p in [p for p in st.procs if p.name == "operator"]:
             if _alive(p):
                 with contextlib.suppress(ProcessLookupError):
@@ -976,6 +1261,11 @@ class Stack:
             return
         if srv.which not in st.s3_keys or srv.port_key not in st.ports:
             raise StackError(f"the stack in {self.dir} has no S3 server {which}: run `down`, then `up`")
+        self._start_s3(st, srv)
+        self.out(f"Started S3 server {which} ({srv.proc}, {self._s3_url(st, srv)}) again.")
+
+    def _start_s3(self, st: State, srv: S3Server) -> None:
+        """Start ``srv`` on its recorded port, data dir and keys; wait until it serves its buckets."""
         # A record of it that died on its own is replaced; from here it is no longer stopped on
         # purpose: if it fails to start, `status` shows it as not running.
         st.procs = [p for p in st.procs if p.name != srv.proc]
@@ -995,7 +1285,6 @@ class Stack:
         except BaseException:
             _terminate(next(p for p in st.procs if p.pid == proc.pid), signal.SIGKILL)
             raise
-        self.out(f"Started S3 server {which} ({srv.proc}, {self._s3_url(st, srv)}) again.")
 
     def _recorded(self) -> State:
         st = State.load(self.dir)
