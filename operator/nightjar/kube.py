@@ -102,6 +102,22 @@ class Kube:
 
     # --- core objects --------------------------------------------------------------------
 
+    def namespace_terminating(self, namespace: str) -> bool:
+        """``namespace`` is being deleted (or is gone). Reading a namespace needs ``get`` on
+        ``namespaces``, which a Role in that same namespace grants (for RBAC a namespace is in
+        itself): the chart's Roles hold it. Without it (403), the answer is no, and a deletion
+        deletes as it always did."""
+        try:
+            ns = self.core.read_namespace(namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            if e.status == 403:
+                log.warning("may not read namespace %s: treating it as not being deleted", namespace)
+                return False
+            raise
+        return bool(ns.metadata.deletion_timestamp) or (ns.status and ns.status.phase) == "Terminating"
+
     def secret_data(self, namespace: str, name: str) -> dict[str, str]:
         try:
             s = self.core.read_namespaced_secret(name, namespace)

@@ -91,6 +91,11 @@ presigned-URL Secret of a cross-namespace restore); never list or watch.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
+# Whether a Backup is deleted with its namespace (then its snapshot stays): in a Role this is only
+# the Role's own namespace (for RBAC a namespace is in itself); never list or watch.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -730,6 +730,11 @@ class BackupReconciler:
         meta, spec = backup["metadata"], backup["spec"]
         ns = meta["namespace"]
         st = backup.get("status") or {}
+        if self.kube.namespace_terminating(ns):
+            # `kubectl delete namespace` is not a request to delete the backups: they are what
+            # brings the namespace back. The snapshot stays until its own expiry (in its manifest).
+            expires = (meta.get("annotations") or {}).get(ANNOTATION_EXPIRES_AT) or "its expiry"
+            return f"namespace {ns} is being deleted: kept the stored snapshot until {expires}"
         primary = spec["storageRef"]["name"]
         written = [
             loc
