@@ -153,10 +153,11 @@ class Provisioner:
         elif PV_PROTECTION in (m.finalizers or []):
             # Released means no claim uses it, which is all the pv-protection controller checks
             # before it takes its finalizer off; the stack may not run that controller.
-            finalizers = [f for f in m.finalizers if f != PV_PROTECTION]
-            with contextlib.suppress(ApiException):  # a 409: the controller was first
+            # A JSON patch (a dict would be a strategic merge, which only ever adds finalizers).
+            at = f"/metadata/finalizers/{m.finalizers.index(PV_PROTECTION)}"
+            with contextlib.suppress(ApiException):  # a failed test: the controller was first
                 self.core.patch_persistent_volume(
-                    m.name, {"metadata": {"finalizers": finalizers, "resourceVersion": m.resource_version}}
+                    m.name, [{"op": "test", "path": at, "value": PV_PROTECTION}, {"op": "remove", "path": at}]
                 )
 
     def watch_claims(self, stop: Callable[[], bool]) -> None:
