@@ -201,6 +201,9 @@ def test_the_service_account_has_no_more_than_the_chart_promises(
     assert status_of(lambda: sa_core.read_namespaced_secret("probe", SYSTEM_NS)) == 403
     assert status_of(lambda: sa_core.list_namespaced_secret(WATCHED[0])) == 403
     assert status_of(sa_core.list_secret_for_all_namespaces) == 403
+    # Its own watched namespaces, to see whether one is being deleted; never another, never a list.
+    assert status_of(lambda: sa_core.read_namespace(WATCHED[0])) == 200
+    assert status_of(lambda: sa_core.read_namespace(OUTSIDER)) == 403
     # Nothing cluster-scoped, no deletes of what it did not create.
     assert status_of(sa_core.list_node) == 403
     assert status_of(sa_core.list_namespace) == 403
