@@ -157,6 +157,7 @@ def test_a_namespace_holding_a_bound_claim_is_deleted_completely(
 ) -> None:
     ns = f"t-pvc-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": ns}})
+    (tmp_path / "data").mkdir()
     pv = hostpath_claim(core, ns, "data", tmp_path / "data")
     try:
         claim = core.read_namespaced_persistent_volume_claim("data", ns)
