@@ -38,6 +38,12 @@ class OperatorConfig:
     scheduler_interval_seconds: int = 30
     #: Seconds between garbage-collection sweeps over all Backups.
     gc_interval_seconds: int = 300
+    #: Seconds between syncs of a BackupStorage with its bucket (re-created Backups, orphan
+    #: sweep); each storage is also synced when it is created and when the operator starts.
+    sync_interval_seconds: int = 900
+    #: An attempt's objects without a manifest that no Backup stands for are deleted once the
+    #: newest of them is this old (a Backup deleted while its Job still wrote).
+    orphan_grace_seconds: int = 24 * 3600
     #: Retention of Backups that carry none of their own, by type (OnDemand, Uploaded):
     #: NIGHTJAR_DEFAULT_RETENTION_ONDEMAND / _UPLOADED, e.g. "3mo", "6w", "1y". Scheduled
     #: Backups take their schedule's retention.
@@ -75,6 +81,8 @@ class OperatorConfig:
             agent_memory_request=os.environ.get("NIGHTJAR_AGENT_MEMORY_REQUEST", cls.agent_memory_request),
             agent_memory_limit=os.environ.get("NIGHTJAR_AGENT_MEMORY_LIMIT", cls.agent_memory_limit),
             agent_run_as_user=_int("NIGHTJAR_AGENT_RUN_AS_USER", cls.agent_run_as_user),
+            sync_interval_seconds=_int("NIGHTJAR_SYNC_INTERVAL_SECONDS", cls.sync_interval_seconds),
+            orphan_grace_seconds=_int("NIGHTJAR_ORPHAN_GRACE_SECONDS", cls.orphan_grace_seconds),
             job_active_deadline_seconds=_int(
                 "NIGHTJAR_JOB_ACTIVE_DEADLINE_SECONDS", cls.job_active_deadline_seconds
             ),

@@ -21,6 +21,12 @@ ANNOTATION_MODEL_VERSION = f"{GROUP}/model-version"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_BACKUP = f"{GROUP}/backup"
 LABEL_SCHEDULE = f"{GROUP}/schedule"
+#: A scheduled Backup's tier (Nightly, Weekly, Monthly).
+LABEL_TIER = f"{GROUP}/tier"
+#: "true" on a Backup that storage sync re-created from the bucket (its snapshot was already there).
+LABEL_SYNCED = f"{GROUP}/synced"
+#: On a synced Backup: the manifest key of the snapshot it stands for (its data, never re-taken).
+ANNOTATION_SYNCED_FROM = f"{GROUP}/synced-from"
 LABEL_RESTORE = f"{GROUP}/restore"
 #: On a replication Job: the Backup it copies, and the replica BackupStorage it copies into.
 LABEL_REPLICATION = f"{GROUP}/replication-of"

@@ -36,6 +36,7 @@ from nightjar.reconcile.restore import PLURAL as RESTORES
 from nightjar.reconcile.restore import RestoreReconciler
 from nightjar.reconcile.schedule import PLURAL as SCHEDULES
 from nightjar.reconcile.schedule import Scheduler, gc_sweep, list_all
+from nightjar.reconcile.sync import StorageSync
 
 log = logging.getLogger("nightjar")
 
@@ -48,6 +49,7 @@ class _State:
     restores: RestoreReconciler
     scheduler: Scheduler
     replicator: Replicator
+    sync: StorageSync
     config: OperatorConfig
     stop: threading.Event
 
@@ -84,6 +86,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     STATE.backups = BackupReconciler(STATE.kube, config, STATE.replicator)
     STATE.restores = RestoreReconciler(STATE.kube, config)
     STATE.scheduler = Scheduler(STATE.kube)
+    STATE.sync = StorageSync(STATE.kube, config)
     STATE.config = config
     STATE.stop = threading.Event()
     threading.Thread(target=_periodic, name="nightjar-sweeps", daemon=True).start()
@@ -119,6 +122,10 @@ def _replication_sweeps() -> None:
             )
         except Exception:
             log.exception("storage check sweep failed; the next sweep retries")
+        try:
+            STATE.sync.sweep(list_all(STATE.kube, storage_rec.PLURAL), dt.datetime.now(dt.UTC))
+        except Exception:
+            log.exception("storage sync sweep failed; the next sweep retries")
         try:
             finished = list_all(STATE.kube, BACKUPS, f"{LABEL_FINISHED}=true")
             rep = STATE.replicator.sweep(finished, dt.datetime.now(dt.UTC))
@@ -183,6 +190,8 @@ def storage_check(body: kopf.Body, **_: Any) -> None:
     now, policy = dt.datetime.now(dt.UTC), STATE.replicator.policy
     storage_rec.reconcile_storage(STATE.kube, dict(body), now, policy)
     storage_rec.reconcile_dependents(STATE.kube, dict(body), now, policy)
+    # A new storage (or one the operator resumes) shows what its bucket holds at once.
+    STATE.sync.run(_plain(body), now)
 
 
 # --- Backup --------------------------------------------------------------------------------------

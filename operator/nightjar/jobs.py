@@ -8,6 +8,7 @@ agent only through ``secretKeyRef`` env; user values are separate argv entries, 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,8 @@ class BackupPlan:
     db_keys: tuple[str, ...]
     previous_manifest: str = ""
     model_version: str = ""
+    #: What the manifest keeps to re-create the Backup from the bucket: its spec and labels.
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _secret_env(env_name: str, secret: str, key: str) -> dict[str, Any]:
@@ -287,6 +290,10 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
         args += ["--previous-manifest", plan.previous_manifest]
     if plan.model_version:
         args += ["--model-version", plan.model_version]
+    if plan.record:
+        # `$$`: the kubelet expands $(VAR) in args; a comment is text, never a variable.
+        record = json.dumps(plan.record, sort_keys=True, separators=(",", ":")).replace("$", "$$")
+        args += ["--record", record]
     pod = _Wiring(args)
     pod.env.append({"name": "NIGHTJAR_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
     pod.storage_credentials(st)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -425,6 +426,12 @@ def test_deleting_a_locked_backup_says_its_objects_stay_until_retention_ends(
     (locked,) = [e for e in events if e.reason == "ObjectsLocked"]
     assert "under Object Lock" in locked.message
     assert s3.head_object(Bucket=env["NIGHTJAR_S3_BUCKET_LOCKED"], Key=st["storage"]["manifestKey"])
+    # Deleted on purpose: a tombstone next to the locked snapshot, so storage sync (every 10 s on
+    # this stack) never brings the Backup back.
+    tombstone = st["storage"]["manifestKey"].rsplit("/", 2)[0] + "/deleted.json"
+    assert s3.head_object(Bucket=env["NIGHTJAR_S3_BUCKET_LOCKED"], Key=tombstone)
+    time.sleep(15)
+    assert backup_gone(custom, namespace, "kept")
 
 
 def test_storage_whose_bucket_lacks_object_lock_or_does_not_exist_is_unavailable(

@@ -177,3 +177,22 @@ def test_an_encrypting_storage_mounts_its_key_secret_read_only_never_as_env_or_a
     plain = build_backup_job(plan(), OperatorConfig())
     assert "--keys-dir" not in container(plain)["args"]
     assert not [v for v in plain["spec"]["template"]["spec"]["volumes"] if v["name"] == "keys"]
+
+
+def test_the_backup_job_hands_the_agent_the_record_that_storage_sync_recreates_from() -> None:
+    import json
+
+    record = {
+        "spec": {"comment": "before $(upgrade); `x`", "type": "Weekly"},
+        "labels": {"nightjar.dev/tier": "Weekly"},
+    }
+    args = build_backup_job(plan(record=record), OperatorConfig())["spec"]["template"]["spec"]["containers"][
+        0
+    ]["args"]
+    # One argv element, never through a shell: a comment with shell syntax is just text, and `$`
+    # is escaped from the kubelet's $(VAR) expansion (which turns `$$` back into `$`).
+    assert json.loads(args[args.index("--record") + 1].replace("$$", "$")) == record
+    assert (
+        "--record"
+        not in build_backup_job(plan(), OperatorConfig())["spec"]["template"]["spec"]["containers"][0]["args"]
+    )

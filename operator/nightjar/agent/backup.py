@@ -26,7 +26,7 @@ import subprocess
 import threading
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -122,6 +122,9 @@ class BackupRequest:
     files_s3: S3Target | None = None
     previous_manifest: str = ""
     model_version: str = ""
+    #: The Backup's spec and labels (``{"spec": ..., "labels": ...}``), kept in the manifest's
+    #: ``backup`` part: what storage sync re-creates the Backup from.
+    record: dict[str, Any] = field(default_factory=dict)
     #: NIGHTJAR_PG_BINDIR: the directory of the pg_dump to run, whatever the server's version.
     pg_bindir: str = ""
     #: NIGHTJAR_PG_ROOT: where the versioned clients are (``<root>/<major>/bin``).
@@ -304,6 +307,7 @@ def _run(req: BackupRequest, loc: layout.SnapshotLocation, store: ObjectStore) -
                 "name": req.backup_name,
                 "uid": req.backup_uid,
                 "type": req.backup_type,
+                **{k: v for k, v in req.record.items() if k in ("spec", "labels")},
             },
             source=req.source,
             contents=req.contents,

@@ -76,6 +76,12 @@ def _storage(o: dict[str, Any], role: str = "") -> S3Target:
 @click.option("--previous-manifest", default="")
 @click.option("--model-version", default="")
 @click.option(
+    "--record",
+    default="",
+    help="JSON: the Backup's spec and labels, kept in the manifest so the Backup can be re-created "
+    "from the bucket (storage sync).",
+)
+@click.option(
     "--keys-dir",
     type=click.Path(path_type=Path),
     default=None,
@@ -109,6 +115,7 @@ def backup_cmd(**o: Any) -> None:
             files_s3=files_s3,
             previous_manifest=o["previous_manifest"],
             model_version=o["model_version"],
+            record=_record(o["record"]),
             pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
             pg_root=_env("NIGHTJAR_PG_ROOT"),
             keyring=_keyring(o["keys_dir"], BackupFailed),
@@ -123,6 +130,20 @@ def backup_cmd(**o: Any) -> None:
         raise
     result["durationSeconds"] = round(time.monotonic() - started, 3)
     write_result(o["result_file"], result)
+
+
+def _record(raw: str) -> dict[str, Any]:
+    from nightjar.agent.backup import BackupFailed
+
+    if not raw:
+        return {}
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise BackupFailed(f"--record is not JSON: {e}") from e
+    if not isinstance(record, dict):
+        raise BackupFailed("--record is not a JSON object")
+    return record
 
 
 def _keyring(path: Path | None, failure: Any) -> KeyRing | None:

@@ -1166,6 +1166,10 @@ class Stack:
                     "NIGHTJAR_SCHEDULER_INTERVAL_SECONDS", "3"
                 ),
                 "NIGHTJAR_GC_INTERVAL_SECONDS": os.environ.get("NIGHTJAR_GC_INTERVAL_SECONDS", "5"),
+                # Storage sync: each BackupStorage's bucket listed every 10 s, an attempt's
+                # leftovers without a manifest deleted after 30 s (production: 15 min, 24 h).
+                "NIGHTJAR_SYNC_INTERVAL_SECONDS": os.environ.get("NIGHTJAR_SYNC_INTERVAL_SECONDS", "10"),
+                "NIGHTJAR_ORPHAN_GRACE_SECONDS": os.environ.get("NIGHTJAR_ORPHAN_GRACE_SECONDS", "30"),
             },
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -22,9 +23,12 @@ from nightjar.config import OperatorConfig
 from nightjar.constants import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_MODEL_VERSION,
+    ANNOTATION_SYNCED_FROM,
     FINALIZER,
     GROUP,
     LABEL_FINISHED,
+    LABEL_SCHEDULE,
+    LABEL_TIER,
     VERSION,
 )
 from nightjar.domain import residency
@@ -207,6 +211,9 @@ class BackupReconciler:
         if (backup.get("spec") or {}).get("type") == UPLOADED:
             self.reconcile_uploaded(backup)
             return
+        if ANNOTATION_SYNCED_FROM in (backup["metadata"].get("annotations") or {}):
+            self.reconcile_synced(backup)
+            return
         meta = backup["metadata"]
         ns, name = meta["namespace"], meta["name"]
         backup = self._ensure_expiry(backup)
@@ -338,6 +345,12 @@ class BackupReconciler:
             db_keys=db_keys,
             previous_manifest=self._previous_manifest(backup, storage_name),
             model_version=model_version,
+            record={
+                "spec": spec,
+                "labels": {
+                    k: v for k, v in (meta.get("labels") or {}).items() if k in (LABEL_SCHEDULE, LABEL_TIER)
+                },
+            },
         )
 
     def _model_version(self, ns: str, app: dict[str, Any] | None) -> str:
@@ -615,17 +628,7 @@ class BackupReconciler:
             raise UploadRefused(
                 f"the uploaded manifest {key} does not list its own parts", "VerificationFailed"
             )
-        for k, size in sorted(objects.items()):
-            try:
-                head = store.head(k)
-            except StorageError as e:  # "checking <key>: ..."
-                raise PreflightFailed(f"storage: {e}") from e
-            if head is None:
-                raise UploadRefused(f"{k} is missing from the bucket", "VerificationFailed")
-            if head.size != size:
-                raise UploadRefused(
-                    f"{k} has {head.size} bytes, the manifest says {size}", "VerificationFailed"
-                )
+        _check_objects(store, objects)
         expires = meta["annotations"][ANNOTATION_EXPIRES_AT]
         lock = Lock.of(lock_mode, parse_time(expires))
         if lock is not None:
@@ -659,6 +662,113 @@ class BackupReconciler:
                 "manifestSha256": want_sha,
             },
             "conditions": [_cond("Completed", True, "UploadVerified", "uploaded snapshot verified", now)],
+        }
+
+    # --- synced backups (re-created from the bucket) ----------------------------------------
+
+    def reconcile_synced(self, backup: dict[str, Any]) -> None:
+        """A Backup storage sync re-created: its snapshot is already in the bucket (the key in
+        ``nightjar.dev/synced-from``). Check it is intact and complete the Backup; no Job.
+
+        Retried while the storage cannot be reached; failed at once when the manifest is not
+        this namespace's snapshot, does not parse, or lists a missing or short object.
+        """
+        status = backup.get("status") or {}
+        expires = backup["metadata"]["annotations"].get(ANNOTATION_EXPIRES_AT, "")
+        if not status.get("phase"):
+            self._set(
+                backup,
+                {
+                    "phase": "Queued",
+                    "attempts": 0,
+                    "expiresOn": expires,
+                    "message": "checking the snapshot found in the bucket",
+                },
+                ("Normal", "Queued", "re-created from the bucket; checking its snapshot"),
+            )
+        attempts = int(status.get("attempts") or 0) + 1
+        try:
+            done = self._adopt_synced(backup, attempts)
+        except UploadRefused as e:
+            self._fail(backup, str(e), attempts, reason=e.reason)
+            return
+        except PreflightFailed as e:
+            self._set(backup, {"attempts": attempts, "message": f"{e}; retrying"})
+            raise Retry(str(e), min(300.0, 10.0 * 2 ** min(attempts - 1, 5))) from e
+        self._set(
+            backup,
+            self._with_locations(backup, done),
+            ("Normal", "Completed", f"snapshot {done['snapshotId']} found in the bucket and verified"),
+        )
+
+    def _adopt_synced(self, backup: dict[str, Any], attempts: int) -> dict[str, Any]:
+        meta, spec = backup["metadata"], backup["spec"]
+        ns = meta["namespace"]
+        key = meta["annotations"][ANNOTATION_SYNCED_FROM]
+        storage_name = spec["storageRef"]["name"]
+        storage = self.kube.get(storage_rec.PLURAL, ns, storage_name)
+        if storage is None:
+            raise PreflightFailed(f'BackupStorage "{storage_name}" not found in namespace {ns}')
+        try:
+            target = storage_rec.target_for(self.kube, ns, storage["spec"])
+        except SecretMissing as e:
+            raise PreflightFailed(f"BackupStorage {storage_name} credentials: {e}") from e
+        where = layout.parse_key(key, target.prefix)
+        if where is None or not where.is_manifest or where.source == UPLOADED_SOURCE:
+            raise UploadRefused(
+                f"{ANNOTATION_SYNCED_FROM} {key!r} is not a snapshot manifest of "
+                f"BackupStorage {storage_name}",
+                "NotAllowed",
+            )
+        if where.namespace not in (ns, (storage["spec"].get("sync") or {}).get("fromNamespace")):
+            raise UploadRefused(
+                f"{key} is a snapshot of namespace {where.namespace}: not one BackupStorage {storage_name} "
+                "serves here",
+                "NotAllowed",
+            )
+        store = storage_rec.store_of(target)
+        try:
+            raw = store.read(key)
+            keyring = preflight.keyring(self.kube, ns, storage["spec"])
+            manifest = Manifest.parse(raw, keyring, f"manifest {key}")
+        except ObjectMissing as e:
+            raise UploadRefused(
+                f"the manifest {key} is not in bucket {target.bucket}", "ManifestMissing"
+            ) from e
+        except preflight.Missing as e:
+            raise PreflightFailed(f"BackupStorage {storage_name}: {e}") from e
+        except IntegrityError as e:
+            raise UploadRefused(f"{e}", "VerificationFailed") from e
+        except StorageError as e:
+            raise PreflightFailed(f"storage: {e}") from e
+        if manifest.database is None:
+            raise UploadRefused(f"{key} is not a snapshot manifest", "VerificationFailed")
+        _check_objects(store, {o.key: o.bytes for o in manifest.objects})
+        now = _now()
+        size, files = manifest.size_uncompressed, manifest.files
+        return {
+            "phase": "Completed",
+            "snapshotId": manifest.snapshot_id,
+            "createdOn": manifest.created_on,
+            "completedOn": format_time(now),
+            "expiresOn": manifest.expires_on,
+            "modelVersion": manifest.model_version,
+            "sizeUncompressedBytes": size,
+            "sizeUncompressedMB": f"{size / 1e6:.2f}",
+            "database": manifest.database.summary(),
+            "files": {"count": files.count, "bytes": files.bytes} if files else {"count": 0, "bytes": 0},
+            "attempts": attempts,
+            "sourceId": where.source,
+            "message": f"snapshot {manifest.snapshot_id} found in the bucket and verified "
+            f"({len(manifest.objects)} objects)",
+            "storage": {
+                "storageName": storage_name,
+                "endpoint": target.endpoint,
+                "bucket": target.bucket,
+                "manifestKey": key,
+                "manifestSha256": hashlib.sha256(raw).hexdigest(),
+            },
+            "conditions": [_cond("Completed", True, "SyncedFromStorage", "snapshot found and verified", now)],
         }
 
     def _upload_claimed_by(self, backup: dict[str, Any], key: str, older_only: bool) -> str:
@@ -775,7 +885,6 @@ class BackupReconciler:
         """Delete in one location (``prefix``: its storage's). In a replica, keys are the
         primary's under the replica's prefix."""
         meta, spec = backup["metadata"], backup["spec"]
-        ns = meta["namespace"]
 
         def here(key: str) -> str:
             return layout.relocate(key, prefix, primary_prefix) if replica else key
@@ -783,33 +892,25 @@ class BackupReconciler:
         label = f"in replica {replica}: " if replica else ""
         if spec.get("type") == UPLOADED:
             return label + self._delete_upload(backup, store, prefix, here)
-        sid = layout.source_id(spec["source"])
-        mine = layout.backup_prefix(prefix, ns, sid, meta["uid"])
+        mine, source_root = snapshot_prefixes(backup, prefix)
         try:
-            own = {k for k, _ in store.list_versions(mine)}
-            referenced: set[str] = set()
-            keep: set[str] = set()
-            for info in store.list(layout.source_prefix(prefix, ns, sid)):
-                if not layout.is_manifest(info.key):
-                    continue
-                objs = {
-                    layout.relocate(o.key, prefix) if replica else o.key
-                    for o in PublicManifest.parse(store.read(info.key), info.key).objects
-                }
-                if info.key.startswith(mine):
-                    referenced |= objs
-                else:
-                    keep |= objs
-            doomed = sorted((own | referenced) - keep)
-            deleted, locked = store.delete(doomed)
+            deleted, doomed, locked = delete_snapshot(store, mine, source_root, prefix if replica else None)
+            if any(k.startswith(mine) and layout.is_manifest(k) for k in locked):
+                # Object Lock keeps its manifest: a tombstone says it was deleted on purpose, so
+                # storage sync never brings the Backup back (a new object, not a rewrite).
+                store.put(
+                    mine + layout.TOMBSTONE,
+                    json.dumps(
+                        {"deletedOn": format_time(_now()), "backup": meta["name"], "uid": meta["uid"]}
+                    ).encode(),
+                    content_type="application/json",
+                )
         except StorageError as e:
             where = f" in replica {replica}" if replica else ""
             raise Retry(f"deleting stored objects{where}: {e}", 30) from e
         except Exception as e:
             raise Retry(f"deleting stored objects {label}{type(e).__name__}: {e}", 30) from e
-        return label + self._deleted(
-            backup, f"deleted {deleted} object versions of {len(doomed)} objects", locked
-        )
+        return label + self._deleted(backup, f"deleted {deleted} object versions of {doomed} objects", locked)
 
     def _delete_upload(
         self,
@@ -854,6 +955,62 @@ class BackupReconciler:
             )
             msg += f"; {len(locked)} locked objects left to expire"
         return msg
+
+
+def _check_objects(store: ObjectStore, objects: dict[str, int]) -> None:
+    """Every object is in the bucket with the size the manifest says."""
+    for k, size in sorted(objects.items()):
+        try:
+            head = store.head(k)
+        except StorageError as e:  # "checking <key>: ..."
+            raise PreflightFailed(f"storage: {e}") from e
+        if head is None:
+            raise UploadRefused(f"{k} is missing from the bucket", "VerificationFailed")
+        if head.size != size:
+            raise UploadRefused(f"{k} has {head.size} bytes, the manifest says {size}", "VerificationFailed")
+
+
+def snapshot_prefixes(backup: dict[str, Any], prefix: str) -> tuple[str, str]:
+    """The Backup's own key prefix in a storage with ``prefix`` and the prefix of its source's
+    snapshots (the ones that may share its content). A synced Backup's snapshot was written
+    under the uid of the Backup that took it: its keys come from the manifest it stands for."""
+    meta = backup["metadata"]
+    synced = (meta.get("annotations") or {}).get(ANNOTATION_SYNCED_FROM)
+    if synced:
+        where = layout.parse_key(layout.relocate(synced, prefix), prefix)
+        if where is not None:
+            return where.backup_prefix, where.source_prefix
+    sid = layout.source_id(backup["spec"]["source"])
+    ns = meta["namespace"]
+    return layout.backup_prefix(prefix, ns, sid, meta["uid"]), layout.source_prefix(prefix, ns, sid)
+
+
+def delete_snapshot(
+    store: ObjectStore, mine: str, source_root: str, replica_prefix: str | None = None
+) -> tuple[int, int, list[str]]:
+    """Delete everything under ``mine`` (every attempt of one Backup) and the objects its
+    manifests list, except what another snapshot of the source (under ``source_root``) lists.
+    In a replica (``replica_prefix``) manifests name the primary's keys: they are relocated.
+
+    Returns (object versions deleted, objects to delete, keys Object Lock kept).
+    """
+    own = {k for k, _ in store.list_versions(mine)}
+    referenced: set[str] = set()
+    keep: set[str] = set()
+    for info in store.list(source_root):
+        if not layout.is_manifest(info.key):
+            continue
+        objs = {
+            layout.relocate(o.key, replica_prefix) if replica_prefix is not None else o.key
+            for o in PublicManifest.parse(store.read(info.key), info.key).objects
+        }
+        if info.key.startswith(mine):
+            referenced |= objs
+        else:
+            keep |= objs
+    doomed = sorted((own | referenced) - keep)
+    deleted, locked = store.delete(doomed)
+    return deleted, len(doomed), locked
 
 
 def watch_finished_deletions(

@@ -31,6 +31,7 @@ from nightjar.constants import (
     GROUP,
     LABEL_MANAGED_BY,
     LABEL_SCHEDULE,
+    LABEL_TIER,
     MANAGED_BY,
     VERSION,
 )
@@ -44,7 +45,6 @@ log = logging.getLogger("nightjar.schedule")
 
 PLURAL = "backupschedules"
 BACKUPS = "backups"
-LABEL_TIER = f"{GROUP}/tier"
 PAGE = 500
 
 

@@ -2,6 +2,9 @@
 
     <prefix>nightjar/v1/<namespace>/<source>/<backup-uid>/<attempt>/
         manifest.json       written last: a snapshot exists only once this does
+    <prefix>nightjar/v1/<namespace>/<source>/<backup-uid>/deleted.json
+                            a tombstone: its Backup was deleted on purpose while Object Lock kept
+                            objects; storage sync never brings it back
         db.dump             pg_dump custom format (-Fc -O -x)
         files.jsonl.gz      one line per file, sorted (path, size, mode, mtime, sha256, where)
         packs/000001.pack   file contents, many small files per object; a large file alone
@@ -27,6 +30,7 @@ MANIFEST = "manifest.json"
 DB_DUMP = "db.dump"
 FILES_INDEX = "files.jsonl.gz"
 PACKS = "packs"
+TOMBSTONE = "deleted.json"
 
 _SNAPSHOT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -111,3 +115,54 @@ def relocate(key: str, to_prefix: str, from_prefix: str | None = None) -> str:
 
 def is_manifest(key: str) -> bool:
     return key.endswith("/" + MANIFEST)
+
+
+@dataclass(frozen=True)
+class SnapshotKey:
+    """Where a key sits in the layout: under ``root`` (the storage prefix), the ``namespace``,
+    ``source`` and ``backup_uid`` it belongs to, and ``rest`` below the Backup's prefix."""
+
+    root: str
+    namespace: str
+    source: str
+    backup_uid: str
+    rest: str
+
+    @property
+    def backup_prefix(self) -> str:
+        return f"{self.root}{ROOT}/{self.namespace}/{self.source}/{self.backup_uid}/"
+
+    @property
+    def source_prefix(self) -> str:
+        return f"{self.root}{ROOT}/{self.namespace}/{self.source}/"
+
+    @property
+    def is_manifest(self) -> bool:
+        """The manifest of an attempt (``<attempt>/manifest.json``), not any file of that name."""
+        parts = self.rest.split("/")
+        return len(parts) == 2 and parts[1] == MANIFEST and bool(_SNAPSHOT_ID.match(parts[0]))
+
+    @property
+    def is_tombstone(self) -> bool:
+        return self.rest == TOMBSTONE
+
+
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+
+
+def parse_key(key: str, prefix: str) -> SnapshotKey | None:
+    """The layout position of ``key`` in a storage with ``prefix``, or None when it is not under
+    ``<prefix>nightjar/v1/<namespace>/<source>/<backup-uid>/`` (not a Nightjar snapshot key)."""
+    root = normalize_prefix(prefix)
+    head = f"{root}{ROOT}/"
+    if not key.startswith(head):
+        return None
+    parts = key[len(head) :].split("/", 3)
+    if len(parts) != 4 or not parts[3] or not all(_PART.match(p) for p in parts[:3]):
+        return None
+    return SnapshotKey(root, parts[0], parts[1], parts[2], parts[3])
+
+
+def namespace_prefix(prefix: str, namespace: str) -> str:
+    """Every snapshot of one namespace in a storage."""
+    return f"{normalize_prefix(prefix)}{ROOT}/{namespace}/"

@@ -1,0 +1,401 @@
+"""Storage is the source of truth: a BackupStorage's bucket is listed, and what it holds decides.
+
+For each snapshot of the namespace (one Backup's keys: every attempt, and a tombstone if any):
+
+* a live Backup stands for it (by the uid in its keys): nothing to do, garbage collection and
+  deletion go through that Backup;
+* its manifest's expiry has passed: it is deleted, keeping content another snapshot of the
+  source still lists, and leaving Object-Locked objects to their lock (the *orphan sweep*);
+* no manifest (an attempt that never finished), and its newest object is older than the grace
+  period: the leftovers are deleted;
+* otherwise, unless a tombstone says its Backup was deleted on purpose, the Backup is re-created
+  from the manifest's record (spec, labels, expiry), labelled ``nightjar.dev/synced=true`` and
+  annotated with the manifest key; the Backup reconciler verifies the snapshot and completes it
+  without a Job (``BackupReconciler.reconcile_synced``).
+
+A storage that is another's replica is swept, never synced (its snapshots are the primary's).
+The listing is one paged pass; memory holds one Backup's keys at a time and the namespace's
+Backup uids. Keys that are not Nightjar snapshots and manifests that do not parse are skipped
+with a Warning Event naming the key: never a crash, never a deletion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from nightjar.config import OperatorConfig
+from nightjar.constants import (
+    ANNOTATION_EXPIRES_AT,
+    ANNOTATION_SYNCED_FROM,
+    GROUP,
+    LABEL_SCHEDULE,
+    LABEL_SYNCED,
+    LABEL_TIER,
+    VERSION,
+)
+from nightjar.domain.retention import format_time, parse_time
+from nightjar.kube import Kube, SecretMissing
+from nightjar.reconcile import preflight
+from nightjar.reconcile import storage as storage_rec
+from nightjar.reconcile.backup import PLURAL as BACKUPS
+from nightjar.reconcile.backup import UPLOADED_SOURCE, delete_snapshot
+from nightjar.storage import layout
+from nightjar.storage.errors import IntegrityError
+from nightjar.storage.manifest import Manifest, PublicManifest
+from nightjar.storage.objects import ObjectInfo, ObjectStore, StorageError
+
+log = logging.getLogger("nightjar.sync")
+
+#: Warning Events per sync for keys that are not snapshots (the rest are counted).
+MAX_WARNINGS = 5
+
+
+@dataclass
+class Snapshot:
+    """One Backup's keys in the bucket, as listed (consecutive: they share a prefix)."""
+
+    where: layout.SnapshotKey
+    manifests: list[str] = field(default_factory=list)
+    tombstone: bool = False
+    newest: dt.datetime | None = None
+    keys: int = 0
+
+    @property
+    def uid(self) -> str:
+        return self.where.backup_uid
+
+    @property
+    def manifest(self) -> str:
+        """The manifest it stands for: the last attempt's (a retried Job's first attempt may also
+        have finished)."""
+        return self.manifests[-1] if self.manifests else ""
+
+
+@dataclass(frozen=True)
+class Stray:
+    """A key under the namespace's prefix that is not in Nightjar's layout."""
+
+    key: str
+
+
+def snapshots(infos: Iterable[ObjectInfo], prefix: str) -> Iterator[Snapshot | Stray]:
+    """Group a listing (sorted by key, as S3 lists) into one Snapshot per Backup uid."""
+    cur: Snapshot | None = None
+    for info in infos:
+        where = layout.parse_key(info.key, prefix)
+        if where is None:
+            yield Stray(info.key)
+            continue
+        if cur is None or cur.where.backup_prefix != where.backup_prefix:
+            if cur is not None:
+                yield cur
+            cur = Snapshot(where)
+        cur.keys += 1
+        if where.is_manifest:
+            cur.manifests.append(info.key)
+        elif where.is_tombstone:
+            cur.tombstone = True
+        if info.last_modified is not None and (cur.newest is None or info.last_modified > cur.newest):
+            cur.newest = info.last_modified
+    if cur is not None:
+        yield cur
+
+
+class Action(Enum):
+    LIVE = "a Backup stands for it"
+    WAIT = "an attempt's leftovers, within the grace period"
+    DELETE_LEFTOVERS = "an attempt's leftovers without a manifest, past the grace period"
+    DELETE_EXPIRED = "expired, and no Backup stands for it"
+    KEEP = "kept until its expiry"
+    RECREATE = "re-create its Backup"
+
+
+def decide(
+    snap: Snapshot,
+    live: bool,
+    expires: dt.datetime | None,
+    now: dt.datetime,
+    grace: dt.timedelta,
+    sync: bool,
+) -> Action:
+    """What to do with one snapshot (pure). ``expires``: its manifest's expiry (None when there is
+    no manifest)."""
+    if live:
+        return Action.LIVE
+    if not snap.manifests:
+        if snap.newest is None or now - snap.newest < grace:
+            return Action.WAIT
+        return Action.DELETE_LEFTOVERS
+    if expires is not None and expires <= now:
+        return Action.DELETE_EXPIRED
+    if snap.tombstone or not sync:
+        return Action.KEEP
+    return Action.RECREATE
+
+
+@dataclass
+class SyncReport:
+    snapshots: int = 0
+    created: list[str] = field(default_factory=list)
+    expired_deleted: int = 0
+    leftovers_deleted: int = 0
+    skipped: int = 0
+    error: str = ""
+
+    def status(self, now: dt.datetime) -> dict[str, Any]:
+        msg = self.error or (
+            f"{self.snapshots} snapshots; re-created {len(self.created)} Backups, deleted "
+            f"{self.expired_deleted} expired and {self.leftovers_deleted} leftover snapshots"
+            + (f", skipped {self.skipped}" if self.skipped else "")
+        )
+        return {
+            "lastSyncTime": format_time(now),
+            "snapshots": self.snapshots,
+            "created": len(self.created),
+            "expiredDeleted": self.expired_deleted,
+            "leftoversDeleted": self.leftovers_deleted,
+            "skipped": self.skipped,
+            "message": msg[:1024],
+        }
+
+
+def snapshot_uid(backup: dict[str, Any]) -> str:
+    """The uid under which a Backup's snapshot is stored: its own, or for a synced Backup the
+    uid of the Backup that took it (in the manifest key it stands for)."""
+    meta = backup["metadata"]
+    synced = (meta.get("annotations") or {}).get(ANNOTATION_SYNCED_FROM)
+    if synced:
+        where = layout.parse_key(synced, synced[: synced.find(layout.ROOT + "/")])
+        if where is not None:
+            return where.backup_uid
+    return str(meta.get("uid") or "")
+
+
+def is_replica(storage: dict[str, Any], storages: Iterable[dict[str, Any]]) -> bool:
+    name = storage["metadata"]["name"]
+    return any(
+        name in [r.get("name") for r in (s.get("spec") or {}).get("replicas") or []]
+        for s in storages
+        if s["metadata"]["name"] != name
+    )
+
+
+class StorageSync:
+    """Syncs one BackupStorage with its bucket; writes only ``status.sync`` and Events."""
+
+    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+        self.kube = kube
+        self.config = config
+
+    def due(self, storage: dict[str, Any], now: dt.datetime) -> bool:
+        last = ((storage.get("status") or {}).get("sync") or {}).get("lastSyncTime")
+        try:
+            return not last or now - parse_time(last) >= dt.timedelta(
+                seconds=self.config.sync_interval_seconds
+            )
+        except ValueError:
+            return True
+
+    def sweep(self, storages: Iterable[dict[str, Any]], now: dt.datetime) -> list[SyncReport]:
+        """Every storage whose sync is due (the periodic path)."""
+        reports = []
+        for storage in storages:
+            if self.due(storage, now):
+                reports.append(self.run(storage, now))
+        return reports
+
+    def run(self, storage: dict[str, Any], now: dt.datetime) -> SyncReport:
+        """Sync one storage; never raises (what failed is in the report and the status)."""
+        meta = storage["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        report = SyncReport()
+        try:
+            self._run(storage, now, report)
+        except (StorageError, SecretMissing, preflight.Missing) as e:
+            report.error = f"sync failed: {e}"
+        except Exception as e:
+            log.exception("sync of BackupStorage %s/%s failed", ns, name)
+            report.error = f"sync failed: {type(e).__name__}: {e}"
+        if report.error:
+            log.warning("BackupStorage %s/%s: %s", ns, name, report.error)
+        elif report.created or report.expired_deleted or report.leftovers_deleted:
+            log.info("BackupStorage %s/%s: %s", ns, name, report.status(now)["message"])
+        try:
+            self.kube.patch_status(storage_rec.PLURAL, ns, name, {"sync": report.status(now)})
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("BackupStorage %s/%s: writing the sync status: %s", ns, name, e.reason)
+        return report
+
+    def _run(self, storage: dict[str, Any], now: dt.datetime, report: SyncReport) -> None:
+        meta, spec = storage["metadata"], storage["spec"]
+        ns = meta["namespace"]
+        opts = spec.get("sync") or {}
+        storages = self.kube.list_objects(storage_rec.PLURAL, ns)
+        sync = bool(opts.get("enabled", True)) and not is_replica(storage, storages)
+        target = storage_rec.target_for(self.kube, ns, spec)
+        store = storage_rec.store_of(target)
+        # The Backups first, the bucket second: a Backup deleted in between still counts as live
+        # (its deletion is under way), so a stale list errs towards not re-creating.
+        backups = self.kube.list_objects(BACKUPS, ns)
+        live = {snapshot_uid(b) for b in backups}
+        names = {b["metadata"]["name"] for b in backups}
+        grace = dt.timedelta(seconds=self.config.orphan_grace_seconds)
+        scopes = [(ns, True)]
+        if sync and opts.get("fromNamespace") and opts["fromNamespace"] != ns:
+            scopes.append((opts["fromNamespace"], False))  # re-created here; swept by its own
+        warned = 0
+        for scope_ns, own in scopes:
+            for item in snapshots(
+                store.list(layout.namespace_prefix(target.prefix, scope_ns)), target.prefix
+            ):
+                if isinstance(item, Stray):
+                    report.skipped += 1
+                    if warned < MAX_WARNINGS:
+                        warned += 1
+                        self.kube.event(
+                            storage, "Warning", "NotASnapshot", f"{item.key} is not a Nightjar snapshot key"
+                        )
+                    continue
+                if item.where.source == UPLOADED_SOURCE:
+                    continue  # an upload becomes a Backup only when someone creates one for it
+                report.snapshots += 1
+                if item.uid in live:
+                    continue
+                self._one(storage, store, target.prefix, item, names, now, grace, sync, own, report)
+
+    def _one(
+        self,
+        storage: dict[str, Any],
+        store: ObjectStore,
+        prefix: str,
+        snap: Snapshot,
+        names: set[str],
+        now: dt.datetime,
+        grace: dt.timedelta,
+        sync: bool,
+        own: bool,
+        report: SyncReport,
+    ) -> None:
+        expires: dt.datetime | None = None
+        raw = b""
+        if snap.manifests:
+            try:
+                raw = store.read(snap.manifest)
+                expires = parse_time(PublicManifest.parse(raw, snap.manifest).expires_on)
+            except (IntegrityError, ValueError) as e:
+                report.skipped += 1
+                self.kube.event(storage, "Warning", "BadManifest", f"skipped {snap.manifest}: {e}")
+                return
+        action = decide(snap, False, expires, now, grace, sync)
+        if action in (Action.DELETE_EXPIRED, Action.DELETE_LEFTOVERS) and not own:
+            return  # another namespace's snapshots are its own storage's to sweep
+        if action in (Action.DELETE_EXPIRED, Action.DELETE_LEFTOVERS):
+            deleted, _, locked = delete_snapshot(
+                store, snap.where.backup_prefix, snap.where.source_prefix, prefix
+            )
+            what = "expired snapshot" if action is Action.DELETE_EXPIRED else "leftovers of an attempt"
+            if action is Action.DELETE_EXPIRED:
+                report.expired_deleted += 1
+            else:
+                report.leftovers_deleted += 1
+            self.kube.event(
+                storage,
+                "Normal",
+                "OrphanDeleted",
+                f"deleted the {what} under {snap.where.backup_prefix} that no Backup stands for "
+                f"({deleted} object versions)" + (f"; {len(locked)} locked objects stay" if locked else ""),
+            )
+            return
+        if action is Action.RECREATE:
+            self._recreate(storage, store, snap, raw, names, report)
+
+    def _recreate(
+        self,
+        storage: dict[str, Any],
+        store: ObjectStore,
+        snap: Snapshot,
+        raw: bytes,
+        names: set[str],
+        report: SyncReport,
+    ) -> None:
+        meta = storage["metadata"]
+        ns = meta["namespace"]
+        try:
+            manifest = Manifest.parse(raw, preflight.keyring(self.kube, ns, storage["spec"]), snap.manifest)
+        except IntegrityError as e:
+            report.skipped += 1
+            self.kube.event(storage, "Warning", "BadManifest", f"skipped {snap.manifest}: {e}")
+            return
+        record = manifest.backup or {}
+        spec = record.get("spec")
+        if not isinstance(spec, dict) or not spec.get("source"):
+            report.skipped += 1
+            self.kube.event(
+                storage,
+                "Warning",
+                "CannotRecreate",
+                f"{snap.manifest} was written before Nightjar kept the Backup's spec in the manifest: "
+                "restore it with nightjar download/upload",
+            )
+            return
+        if record.get("namespace") != snap.where.namespace or record.get("uid") != snap.uid:
+            # The keys say one namespace, the manifest another: not this storage's to serve.
+            report.skipped += 1
+            self.kube.event(
+                storage,
+                "Warning",
+                "NotThisNamespace",
+                f"skipped {snap.manifest}: its manifest names Backup {record.get('namespace')}/"
+                f"{record.get('name')}, not a snapshot of namespace {snap.where.namespace}",
+            )
+            return
+        name = str(record.get("name") or f"synced-{snap.uid[:8]}")
+        if name in names:
+            name = f"{name[:53]}-{snap.uid[:8]}"
+        if name in names:
+            return
+        labels = {k: v for k, v in (record.get("labels") or {}).items() if k in (LABEL_SCHEDULE, LABEL_TIER)}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Backup",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "labels": {**labels, LABEL_SYNCED: "true"},
+                "annotations": {
+                    ANNOTATION_EXPIRES_AT: manifest.expires_on,
+                    ANNOTATION_SYNCED_FROM: snap.manifest,
+                },
+            },
+            "spec": {**spec, "storageRef": {"name": meta["name"]}},
+        }
+        try:
+            created = self.kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, BACKUPS, body)
+        except ApiException as e:
+            if e.status == 409:
+                return  # made meanwhile (another sync, or the user): the next sync sees it
+            report.skipped += 1
+            self.kube.event(
+                storage,
+                "Warning",
+                "CannotRecreate",
+                f"re-creating Backup {name} from {snap.manifest}: {e.reason}",
+            )
+            return
+        names.add(name)
+        report.created.append(name)
+        self.kube.event(
+            created,
+            "Normal",
+            "Synced",
+            f"re-created from snapshot {manifest.snapshot_id} in BackupStorage {meta['name']} "
+            f"({snap.manifest})",
+        )
