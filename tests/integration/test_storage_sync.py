@@ -179,6 +179,8 @@ def test_the_orphan_sweep_deletes_expired_snapshots_and_leftovers_and_keeps_shar
     s3.put_object(Bucket=bucket, Key=leftover, Body=b"half a pack")
     stray = f"{prefix}nightjar/v1/{namespace}/not-a-snapshot.txt"
     s3.put_object(Bucket=bucket, Key=stray, Body=b"hello")
+    garbled = f"{source}/{uuid.uuid4()}/pod-y/manifest.json"
+    s3.put_object(Bucket=bucket, Key=garbled, Body=b"{not json")
     db_secret = core.read_namespaced_secret("db", namespace)
 
     _delete_and_recreate_namespace(core, namespace, db_secret)
@@ -216,10 +218,13 @@ def test_the_orphan_sweep_deletes_expired_snapshots_and_leftovers_and_keeps_shar
 
     wait_for("the expired snapshot and the leftovers swept", swept, 150)
     keys = _keys(s3, bucket, prefix)
-    assert kept["storage"]["manifestKey"] in keys and stray in keys
+    # Never deleted because of what it does not understand: a stray key, a manifest that does
+    # not parse (each named in a Warning Event).
+    assert {kept["storage"]["manifestKey"], stray, garbled} <= keys
     assert not custom.list_namespaced_custom_object(G, V, namespace, "backups")["items"]
-    reasons = {e.reason for e in core.list_namespaced_event(namespace).items}
-    assert {"OrphanDeleted", "NotASnapshot"} <= reasons
+    events = core.list_namespaced_event(namespace).items
+    assert {"OrphanDeleted", "NotASnapshot", "BadManifest"} <= {e.reason for e in events}
+    assert any(e.reason == "BadManifest" and garbled in e.message for e in events)
 
     # Sync on: the unexpired one comes back, and restores: the sweep kept what it shares.
     custom.patch_namespaced_custom_object(

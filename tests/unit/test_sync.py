@@ -4,6 +4,7 @@ snapshot per Backup, and what to do with each (issue 14)."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 
 import pytest
 
@@ -133,3 +134,23 @@ def test_a_storage_listed_as_anothers_replica_is_a_replica() -> None:
     primary = {"metadata": {"name": "primary"}, "spec": {"replicas": [{"name": "dr"}]}}
     dr = {"metadata": {"name": "dr"}, "spec": {}}
     assert is_replica(dr, [primary, dr]) and not is_replica(primary, [primary, dr])
+
+
+def test_grouping_a_listing_streams_memory_stays_flat_in_the_number_of_snapshots() -> None:
+    import tracemalloc
+
+    def listing(n: int) -> Iterator[ObjectInfo]:
+        for i in range(n):
+            for leaf in ("p/packs/000001.pack", "p/packs/000002.pack", "p/manifest.json"):
+                yield ObjectInfo(f"{BASE}uid-{i:07d}/{leaf}", 1, last_modified=T0)
+
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        count = sum(1 for s in snapshots(listing(n), PREFIX) if isinstance(s, Snapshot))
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert count == n
+        return top
+
+    small, large = peak(1_000), peak(50_000)
+    assert large < small * 2, (small, large)
