@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from nightjar.constants import ANNOTATION_SYNCED_FROM
-from nightjar.reconcile.backup import snapshot_prefixes
-from nightjar.reconcile.sync import Action, Snapshot, Stray, decide, is_replica, snapshot_uid, snapshots
+from nightjar.reconcile.backup import snapshot_prefixes, snapshot_uid
+from nightjar.reconcile.sync import Action, Snapshot, Stray, decide, is_replica, snapshots
 from nightjar.storage import layout
 from nightjar.storage.objects import ObjectInfo
 

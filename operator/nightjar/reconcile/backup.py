@@ -726,6 +726,17 @@ class BackupReconciler:
                 "serves here",
                 "NotAllowed",
             )
+        other = next(
+            (
+                b["metadata"]["name"]
+                for b in self.kube.list_objects(PLURAL, ns)
+                if b["metadata"].get("uid") != meta.get("uid") and snapshot_uid(b) == where.backup_uid
+            ),
+            "",
+        )
+        if other:
+            # Two Backups must never stand for one snapshot: deleting one would delete the other's.
+            raise UploadRefused(f"the snapshot {key} already belongs to Backup {other}", "AlreadyUsed")
         store = storage_rec.store_of(target)
         try:
             raw = store.read(key)
@@ -968,6 +979,18 @@ def _check_objects(store: ObjectStore, objects: dict[str, int]) -> None:
             raise UploadRefused(f"{k} is missing from the bucket", "VerificationFailed")
         if head.size != size:
             raise UploadRefused(f"{k} has {head.size} bytes, the manifest says {size}", "VerificationFailed")
+
+
+def snapshot_uid(backup: dict[str, Any]) -> str:
+    """The uid under which a Backup's snapshot is stored: its own, or for a synced Backup the
+    uid of the Backup that took it (in the manifest key it stands for)."""
+    meta = backup["metadata"]
+    synced = (meta.get("annotations") or {}).get(ANNOTATION_SYNCED_FROM)
+    if synced:
+        where = layout.parse_key(synced, synced[: synced.find(layout.ROOT + "/")])
+        if where is not None:
+            return where.backup_uid
+    return str(meta.get("uid") or "")
 
 
 def snapshot_prefixes(backup: dict[str, Any], prefix: str) -> tuple[str, str]:

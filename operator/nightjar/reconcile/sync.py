@@ -45,7 +45,7 @@ from nightjar.kube import Kube, SecretMissing
 from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import PLURAL as BACKUPS
-from nightjar.reconcile.backup import UPLOADED_SOURCE, delete_snapshot
+from nightjar.reconcile.backup import UPLOADED_SOURCE, delete_snapshot, snapshot_uid
 from nightjar.storage import layout
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.manifest import Manifest, PublicManifest
@@ -164,18 +164,6 @@ class SyncReport:
             "skipped": self.skipped,
             "message": msg[:1024],
         }
-
-
-def snapshot_uid(backup: dict[str, Any]) -> str:
-    """The uid under which a Backup's snapshot is stored: its own, or for a synced Backup the
-    uid of the Backup that took it (in the manifest key it stands for)."""
-    meta = backup["metadata"]
-    synced = (meta.get("annotations") or {}).get(ANNOTATION_SYNCED_FROM)
-    if synced:
-        where = layout.parse_key(synced, synced[: synced.find(layout.ROOT + "/")])
-        if where is not None:
-            return where.backup_uid
-    return str(meta.get("uid") or "")
 
 
 def is_replica(storage: dict[str, Any], storages: Iterable[dict[str, Any]]) -> bool:
