@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv with Nightjar and its dev dependencies.
 
-binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO, helm (cached by version).
+binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO, helm, promtool (cached by version).
 	@hack/build-binaries.sh
 
 image: ## Build the image nightjar:dev with dockerd; base images made from Debian's packages if none can be pulled (IMAGE_ARGS=--help).

@@ -5,6 +5,7 @@
 #   $NIGHTJAR_CACHE/bin/etcd-<v>/etcd
 #   $NIGHTJAR_CACHE/bin/minio-<v>/minio
 #   $NIGHTJAR_CACHE/bin/helm-<v>/helm
+#   $NIGHTJAR_CACHE/bin/prometheus-<v>/promtool   (the chart's alert rules are tested with it)
 # A component whose directory exists is never rebuilt. Each build goes to a temporary
 # directory that is renamed into place only when every binary of it is built, so a failed
 # or interrupted build never leaves a half-written binary in the cache.
@@ -97,13 +98,26 @@ build_helm() {
   GOBIN=$PWD/out go install -trimpath -ldflags='-s -w' "helm.sh/helm/${HELM_VERSION%%.*}/cmd/helm@$HELM_VERSION"
 }
 
-want=${*:-kubernetes etcd minio helm}
+build_promtool() {
+  mkdir -p w out
+  cd w
+  # A wrapper module, as for etcd: `go install pkg@version` refuses a module whose go.mod has
+  # replace or exclude directives, and only promtool is wanted, not the server and its web UI.
+  printf 'module nightjar.local/promtoolbuild\n\ngo 1.26\n\nrequire github.com/prometheus/prometheus %s\n' \
+    "$PROMETHEUS_VERSION" > go.mod
+  GOFLAGS="$GOFLAGS -mod=mod" go build -trimpath -ldflags='-s -w' -o ../out/promtool \
+    github.com/prometheus/prometheus/cmd/promtool
+  cd .. && rm -rf w
+}
+
+want=${*:-kubernetes etcd minio helm promtool}
 for c in $want; do
   case $c in
     kubernetes) build_into "$bindir/kubernetes-$KUBERNETES_VERSION+$KUBERNETES_BUILD" build_kubernetes ;;
     etcd) build_into "$bindir/etcd-$ETCD_VERSION" build_etcd ;;
     minio) build_into "$bindir/minio-$MINIO_VERSION" build_minio ;;
     helm) build_into "$bindir/helm-$HELM_VERSION" build_helm ;;
+    promtool) build_into "$bindir/prometheus-$PROMETHEUS_VERSION" build_promtool ;;
     *) die "unknown component: $c" ;;
   esac
 done

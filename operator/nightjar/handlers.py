@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from nightjar import __version__
+from nightjar import __version__, metrics
 from nightjar.config import OperatorConfig
 from nightjar.constants import (
     FINALIZER,
@@ -117,9 +117,9 @@ def _replication_sweeps() -> None:
     while not STATE.stop.wait(STATE.config.gc_interval_seconds):
         try:
             now = dt.datetime.now(dt.UTC)
-            storage_rec.sweep(
-                STATE.kube, list_all(STATE.kube, storage_rec.PLURAL), now, STATE.replicator.policy
-            )
+            storages = list(list_all(STATE.kube, storage_rec.PLURAL))
+            storage_rec.sweep(STATE.kube, storages, now, STATE.replicator.policy)
+            metrics.storages_seen((s["metadata"]["namespace"], s["metadata"]["name"]) for s in storages)
         except Exception:
             log.exception("storage check sweep failed; the next sweep retries")
         try:
@@ -152,6 +152,11 @@ def _periodic() -> None:
                 )
         except Exception:
             log.exception("scheduler tick failed; next tick retries")
+        try:
+            # Job events are not retried by kopf: a verification to retry, a lost event.
+            STATE.backups.retry_sweep(list_all(STATE.kube, BACKUPS, f"!{LABEL_FINISHED}"), now)
+        except Exception:
+            log.exception("backup retry sweep failed; the next tick retries")
         if time.monotonic() >= next_gc:
             try:
                 started = time.monotonic()
@@ -213,7 +218,10 @@ def backup_job_changed(
     backup = _owner(body, type, "Backup", BACKUPS)
     if backup is None:
         return
-    STATE.backups.sync_from_job(backup, _plain(body))
+    try:
+        STATE.backups.sync_from_job(backup, _plain(body))
+    except Retry as e:  # kopf does not retry event handlers: the retry sweep in _periodic does
+        log.info("backup %s: %s", backup["metadata"]["name"], e)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_REPLICATION: kopf.PRESENT})

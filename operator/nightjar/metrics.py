@@ -21,10 +21,11 @@ Updating a metric never raises into a reconciler: every helper logs and swallows
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec
 
 from prometheus_client import (
@@ -36,6 +37,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from nightjar.constants import LABEL_SCHEDULE as SCHEDULE_LABEL
 from nightjar.domain.retention import parse_time
 
 log = logging.getLogger("nightjar.metrics")
@@ -50,10 +52,14 @@ __all__ = [
     "completed_backup_seen",
     "gc_deferred",
     "gc_deleted",
+    "leader",
     "restore_transition",
     "schedule_slot_missed",
     "schedule_slot_skipped",
+    "schedules_seen",
     "start_server",
+    "storage_checked",
+    "storages_seen",
 ]
 
 #: From a second to a day: a small database takes seconds, a large app's files take hours.
@@ -137,8 +143,43 @@ UNREPLICATED = Gauge(
     ["namespace"],
 )
 
+# --- state gauges for the chart's alerts (charts/nightjar/templates/prometheusrule.yaml) --------
+SCHEDULE_LAST_SUCCESS = Gauge(
+    "nightjar_schedule_last_successful_backup_timestamp_seconds",
+    "Unix time at which the last completed backup of each schedule completed (status.completedOn).",
+    ["namespace", "schedule"],
+)
+SCHEDULE_CREATED = Gauge(
+    "nightjar_schedule_created_timestamp_seconds",
+    "Creation time of each BackupSchedule that exists (as of the last scheduler tick).",
+    ["namespace", "schedule"],
+)
+SCHEDULE_SUSPENDED = Gauge(
+    "nightjar_schedule_suspended",
+    "1 while a BackupSchedule has spec.suspend set, else 0; one series per existing schedule.",
+    ["namespace", "schedule"],
+)
+STORAGE_AVAILABLE = Gauge(
+    "nightjar_backupstorage_available",
+    "1 while a BackupStorage is Ready, 0 while Unavailable (as of its last check).",
+    ["namespace", "storage"],
+)
+REPLICATION_OLDEST_PENDING = Gauge(
+    "nightjar_replication_oldest_pending_timestamp_seconds",
+    "Completion time of the oldest Completed Backup whose snapshot is not yet in every location "
+    "(as of the last replication sweep); no series for a namespace with none.",
+    ["namespace"],
+)
+LEADER = Gauge(
+    "nightjar_leader",
+    "1 while this operator process acts (holds the leader Lease, or runs without leader "
+    "election), 0 while it waits as a standby.",
+)
+
 #: (namespace, source) -> completion time already in the gauges: they only ever move forward.
 _last: dict[tuple[str, str], float] = {}
+#: The same per (namespace, schedule).
+_last_schedule: dict[tuple[str, str], float] = {}
 _last_lock = threading.Lock()
 
 _P = ParamSpec("_P")
@@ -183,13 +224,20 @@ def backup_transition(
     ns = backup["metadata"]["namespace"]
     btype = (backup.get("spec") or {}).get("type") or "OnDemand"
     BACKUPS_TOTAL.labels(ns, btype, new_phase).inc()
+    # The Failed series exists (at 0) from the Backup's first transition on, so the first failure
+    # is an increase() Prometheus sees, not a series that appears already at 1.
+    BACKUPS_TOTAL.labels(ns, btype, "Failed")
     if new_phase != "Completed":
         return
     st = {**(backup.get("status") or {}), **status}
     start = backup["metadata"].get("creationTimestamp") if btype == "Uploaded" else st.get("createdOn")
     _observe_duration(BACKUP_DURATION, (ns, btype), start, st.get("completedOn"))
     BACKUP_BYTES_TOTAL.labels(ns).inc(max(0, int(st.get("sizeUncompressedBytes") or 0)))
-    _completed(ns, st)
+    _completed(ns, st, _schedule_of(backup))
+
+
+def _schedule_of(backup: Mapping[str, Any]) -> str:
+    return str((backup["metadata"].get("labels") or {}).get(SCHEDULE_LABEL) or "")
 
 
 @_safe
@@ -198,12 +246,17 @@ def completed_backup_seen(backup: Mapping[str, Any]) -> None:
     every Backup the scheduler lists, so the gauges survive an operator restart."""
     st = backup.get("status") or {}
     if st.get("phase") == "Completed":
-        _completed(backup["metadata"]["namespace"], st)
+        _completed(backup["metadata"]["namespace"], st, _schedule_of(backup))
 
 
-def _completed(ns: str, st: Mapping[str, Any]) -> None:
+def _completed(ns: str, st: Mapping[str, Any], schedule: str = "") -> None:
     source = str(st.get("sourceId") or "")
     when = _seconds(st.get("completedOn"))
+    if when is not None and schedule:
+        with _last_lock:
+            if _last_schedule.get((ns, schedule), float("-inf")) <= when:
+                _last_schedule[(ns, schedule)] = when
+                SCHEDULE_LAST_SUCCESS.labels(ns, schedule).set(when)
     if not source or when is None:
         return
     with _last_lock:
@@ -253,6 +306,7 @@ def gc_deferred(namespace: str) -> None:
 @_safe
 def replication_done(namespace: str, replica: str, lag_seconds: float | None) -> None:
     REPLICATIONS_TOTAL.labels(namespace, replica, "Replicated").inc()
+    REPLICATIONS_TOTAL.labels(namespace, replica, "Failed")  # at 0: a later failure is an increase
     if lag_seconds is not None and lag_seconds >= 0:
         REPLICATION_LAG.labels(namespace, replica).observe(lag_seconds)
 
@@ -266,13 +320,72 @@ _unreplicated_seen: set[str] = set()
 
 
 @_safe
-def unreplicated(by_namespace: dict[str, int]) -> None:
-    """Set the gauge from one sweep; namespaces that had some and have none now go to 0."""
+def unreplicated(by_namespace: dict[str, int], oldest: Mapping[str, float] | None = None) -> None:
+    """Set the gauges from one sweep; namespaces that had some and have none now go to 0.
+    ``oldest``: per namespace, the completion time (Unix) of the oldest Backup counted."""
     for ns in _unreplicated_seen - set(by_namespace):
         UNREPLICATED.labels(ns).set(0)
     for ns, n in by_namespace.items():
         UNREPLICATED.labels(ns).set(n)
     _unreplicated_seen.update(by_namespace)
+    if oldest is None:
+        return
+    for ns in _oldest_seen - set(oldest):
+        REPLICATION_OLDEST_PENDING.remove(ns)
+    for ns, t in oldest.items():
+        REPLICATION_OLDEST_PENDING.labels(ns).set(t)
+    _oldest_seen.clear()
+    _oldest_seen.update(oldest)
+
+
+_oldest_seen: set[str] = set()
+_storages_seen: set[tuple[str, str]] = set()
+_schedules_seen: set[tuple[str, str]] = set()
+
+
+@_safe
+def storage_checked(namespace: str, name: str, ready: bool) -> None:
+    """A BackupStorage's check wrote phase Ready (``ready``) or Unavailable."""
+    STORAGE_AVAILABLE.labels(namespace, name).set(1 if ready else 0)
+    _storages_seen.add((namespace, name))
+
+
+@_safe
+def storages_seen(present: Iterable[tuple[str, str]]) -> None:
+    """The (namespace, name) of every BackupStorage that exists: the gauges of the others go."""
+    keep = set(present)
+    for key in _storages_seen - keep:
+        with contextlib.suppress(KeyError):
+            STORAGE_AVAILABLE.remove(*key)
+    _storages_seen.intersection_update(keep)
+
+
+@_safe
+def schedules_seen(schedules: Iterable[tuple[str, str, str, bool]]) -> None:
+    """(namespace, name, creationTimestamp, suspended) of every BackupSchedule, from one tick:
+    their gauges are set (and their slot counters exist at 0, so a first skip or miss counts);
+    the gauges of schedules that are gone are removed."""
+    now: set[tuple[str, str]] = set()
+    for ns, name, created, suspended in schedules:
+        now.add((ns, name))
+        t = _seconds(created)
+        if t is not None:
+            SCHEDULE_CREATED.labels(ns, name).set(t)
+        SCHEDULE_SUSPENDED.labels(ns, name).set(1 if suspended else 0)
+        SLOTS_MISSED.labels(ns, name)
+        for reason in ("AppMissing", "AppNotRunning"):
+            SLOTS_SKIPPED.labels(ns, name, reason)
+    for key in _schedules_seen - now:
+        for g in (SCHEDULE_CREATED, SCHEDULE_SUSPENDED):
+            with contextlib.suppress(KeyError):
+                g.remove(*key)
+    _schedules_seen.clear()
+    _schedules_seen.update(now)
+
+
+@_safe
+def leader(acting: bool) -> None:
+    LEADER.set(1 if acting else 0)
 
 
 def start_server(port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the Pod

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import kopf
 
-from nightjar import handlers
+from nightjar import handlers, metrics
 
 log = logging.getLogger("nightjar")
 
@@ -37,11 +37,10 @@ def run_operator(
     logging.getLogger("nightjar").setLevel(logging.DEBUG if verbose else logging.INFO)
     handlers.set_scope(namespaces)
     if metrics_port:
-        from nightjar import metrics
-
         metrics.start_server(metrics_port, metrics_address)
         log.info("metrics at http://%s:%d/metrics", metrics_address, metrics_port)
     elector = None
+    metrics.leader(leader is None)  # a standby says 0 until it holds the Lease
     if leader is not None:
         from nightjar.kube import load_client
         from nightjar.leader import LeaderElector
@@ -49,6 +48,7 @@ def run_operator(
         elector = LeaderElector(load_client(), namespace=leader.namespace, name=leader.name)
         log.info("leader election: lease %s/%s as %s", leader.namespace, leader.name, elector.me)
         elector.acquire()
+        metrics.leader(True)  # it exits when it loses the Lease: no way back to 0 but a new process
         elector.start_renewing()
     try:
         asyncio.run(

@@ -155,6 +155,7 @@ def binary(component: str, name: str) -> Path:
         "etcd": "ETCD_VERSION",
         "minio": "MINIO_VERSION",
         "helm": "HELM_VERSION",
+        "prometheus": "PROMETHEUS_VERSION",
     }[component]
     version = v[key] + (
         f"+{v['KUBERNETES_BUILD']}" if component == "kubernetes" and v.get("KUBERNETES_BUILD") else ""
@@ -1170,6 +1171,8 @@ class Stack:
                 # leftovers without a manifest deleted after 30 s (production: 15 min, 24 h).
                 "NIGHTJAR_SYNC_INTERVAL_SECONDS": os.environ.get("NIGHTJAR_SYNC_INTERVAL_SECONDS", "10"),
                 "NIGHTJAR_ORPHAN_GRACE_SECONDS": os.environ.get("NIGHTJAR_ORPHAN_GRACE_SECONDS", "30"),
+                # Test-only hooks (nightjar.dev/test-verify-delay-seconds): never in a release.
+                "NIGHTJAR_TEST_HOOKS": "1",
             },
         )
 

@@ -481,6 +481,7 @@ class Replicator:
         reachable: dict[str, str] = {}
         storages: dict[str, dict[str, Any] | None] = {}
         pending: dict[str, int] = {}
+        oldest: dict[str, float] = {}  # namespace -> completion time of its oldest pending Backup
         for b in backups:  # a page at a time: nothing kept per Backup
             st = b.get("status") or {}
             meta = b["metadata"]
@@ -498,13 +499,16 @@ class Replicator:
                 if all(loc.get("state") == REPLICATED or loc.get("final") for loc in locs):
                     continue
                 pending[ns] = pending.get(ns, 0) + 1
+                if st.get("completedOn"):
+                    t = parse_time(st["completedOn"]).timestamp()
+                    oldest[ns] = min(oldest.get(ns, t), t)
                 report.examined += 1
                 started = self.start(b, reachable=reachable, storages=storages)
             except Exception:
                 log.exception("replication of %s", key)
                 continue
             (report.started if started else report.waiting).append(key)
-        metrics.unreplicated(pending)
+        metrics.unreplicated(pending, oldest)
         return report
 
     def _adopt_new_replicas(

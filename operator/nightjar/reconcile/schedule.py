@@ -110,13 +110,16 @@ class Scheduler:
                     )
                 )
         report = TickReport()
+        seen: list[tuple[str, str, str, bool]] = []
         for s in list_all(self.kube, PLURAL):
             report.schedules += 1
             key = (s["metadata"]["namespace"], s["metadata"]["name"])
+            seen.append((*key, s["metadata"].get("creationTimestamp", ""), bool(s["spec"].get("suspend"))))
             try:
                 self.reconcile(s, by_schedule.get(key, []), now, report, busy=busy)
             except Exception:
                 log.exception("schedule %s/%s", *key)
+        metrics.schedules_seen(seen)
         return report
 
     def reconcile_one(self, schedule: dict[str, Any], now: dt.datetime) -> None:

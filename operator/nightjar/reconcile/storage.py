@@ -11,6 +11,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from nightjar import metrics
 from nightjar.domain.residency import Policy, default_policy
 from nightjar.domain.retention import format_time
 from nightjar.jobs import StorageRef
@@ -177,6 +178,7 @@ def reconcile_storage(
         if e.status == 404:
             return status  # deleted while it was checked: nothing to write, nothing to tell
         raise
+    metrics.storage_checked(meta["namespace"], meta["name"], ready)
     # One Event per transition, where the phase written changes (Ready <-> Unavailable).
     if previous != phase:
         kube.event(body, "Normal" if ready else "Warning", phase, message)
