@@ -11,9 +11,10 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -35,7 +36,7 @@ from nightjar.domain import residency
 from nightjar.domain.retention import default_expiry, format_time, parse_time
 from nightjar.jobs import BackupPlan, StorageRef, build_backup_job, job_name
 from nightjar.kube import Kube, SecretMissing
-from nightjar.reconcile import preflight, replication
+from nightjar.reconcile import errors, preflight, replication
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.replication import Replicator
 from nightjar.storage import layout
@@ -51,10 +52,25 @@ TERMINAL = ("Completed", "Failed")
 
 #: How long the deletion of a Backup waits for unreachable storage before letting go.
 GIVE_UP = dt.timedelta(minutes=10)
+#: How long after its Job finished a Backup keeps retrying the verification of its snapshot
+#: while the error is transient (storage unreachable, a Secret not there yet): then Failed.
+VERIFY_DEADLINE = dt.timedelta(hours=1)
+#: The condition a Backup carries while a transient error is retried; its lastTransitionTime is
+#: the time of the last try (the next one is due ``errors.backoff`` after it).
+RETRYING = "Retrying"
+#: A Job finished this long ago whose Backup is still not terminal (its event was lost, or its
+#: handling failed) is followed again by :meth:`BackupReconciler.retry_sweep`.
+SETTLE = dt.timedelta(seconds=15)
+#: Test hook (only when the operator runs with NIGHTJAR_TEST_HOOKS=1, as the dev stack's does):
+#: hold the verification of the snapshot until this many seconds after the Job finished, so a
+#: test can stop the S3 server between the agent's last write and the operator's verification.
+ANNOTATION_TEST_VERIFY_DELAY = "nightjar.dev/test-verify-delay-seconds"
 
 
 class Retry(Exception):
     """A precondition does not hold yet; try again after ``delay`` seconds."""
+
+    retryable = True
 
     def __init__(self, message: str, delay: float) -> None:
         super().__init__(message)
@@ -64,9 +80,13 @@ class Retry(Exception):
 class PreflightFailed(Exception):
     """What the Backup needs is missing; the message names it."""
 
+    retryable = True  # retried (a few attempts): it may be there soon
+
 
 class UploadRefused(Exception):
     """An uploaded snapshot cannot become this Backup, for good; ``reason`` is the condition's."""
+
+    retryable = False
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
@@ -152,6 +172,8 @@ class BackupReconciler:
         only when the write changed something worth saying: a new phase, a new attempt, or a
         write without a phase (the caller decided). A transition is counted in the metrics only
         after the patch (conditional on the resourceVersion read) succeeded, so exactly once.
+        Returns False when nothing was written on purpose (terminal, or gone); raises Retry when
+        five writes in a row conflicted (409), so a write is never silently lost.
         """
         meta = backup["metadata"]
         for _ in range(5):
@@ -185,7 +207,8 @@ class BackupReconciler:
             if new_phase in TERMINAL:
                 self.mark_finished(fresh)
             return True
-        return False
+        # Never a lost write: the caller is run again (kopf's retry, or retry_sweep).
+        raise Retry(f"the status of Backup {meta['namespace']}/{meta['name']} kept changing (409)", 5)
 
     def mark_finished(self, backup: dict[str, Any]) -> None:
         """Label a terminal Backup so the kopf layer stops watching it (see LABEL_FINISHED)."""
@@ -393,7 +416,7 @@ class BackupReconciler:
         failed = int(js.get("failed") or 0)
         name = job["metadata"]["name"]
         if "Complete" in conds:
-            self._complete(backup, name, attempts=failed + 1)
+            self._complete(backup, job, attempts=failed + 1)
         elif "Failed" in conds:
             reason = conds["Failed"].get("reason") or "JobFailed"
             message = (
@@ -429,20 +452,41 @@ class BackupReconciler:
         ]
         return str(msgs[-1]) if msgs else ""
 
-    def _complete(self, backup: dict[str, Any], job: str, attempts: int) -> None:
-        results = [
-            r for r in self.kube.job_results(backup["metadata"]["namespace"], job) if "manifestKey" in r
-        ]
-        if not results:
-            self._fail(
-                backup, "the backup Job succeeded but reported no snapshot", attempts, reason="NoResult"
-            )
-            return
-        result = results[-1]
+    def _complete(self, backup: dict[str, Any], job: dict[str, Any], attempts: int) -> None:
+        """The Job succeeded: verify the snapshot it reported and complete the Backup.
+
+        A transient error while verifying (storage unreachable, a 503, a Secret not there yet; see
+        :mod:`nightjar.reconcile.errors`) keeps the Backup Running with a message saying so and
+        raises Retry, until ``VERIFY_DEADLINE`` after the Job finished; a permanent one (the
+        manifest missing or not what the agent wrote, credentials refused) fails it at once.
+        """
+        finished = job_finished_at(job) or _now()
+        hold = _test_verify_hold(backup, finished)
+        if hold > 0:
+            raise Retry(f"test hook {ANNOTATION_TEST_VERIFY_DELAY}: verification held {hold:.0f} s", hold)
         try:
+            results = [
+                r
+                for r in self.kube.job_results(backup["metadata"]["namespace"], job["metadata"]["name"])
+                if "manifestKey" in r
+            ]
+            if not results:
+                self._fail(
+                    backup, "the backup Job succeeded but reported no snapshot", attempts, reason="NoResult"
+                )
+                return
+            result = results[-1]
             self._verify_manifest(backup, result)
+        except Retry:
+            raise
         except Exception as e:
-            self._fail(backup, f"snapshot verification failed: {e}", attempts, reason="VerificationFailed")
+            verdict = errors.classify(e)
+            if isinstance(verdict, errors.Permanent):
+                self._fail(
+                    backup, f"snapshot verification failed: {verdict.message}", attempts, "VerificationFailed"
+                )
+                return
+            self._retry_verification(backup, verdict, finished, attempts)
             return
         now = _now()
         size = int(result.get("sizeUncompressedBytes") or 0)
@@ -479,16 +523,92 @@ class BackupReconciler:
         ):
             self._replicate(backup)
 
+    def _retry_verification(
+        self, backup: dict[str, Any], verdict: errors.Transient, finished: dt.datetime, attempts: int
+    ) -> None:
+        """Say why the verification waits and when it is tried again, then raise Retry; past the
+        deadline, fail the Backup saying so."""
+        now = _now()
+        deadline = finished + VERIFY_DEADLINE
+        what = _WHAT.get(verdict.reason, "an unexpected error")
+        if now >= deadline:
+            self._fail(
+                backup,
+                f"snapshot verification failed: {what} for {_span(VERIFY_DEADLINE)} after the Job "
+                f"finished: {verdict.message}",
+                attempts,
+                reason="VerificationTimedOut",
+            )
+            return
+        delay = errors.backoff((now - finished).total_seconds())
+        message = (
+            f"{what} while verifying the snapshot: {verdict.message}; retrying in {delay:.0f} s "
+            f"(until {format_time(deadline)}, {_span(VERIFY_DEADLINE)} after the Job finished)"
+        )
+        first = not retrying_condition(backup)
+        self._set(
+            backup,
+            {
+                "phase": "Running",
+                "attempts": attempts,
+                "message": message,
+                "conditions": [_cond(RETRYING, True, verdict.reason, message, now)],
+            },
+        )
+        if first:
+            self.kube.event(backup, "Warning", "VerificationRetrying", message)
+        log.warning("backup %s/%s: %s", backup["metadata"]["namespace"], backup["metadata"]["name"], message)
+        raise Retry(message, delay)
+
     def _verify_manifest(self, backup: dict[str, Any], result: dict[str, Any]) -> None:
         """The manifest the agent reported is in the bucket with the digest it reported."""
         ns = backup["metadata"]["namespace"]
-        storage = self.kube.get(storage_rec.PLURAL, ns, backup["spec"]["storageRef"]["name"])
+        name = backup["spec"]["storageRef"]["name"]
+        storage = self.kube.get(storage_rec.PLURAL, ns, name)
         if storage is None:
-            raise RuntimeError("its BackupStorage is gone")
+            raise storage_rec.StorageUnavailable(f'BackupStorage "{name}" is not in namespace {ns}')
         target = storage_rec.target_for(self.kube, ns, storage["spec"])
         body = storage_rec.store_of(target).read(result["manifestKey"])
         if hashlib.sha256(body).hexdigest() != result.get("manifestSha256"):
-            raise RuntimeError(f"manifest {result['manifestKey']} does not match what the agent wrote")
+            raise IntegrityError(f"manifest {result['manifestKey']} does not match what the agent wrote")
+
+    def retry_sweep(self, backups: Iterable[dict[str, Any]], now: dt.datetime) -> list[str]:
+        """Follow again the finished Jobs of Backups that are not terminal: a verification whose
+        next try is due (its Retrying condition), or a Job finished ``SETTLE`` ago whose event was
+        lost or whose handling failed. Job events are not retried by kopf; this is their retry.
+        Returns the Backups followed (``ns/name``)."""
+        followed = []
+        for backup in backups:
+            meta, st = backup["metadata"], backup.get("status") or {}
+            ann = meta.get("annotations") or {}
+            if (
+                st.get("phase") not in ("Queued", "Running")
+                or not st.get("jobName")
+                or meta.get("deletionTimestamp")
+                or (backup.get("spec") or {}).get("type") == UPLOADED
+                or ANNOTATION_SYNCED_FROM in ann
+            ):
+                continue
+            try:
+                job = self.kube.read_job(meta["namespace"], st["jobName"])
+                finished = job_finished_at(job) if job is not None else None
+                if job is None or finished is None:
+                    continue
+                cond = retrying_condition(backup)
+                if cond is not None:
+                    last = parse_time(cond["lastTransitionTime"])
+                    due = last + dt.timedelta(seconds=errors.backoff((last - finished).total_seconds()))
+                else:
+                    due = finished + SETTLE
+                if now < due:
+                    continue
+                followed.append(f"{meta['namespace']}/{meta['name']}")
+                self.sync_from_job(backup, job)
+            except Retry as e:
+                log.info("backup %s/%s: %s", meta["namespace"], meta["name"], e)
+            except Exception:
+                log.exception("following the Job of backup %s/%s", meta["namespace"], meta["name"])
+        return followed
 
     def _fail(self, backup: dict[str, Any], message: str, attempts: int, reason: str) -> None:
         now = _now()
@@ -966,6 +1086,50 @@ class BackupReconciler:
             )
             msg += f"; {len(locked)} locked objects left to expire"
         return msg
+
+
+#: How a retried verification's message names the kind of transient error.
+_WHAT = {
+    errors.STORAGE_UNAVAILABLE: "storage unreachable",
+    errors.NETWORK: "storage unreachable",
+    errors.NOT_THERE_YET: "something it needs is not there (yet)",
+    errors.CONFLICT: "the Kubernetes API failed",
+    errors.KUBERNETES_UNAVAILABLE: "the Kubernetes API failed",
+}
+
+
+def job_finished_at(job: dict[str, Any]) -> dt.datetime | None:
+    """When the Job succeeded or failed for good, or None while it has not."""
+    js = job.get("status") or {}
+    for c in js.get("conditions") or []:
+        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
+            when = js.get("completionTime") or c.get("lastTransitionTime")
+            return parse_time(when) if when else _now()
+    return None
+
+
+def retrying_condition(backup: dict[str, Any]) -> dict[str, Any] | None:
+    """The Backup's Retrying condition (a transient error being retried), or None."""
+    conds = (backup.get("status") or {}).get("conditions") or []
+    return next((c for c in conds if c.get("type") == RETRYING and c.get("status") == "True"), None)
+
+
+def _test_verify_hold(backup: dict[str, Any], finished: dt.datetime) -> float:
+    """Seconds the test hook ``ANNOTATION_TEST_VERIFY_DELAY`` still holds the verification (0
+    unless the operator runs with NIGHTJAR_TEST_HOOKS=1)."""
+    if os.environ.get("NIGHTJAR_TEST_HOOKS") != "1":
+        return 0.0
+    raw = (backup["metadata"].get("annotations") or {}).get(ANNOTATION_TEST_VERIFY_DELAY)
+    try:
+        seconds = float(raw or 0)
+    except ValueError:
+        return 0.0
+    return max(0.0, (finished + dt.timedelta(seconds=seconds) - _now()).total_seconds())
+
+
+def _span(d: dt.timedelta) -> str:
+    s = int(d.total_seconds())
+    return f"{s // 3600} h" if s % 3600 == 0 else f"{s // 60} min" if s % 60 == 0 else f"{s} s"
 
 
 def _check_objects(store: ObjectStore, objects: dict[str, int]) -> None:

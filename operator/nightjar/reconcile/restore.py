@@ -68,6 +68,8 @@ SECRET_LIMIT = 1_000_000
 class Refused(Exception):
     """The restore cannot start; the message says why. Nothing was changed."""
 
+    retryable = False  # a refusal by policy or by what exists: the same answer next time
+
 
 def target_summary(namespace: str, target: dict[str, Any], contents: str) -> str:
     parts = [f"{namespace}: database {target['database']['secretRef']['name']}"]

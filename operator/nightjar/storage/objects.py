@@ -192,11 +192,32 @@ def translate(err: BaseException, what: str) -> StorageError:
             return ObjectLocked(message)
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
             return AccessDenied(message)
+        if code in _RETRYABLE_CODES:  # some come with a 400: throttled or timed out, not refused
+            return StorageError(message)
         if status and 400 <= status < 500 and status not in (408, 409, 429):
             return _final(StorageError(message))
     if isinstance(err, ParamValidationError):
         return _final(StorageError(message))
     return StorageError(message)
+
+
+#: Error codes a retry may get past whatever their HTTP status (botocore's own retry list).
+_RETRYABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
 
 
 def is_backend_error(err: BaseException) -> bool:
