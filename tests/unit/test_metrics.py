@@ -483,3 +483,75 @@ def test_a_storage_tells_each_change_of_phase_once() -> None:
     gone = {**body, "status": {"phase": "Ready"}}
     reconcile_storage(kube, gone, NOW)  # type: ignore[arg-type]  # deleted meanwhile: no error, no Event
     assert len(kube.events) == 1
+
+
+# --- the gauges the chart's alerts read --------------------------------------------------------
+
+
+def test_a_storage_check_sets_its_availability_and_a_deleted_storage_loses_it() -> None:
+    n = ns()
+    kube = FakeKube()
+    body = kube.add(
+        "backupstorages",
+        {
+            "kind": "BackupStorage",
+            "metadata": {"name": "s3", "namespace": n, "generation": 1},
+            "spec": {"endpoint": "http://x", "bucket": "b", "credentials": {"secretName": "creds"}},
+        },
+    )
+    reconcile_storage(kube, body, NOW)  # type: ignore[arg-type]
+    assert G("nightjar_backupstorage_available", {"namespace": n, "storage": "s3"}) == 0
+    metrics.storage_checked(n, "s3", True)
+    assert G("nightjar_backupstorage_available", {"namespace": n, "storage": "s3"}) == 1
+    metrics.storages_seen([])
+    assert G("nightjar_backupstorage_available", {"namespace": n, "storage": "s3"}) is None
+
+
+def test_the_tick_exports_each_schedule_and_its_last_success_and_forgets_deleted_ones() -> None:
+    n = ns()
+    kube = FakeKube()
+    kube.add("backupschedules", a_schedule(n, suspend=True))
+    done = a_backup(
+        n, "nightly-20261124", phase="Completed", sourceId="src", completedOn="2026-11-24T03:10:00Z"
+    )
+    done["metadata"]["labels"] = {LABEL_SCHEDULE: "nightly"}
+    kube.add("backups", done)
+    Scheduler(kube).tick(NOW)  # type: ignore[arg-type]
+    labels = {"namespace": n, "schedule": "nightly"}
+    assert G("nightjar_schedule_suspended", labels) == 1
+    assert (
+        G("nightjar_schedule_created_timestamp_seconds", labels)
+        == dt.datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    )
+    assert G("nightjar_schedule_last_successful_backup_timestamp_seconds", labels) == (
+        dt.datetime(2026, 11, 24, 3, 10, tzinfo=UTC).timestamp()
+    )
+    # The slot counters exist at 0 before a first skip or miss, so Prometheus sees it as an increase.
+    assert G("nightjar_schedule_slots_missed_total", labels) == 0
+    assert G("nightjar_schedule_slots_skipped_total", {**labels, "reason": "AppNotRunning"}) == 0
+    del kube.objects[("backupschedules", n, "nightly")]
+    Scheduler(kube).tick(NOW)  # type: ignore[arg-type]
+    assert G("nightjar_schedule_suspended", labels) is None
+    assert G("nightjar_schedule_created_timestamp_seconds", labels) is None
+
+
+def test_a_backups_failed_series_exists_at_zero_from_its_first_transition(fixed_now: dt.datetime) -> None:
+    n = ns()
+    metrics.backup_transition(a_backup(n), None, "Queued", {})
+    assert G("nightjar_backups_total", {"namespace": n, "type": "OnDemand", "phase": "Failed"}) == 0
+
+
+def test_the_oldest_unreplicated_backup_is_exported_per_namespace_and_goes_when_none_waits() -> None:
+    n = ns()
+    metrics.unreplicated({n: 2}, {n: 1000.0})
+    assert G("nightjar_replication_oldest_pending_timestamp_seconds", {"namespace": n}) == 1000.0
+    metrics.unreplicated({}, {})
+    assert G("nightjar_replication_oldest_pending_timestamp_seconds", {"namespace": n}) is None
+    assert G("nightjar_backups_unreplicated", {"namespace": n}) == 0
+
+
+def test_the_leader_gauge() -> None:
+    metrics.leader(False)
+    assert G("nightjar_leader") == 0
+    metrics.leader(True)
+    assert G("nightjar_leader") == 1
