@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +41,16 @@ VARIANTS = {
         "--set=agent.image.repository=registry.example/nightjar-agent",
         "--set=agent.image.tag=1.2.3",
     ],
+    "alerts, dashboard, ServiceMonitor": [
+        "--set=prometheusRule.enabled=true",
+        "--set=prometheusRule.labels.release=kube-prometheus-stack",
+        "--set=grafanaDashboard.enabled=true",
+        "--set=metrics.serviceMonitor.enabled=true",
+    ],
 }
+#: The stack has no Prometheus Operator: a minimal copy of its CRDs' schemas (PrometheusRule,
+#: ServiceMonitor) lets the API server check those objects in the dry run.
+MONITORING_CRDS = Path(__file__).resolve().parents[1] / "fixtures" / "monitoring" / "crds.yaml"
 
 
 def render(helm: Helm, *args: str) -> list[dict[str, Any]]:
@@ -66,6 +76,12 @@ def test_rendered_manifests_are_accepted_by_the_api_server(
     docs = render(helm, *VARIANTS[variant])
     kinds = sorted({d["kind"] for d in docs})
     assert "Deployment" in kinds and "ServiceAccount" in kinds
+    if {"PrometheusRule", "ServiceMonitor"} & set(kinds):
+        out = kubectl(env, "apply", "-f", str(MONITORING_CRDS))
+        assert out.returncode == 0, out.stderr
+        for crd in ("prometheusrules", "servicemonitors"):
+            out = kubectl(env, "wait", "--for=condition=Established", f"crd/{crd}.monitoring.coreos.com")
+            assert out.returncode == 0, out.stderr
     # Namespaced objects need their namespaces to exist for a server-side dry run.
     for ns in {d["metadata"].get("namespace") for d in docs} - {None}:
         kubectl(env, "create", "namespace", ns)
