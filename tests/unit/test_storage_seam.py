@@ -368,6 +368,10 @@ class _Kube:
     def __init__(self, storage: dict[str, Any] | None = None) -> None:
         self.storage = storage
         self.events: list[tuple[str, str, str]] = []
+        self.terminating = False
+
+    def namespace_terminating(self, namespace: str) -> bool:
+        return self.terminating
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self.storage
@@ -434,6 +438,41 @@ def test_a_backups_deletion_keeps_shared_content_and_reports_locked_objects(mem:
     mem.down = "cannot connect to the S3 endpoint"
     with pytest.raises(Retry, match=r"^deleting stored objects: listing .*: cannot connect"):
         rec.delete_stored(backup)
+
+
+def test_a_backup_deleted_with_its_namespace_keeps_its_snapshot(mem: MemStore) -> None:
+    source = {"database": {"secretRef": {"name": "db"}}}
+    mine = layout.backup_prefix("", "ns", layout.source_id(source), "uid-1")
+    mem.put(f"{mine}a/db.dump", b"x")
+    mem.put(f"{mine}a/manifest.json", manifest_of(f"{mine}a/db.dump"))
+    kube: Any = _Kube({"spec": {}})
+    kube.terminating = True
+    rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
+    backup = {
+        "metadata": {"name": "b", "namespace": "ns", "uid": "uid-1", "annotations": {}},
+        "spec": {"storageRef": {"name": "s"}, "source": source},
+        "status": {},
+    }
+    assert rec.delete_stored(backup).startswith("namespace ns is being deleted: kept the stored snapshot")
+    assert sorted(mem.objects) == sorted([f"{mine}a/db.dump", f"{mine}a/manifest.json"])
+
+
+def test_deleting_a_backup_whose_manifest_object_lock_keeps_leaves_a_tombstone(mem: MemStore) -> None:
+    source = {"database": {"secretRef": {"name": "db"}}}
+    mine = layout.backup_prefix("", "ns", layout.source_id(source), "uid-1")
+    mem.put(f"{mine}a/db.dump", b"x")
+    mem.put(f"{mine}a/manifest.json", manifest_of(f"{mine}a/db.dump"))
+    mem.locked |= {f"{mine}a/db.dump", f"{mine}a/manifest.json"}
+    kube: Any = _Kube({"spec": {}})
+    rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
+    backup = {
+        "metadata": {"name": "b", "namespace": "ns", "uid": "uid-1", "annotations": {}},
+        "spec": {"storageRef": {"name": "s"}, "source": source},
+        "status": {},
+    }
+    rec.delete_stored(backup)
+    # Storage sync never brings back a Backup deleted on purpose.
+    assert json.loads(mem.objects[f"{mine}{layout.TOMBSTONE}"])["uid"] == "uid-1"
 
 
 def manifest_of(*keys: str) -> bytes:
