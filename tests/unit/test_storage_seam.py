@@ -480,3 +480,16 @@ def manifest_of(*keys: str) -> bytes:
     return json.dumps(
         {"formatVersion": 2, "objects": [{"key": k, "bytes": 1, "sha256": ""} for k in keys]}
     ).encode()
+
+
+def test_nothing_is_deleted_while_another_manifest_of_the_source_cannot_be_read(mem: MemStore) -> None:
+    from nightjar.reconcile.backup import delete_snapshot
+
+    source = layout.source_prefix("", "ns", "src")
+    mine, other = f"{source}uid-1/", f"{source}uid-2/"
+    mem.put(f"{mine}a/db.dump", b"x")
+    mem.put(f"{mine}a/manifest.json", manifest_of(f"{mine}a/db.dump"))
+    mem.put(f"{other}a/manifest.json", b"{from a newer Nightjar")
+    with pytest.raises(IntegrityError, match=r"cannot tell what .*uid-2/a/manifest.json shares"):
+        delete_snapshot(mem, mine, source)
+    assert f"{mine}a/db.dump" in mem.objects

@@ -1187,9 +1187,16 @@ def delete_snapshot(
     for info in store.list(source_root):
         if not layout.is_manifest(info.key):
             continue
+        try:
+            listed = PublicManifest.parse(store.read(info.key), info.key).objects
+        except IntegrityError as e:
+            if info.key.startswith(mine):
+                continue  # my own: only what lies under my prefix goes
+            # Another snapshot's manifest this operator cannot read (damaged, or of a newer
+            # format): what it shares is unknown, so nothing is deleted.
+            raise IntegrityError(f"cannot tell what {info.key} shares ({e}); nothing deleted") from e
         objs = {
-            layout.relocate(o.key, replica_prefix) if replica_prefix is not None else o.key
-            for o in PublicManifest.parse(store.read(info.key), info.key).objects
+            layout.relocate(o.key, replica_prefix) if replica_prefix is not None else o.key for o in listed
         }
         if info.key.startswith(mine):
             referenced |= objs

@@ -257,7 +257,13 @@ class StorageSync:
                 report.snapshots += 1
                 if item.uid in live:
                     continue
-                self._one(storage, store, target.prefix, item, names, now, grace, sync, own, report)
+                try:
+                    self._one(storage, store, target.prefix, item, names, now, grace, sync, own, report)
+                except IntegrityError as e:  # one snapshot's problem: the others go on
+                    report.skipped += 1
+                    self.kube.event(
+                        storage, "Warning", "BadManifest", f"skipped {item.where.backup_prefix}: {e}"
+                    )
 
     def _one(
         self,
