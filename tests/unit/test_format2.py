@@ -325,7 +325,9 @@ def test_chunk_lists_are_groups_stored_once_per_source(
     monkeypatch.setattr(packs, "LIST_INLINE_MAX", 1)
     store = MemoryStore()
     keys = ring("1")
-    dump = make_dump(16_000_000)
+    # Group ends depend on keyed chunk ids (a random key per source): ~20 chunks make fewer than
+    # 3 groups a 1-in-25,000 event (16 MB, ~10 chunks, failed about 1 run in 50).
+    dump = make_dump(32_000_000)
     key, _, m1 = take(store, None, dump, "a1", keys)
     assert m1.database is not None
     first = m1.database.dump
