@@ -432,11 +432,12 @@ def test_a_backups_deletion_keeps_shared_content_and_reports_locked_objects(mem:
         "status": {},
     }
     summary = rec.delete_stored(backup)
-    assert summary == "deleted 2 object versions of 3 objects; 1 locked objects left to expire"
+    # (the tombstone written first goes with the rest: the manifest was not locked)
+    assert summary == "deleted 3 object versions of 4 objects; 1 locked objects left to expire"
     assert sorted(mem.objects) == sorted([own, old, f"{other}a/manifest.json"])
     assert [r for _, r, _ in kube.events] == ["ObjectsLocked"]
     mem.down = "cannot connect to the S3 endpoint"
-    with pytest.raises(Retry, match=r"^deleting stored objects: listing .*: cannot connect"):
+    with pytest.raises(Retry, match=r"^deleting stored objects: writing .*deleted.json: cannot connect"):
         rec.delete_stored(backup)
 
 
@@ -493,3 +494,34 @@ def test_nothing_is_deleted_while_another_manifest_of_the_source_cannot_be_read(
     with pytest.raises(IntegrityError, match=r"cannot tell what .*uid-2/a/manifest.json shares"):
         delete_snapshot(mem, mine, source)
     assert f"{mine}a/db.dump" in mem.objects
+
+
+def test_a_backup_merely_annotated_as_synced_deletes_nothing(mem: MemStore) -> None:
+    """Only the operator's own adoption (status naming the manifest) makes a synced Backup stand
+    for a snapshot: an annotation anyone may add never points a deletion at other keys."""
+    source = {"database": {"secretRef": {"name": "db"}}}
+    theirs = layout.backup_prefix("", "ns", layout.source_id(source), "uid-0")
+    mem.put(f"{theirs}a/db.dump", b"x")
+    mem.put(f"{theirs}a/manifest.json", manifest_of(f"{theirs}a/db.dump"))
+    kube: Any = _Kube({"spec": {}})
+    rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
+    backup = {
+        "metadata": {
+            "name": "b",
+            "namespace": "ns",
+            "uid": "uid-1",
+            "annotations": {"nightjar.dev/synced-from": f"{theirs}a/manifest.json"},
+        },
+        "spec": {"storageRef": {"name": "s"}, "source": source},
+        "status": {"phase": "Failed"},
+    }
+    assert rec.delete_stored(backup) == "never adopted a snapshot from the bucket; nothing deleted"
+    assert f"{theirs}a/db.dump" in mem.objects
+
+
+def test_a_manifest_of_a_newer_format_is_not_read_as_this_one() -> None:
+    from nightjar.storage.manifest import PublicManifest
+
+    raw = json.dumps({"formatVersion": 3, "objects": []}).encode()
+    with pytest.raises(IntegrityError, match="format 3, newer than this Nightjar reads"):
+        PublicManifest.parse(raw, "m")

@@ -120,6 +120,8 @@ def _backup(uid: str, synced: str = "") -> dict[str, object]:
 def test_a_synced_backup_stands_for_the_uid_and_keys_of_the_snapshot_it_was_made_from() -> None:
     synced = BASE + "old-uid/pod-1/manifest.json"
     b = _backup("new-uid", synced)
+    assert snapshot_prefixes(b, PREFIX) is None  # not adopted (verified) by the operator yet
+    b["status"] = {"phase": "Completed", "storage": {"manifestKey": synced}}
     assert snapshot_uid(b) == "old-uid"
     assert snapshot_prefixes(b, PREFIX) == (BASE + "old-uid/", BASE)
     # In a replica with its own prefix, the same layout under that prefix.
@@ -127,7 +129,8 @@ def test_a_synced_backup_stands_for_the_uid_and_keys_of_the_snapshot_it_was_made
     plain = _backup("new-uid")
     assert snapshot_uid(plain) == "new-uid"
     sid = layout.source_id({"database": {"secretRef": {"name": "db"}}})
-    assert snapshot_prefixes(plain, PREFIX)[0] == f"tests/shop/nightjar/v1/shop/{sid}/new-uid/"
+    got = snapshot_prefixes(plain, PREFIX)
+    assert got is not None and got[0] == f"tests/shop/nightjar/v1/shop/{sid}/new-uid/"
 
 
 def test_a_storage_listed_as_anothers_replica_is_a_replica() -> None:

@@ -1023,19 +1023,21 @@ class BackupReconciler:
         label = f"in replica {replica}: " if replica else ""
         if spec.get("type") == UPLOADED:
             return label + self._delete_upload(backup, store, prefix, here)
-        mine, source_root = snapshot_prefixes(backup, prefix)
+        prefixes = snapshot_prefixes(backup, prefix)
+        if prefixes is None:
+            return label + "never adopted a snapshot from the bucket; nothing deleted"
+        mine, source_root = prefixes
+        tombstone = json.dumps(
+            {"deletedOn": format_time(_now()), "backup": meta["name"], "uid": meta["uid"]}
+        ).encode()
         try:
+            # A tombstone first: deleted on purpose, so storage sync never brings the Backup back
+            # if this deletion stops half way; it goes with the rest when nothing is locked.
+            store.put(mine + layout.TOMBSTONE, tombstone, content_type="application/json")
             deleted, doomed, locked = delete_snapshot(store, mine, source_root, prefix if replica else None)
             if any(k.startswith(mine) and layout.is_manifest(k) for k in locked):
-                # Object Lock keeps its manifest: a tombstone says it was deleted on purpose, so
-                # storage sync never brings the Backup back (a new object, not a rewrite).
-                store.put(
-                    mine + layout.TOMBSTONE,
-                    json.dumps(
-                        {"deletedOn": format_time(_now()), "backup": meta["name"], "uid": meta["uid"]}
-                    ).encode(),
-                    content_type="application/json",
-                )
+                # Object Lock keeps its manifest: the tombstone stays (a new object, not a rewrite).
+                store.put(mine + layout.TOMBSTONE, tombstone, content_type="application/json")
         except StorageError as e:
             where = f" in replica {replica}" if replica else ""
             raise Retry(f"deleting stored objects{where}: {e}", 30) from e
@@ -1157,16 +1159,31 @@ def snapshot_uid(backup: dict[str, Any]) -> str:
     return str(meta.get("uid") or "")
 
 
-def snapshot_prefixes(backup: dict[str, Any], prefix: str) -> tuple[str, str]:
+def adopted(backup: dict[str, Any]) -> bool:
+    """A synced Backup the operator verified: its status names the manifest of its annotation
+    (only the operator writes status). An annotation anyone could add is never trusted alone."""
+    meta = backup["metadata"]
+    synced = (meta.get("annotations") or {}).get(ANNOTATION_SYNCED_FROM)
+    st = backup.get("status") or {}
+    return (
+        bool(synced)
+        and st.get("phase") == "Completed"
+        and (st.get("storage") or {}).get("manifestKey") == synced
+    )
+
+
+def snapshot_prefixes(backup: dict[str, Any], prefix: str) -> tuple[str, str] | None:
     """The Backup's own key prefix in a storage with ``prefix`` and the prefix of its source's
     snapshots (the ones that may share its content). A synced Backup's snapshot was written
-    under the uid of the Backup that took it: its keys come from the manifest it stands for."""
+    under the uid of the Backup that took it: its keys come from the manifest it stands for,
+    once the operator adopted it; before that (or never) it has no keys: None."""
     meta = backup["metadata"]
     synced = (meta.get("annotations") or {}).get(ANNOTATION_SYNCED_FROM)
     if synced:
-        where = layout.parse_key(layout.relocate(synced, prefix), prefix)
-        if where is not None:
-            return where.backup_prefix, where.source_prefix
+        where = layout.parse_key(layout.relocate(synced, prefix), prefix) if adopted(backup) else None
+        if where is None:
+            return None
+        return where.backup_prefix, where.source_prefix
     sid = layout.source_id(backup["spec"]["source"])
     ns = meta["namespace"]
     return layout.backup_prefix(prefix, ns, sid, meta["uid"]), layout.source_prefix(prefix, ns, sid)

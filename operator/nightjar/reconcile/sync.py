@@ -237,8 +237,21 @@ class StorageSync:
         names = {b["metadata"]["name"] for b in backups}
         grace = dt.timedelta(seconds=self.config.orphan_grace_seconds)
         scopes = [(ns, True)]
-        if sync and opts.get("fromNamespace") and opts["fromNamespace"] != ns:
-            scopes.append((opts["fromNamespace"], False))  # re-created here; swept by its own
+        from_ns = opts.get("fromNamespace")
+        if sync and from_ns and from_ns != ns:
+            # Re-created here, swept by its own namespace; never one a Backup there stands for.
+            try:
+                live |= {snapshot_uid(b) for b in self.kube.list_objects(BACKUPS, from_ns)}
+                scopes.append((from_ns, False))
+            except ApiException as e:
+                report.skipped += 1
+                self.kube.event(
+                    storage,
+                    "Warning",
+                    "CannotRecreate",
+                    f"spec.sync.fromNamespace {from_ns}: cannot tell which of its snapshots its own "
+                    f"Backups stand for ({e.reason}); none adopted",
+                )
         warned = 0
         for scope_ns, own in scopes:
             for item in snapshots(

@@ -396,6 +396,12 @@ class PublicManifest:
     @classmethod
     def parse(cls, raw: bytes, what: str = "manifest") -> PublicManifest:
         d = _json(raw, what)
+        fmt = d.get("formatVersion")
+        if isinstance(fmt, int) and fmt > CURRENT_FORMAT:
+            # A newer Nightjar's: what it lists (and shares) cannot be told from this model.
+            raise IntegrityError(
+                f"{what} is of format {fmt}, newer than this Nightjar reads ({CURRENT_FORMAT})"
+            )
         try:
             return cls(
                 int(d.get("formatVersion") or 0),
