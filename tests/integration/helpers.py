@@ -95,6 +95,14 @@ def backup_gone(custom: client.CustomObjectsApi, ns: str, name: str) -> bool:
     return False
 
 
+def namespace_gone(core: client.CoreV1Api, ns: str) -> bool:
+    try:
+        core.read_namespace(ns)
+    except ApiException as e:
+        return e.status == 404
+    return False
+
+
 def get_backup(custom: client.CustomObjectsApi, ns: str, name: str) -> dict[str, Any]:
     obj: dict[str, Any] = custom.get_namespaced_custom_object(G, V, ns, "backups", name)
     return obj

@@ -13,18 +13,9 @@ import time
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
-from tests.integration.helpers import backup_body, make_storage, take_backup
+from tests.integration.helpers import backup_body, make_storage, namespace_gone, take_backup
 from tests.support import wait_for
-
-
-def _gone(core: client.CoreV1Api, ns: str) -> bool:
-    try:
-        core.read_namespace(ns)
-    except ApiException as e:
-        return e.status == 404
-    return False
 
 
 def test_deleting_a_namespace_keeps_its_snapshots_and_finishes_within_30s(
@@ -47,7 +38,7 @@ def test_deleting_a_namespace_keeps_its_snapshots_and_finishes_within_30s(
 
     started = time.monotonic()
     core.delete_namespace(namespace)
-    wait_for(f"namespace {namespace} to be gone", lambda: _gone(core, namespace), 30)
+    wait_for(f"namespace {namespace} to be gone", lambda: namespace_gone(core, namespace), 30)
     print(f"namespace with 3 Completed Backups deleted in {time.monotonic() - started:.1f}s")
 
     after = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}

@@ -27,6 +27,7 @@ from tests.integration.helpers import (
     backup_gone,
     get_backup,
     make_storage,
+    namespace_gone,
     psql,
     take_backup,
 )
@@ -34,18 +35,10 @@ from tests.integration.test_restore import restore_body, wait_restore
 from tests.support import wait_for
 
 
-def _gone(core: client.CoreV1Api, ns: str) -> bool:
-    try:
-        core.read_namespace(ns)
-    except ApiException as e:
-        return e.status == 404
-    return False
-
-
 def _delete_and_recreate_namespace(core: client.CoreV1Api, ns: str, db_secret: Any) -> None:
     """`kubectl delete namespace`, then the namespace and its database Secret again."""
     core.delete_namespace(ns)
-    wait_for(f"namespace {ns} to be gone", lambda: _gone(core, ns), 30)
+    wait_for(f"namespace {ns} to be gone", lambda: namespace_gone(core, ns), 30)
     core.create_namespace({"metadata": {"name": ns, "labels": {"nightjar.dev/test": "true"}}})
     wait_for(
         "the default ServiceAccount",
