@@ -38,3 +38,13 @@ ANNOTATION_REPLICA = f"{GROUP}/replica"
 #: lightweight watch of its own handles their deletion.
 LABEL_FINISHED = f"{GROUP}/finished"
 MANAGED_BY = "nightjar"
+
+#: The plural (resource) names of the kinds, as the API serves them.
+BACKUPS = "backups"
+RESTORES = "restores"
+SCHEDULES = "backupschedules"
+STORAGES = "backupstorages"
+#: Backups of this type hold an archive brought in with ``nightjar upload``: no source, no Job.
+UPLOADED = "Uploaded"
+#: The source id uploads are stored under: ``<prefix>nightjar/v1/<ns>/uploaded/<upload-id>/<snapshot-id>/``.
+UPLOADED_SOURCE = "uploaded"

@@ -17,6 +17,7 @@ import kopf
 from nightjar import __version__, metrics
 from nightjar.config import OperatorConfig
 from nightjar.constants import (
+    BACKUPS,
     FINALIZER,
     GROUP,
     KOPF_PERSISTENCE_PREFIX,
@@ -24,18 +25,22 @@ from nightjar.constants import (
     LABEL_FINISHED,
     LABEL_REPLICATION,
     LABEL_RESTORE,
+    RESTORES,
+    SCHEDULES,
     VERSION,
 )
 from nightjar.domain import residency
 from nightjar.kube import Kube, load_client
 from nightjar.reconcile import storage as storage_rec
-from nightjar.reconcile.backup import PLURAL as BACKUPS
-from nightjar.reconcile.backup import BackupReconciler, Retry, watch_finished_deletions
+from nightjar.reconcile.backup import BackupReconciler
+from nightjar.reconcile.deletion import watch_finished_deletions
+from nightjar.reconcile.errors import Retry
+from nightjar.reconcile.gc import gc_sweep
+from nightjar.reconcile.ports import list_all
 from nightjar.reconcile.replication import Replicator
-from nightjar.reconcile.restore import PLURAL as RESTORES
 from nightjar.reconcile.restore import RestoreReconciler
-from nightjar.reconcile.schedule import PLURAL as SCHEDULES
-from nightjar.reconcile.schedule import Scheduler, gc_sweep, list_all
+from nightjar.reconcile.schedule import Scheduler
+from nightjar.reconcile.status import StatusConflict
 from nightjar.reconcile.sync import StorageSync
 
 log = logging.getLogger("nightjar")
@@ -94,7 +99,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     for ns in SCOPE or (None,):
         threading.Thread(
             target=watch_finished_deletions,
-            args=(STATE.kube, STATE.backups, STATE.stop, ns),
+            args=(STATE.kube, STATE.backups.deletion, STATE.stop, ns),
             name=f"nightjar-finished-deletions-{ns or 'all'}",
             daemon=True,
         ).start()
@@ -128,7 +133,7 @@ def _replication_sweeps() -> None:
             log.exception("storage sync sweep failed; the next sweep retries")
         try:
             finished = list_all(STATE.kube, BACKUPS, f"{LABEL_FINISHED}=true")
-            rep = STATE.replicator.sweep(finished, dt.datetime.now(dt.UTC))
+            rep = STATE.replicator.sweep(finished)
             if rep.started or rep.extended:
                 log.info("replication: started copies of %s; new replicas for %s", rep.started, rep.extended)
         except Exception:
@@ -154,9 +159,13 @@ def _periodic() -> None:
             log.exception("scheduler tick failed; next tick retries")
         try:
             # Job events are not retried by kopf: a verification to retry, a lost event.
-            STATE.backups.retry_sweep(list_all(STATE.kube, BACKUPS, f"!{LABEL_FINISHED}"), now)
+            STATE.backups.retry_sweep(list_all(STATE.kube, BACKUPS, f"!{LABEL_FINISHED}"))
         except Exception:
             log.exception("backup retry sweep failed; the next tick retries")
+        try:
+            STATE.restores.retry_sweep(list_all(STATE.kube, RESTORES))
+        except Exception:
+            log.exception("restore retry sweep failed; the next tick retries")
         if time.monotonic() >= next_gc:
             try:
                 started = time.monotonic()
@@ -207,7 +216,7 @@ def storage_check(body: kopf.Body, **_: Any) -> None:
 def backup_reconcile(body: kopf.Body, **_: Any) -> None:
     try:
         STATE.backups.reconcile(_plain(body))
-    except Retry as e:
+    except (Retry, StatusConflict) as e:
         raise kopf.TemporaryError(str(e), delay=e.delay) from e
 
 
@@ -220,7 +229,7 @@ def backup_job_changed(
         return
     try:
         STATE.backups.sync_from_job(backup, _plain(body))
-    except Retry as e:  # kopf does not retry event handlers: the retry sweep in _periodic does
+    except (Retry, StatusConflict) as e:  # kopf does not retry event handlers: the retry sweep does
         log.info("backup %s: %s", backup["metadata"]["name"], e)
 
 
@@ -260,7 +269,7 @@ def backup_delete(body: kopf.Body, retry: int, **_: Any) -> None:
 def restore_reconcile(body: kopf.Body, **_: Any) -> None:
     try:
         STATE.restores.reconcile(_plain(body))
-    except Retry as e:
+    except (Retry, StatusConflict) as e:
         raise kopf.TemporaryError(str(e), delay=e.delay) from e
 
 

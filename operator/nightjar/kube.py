@@ -94,6 +94,56 @@ class Kube:
         )
         return out
 
+    def list_page(
+        self, plural: str, namespace: str | None, label_selector: str, limit: int, cont: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of a listing (``namespace`` None: cluster-wide) and the continue token."""
+        kw: dict[str, Any] = {"label_selector": label_selector, "limit": limit, "_continue": cont}
+        resp = (
+            self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, **kw)
+            if namespace
+            else self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
+        )
+        return list(resp["items"]), resp["metadata"].get("continue") or None
+
+    def create_object(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Create a custom object; None when one of that name exists (409)."""
+        try:
+            out: dict[str, Any] = self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, body
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+        return out
+
+    def delete_object(self, plural: str, namespace: str, name: str) -> bool:
+        """Ask for the deletion of a custom object; False when it is gone already (404)."""
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def set_finalizers(
+        self, plural: str, namespace: str, name: str, finalizers: list[str], resource_version: str
+    ) -> bool:
+        """Replace the finalizers, conditional on ``resource_version``; False when the object is
+        gone (404) or changed meanwhile (409)."""
+        meta = {"finalizers": finalizers, "resourceVersion": resource_version}
+        try:
+            self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, {"metadata": meta}
+            )
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+        return True
+
     def patch_meta(self, plural: str, namespace: str, name: str, meta: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = self.custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, plural, name, {"metadata": meta}
@@ -117,6 +167,16 @@ class Kube:
                 return False
             raise
         return bool(ns.metadata.deletion_timestamp) or (ns.status and ns.status.phase) == "Terminating"
+
+    def claim_exists(self, namespace: str, name: str) -> bool:
+        """The PersistentVolumeClaim ``name`` exists in ``namespace``."""
+        try:
+            self.core.read_namespaced_persistent_volume_claim(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
 
     def secret_data(self, namespace: str, name: str) -> dict[str, str]:
         try:

@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes import client
 
 from nightjar.jobs import job_name
-from nightjar.reconcile.backup import ANNOTATION_TEST_VERIFY_DELAY
+from nightjar.reconcile.backup_taken import ANNOTATION_TEST_VERIFY_DELAY
 from tests.integration.helpers import G, V, backup_body, get_backup, make_storage, wait_terminal
 from tests.support import stopped_s3, wait_for
 

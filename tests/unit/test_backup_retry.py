@@ -1,6 +1,6 @@
 """A finished backup Job whose snapshot cannot be verified *now* is retried, not failed.
 
-Driven against the in-memory Kubernetes of test_metrics and the real storage seam (``S3Store``)
+Driven against the in-memory Kubernetes of tests/fakes.py and the real storage seam (``S3Store``)
 over a stub boto3 client, so an S3 503 goes through the same botocore-to-StorageError
 translation as in production; the clock is fixed and moved by hand.
 """
@@ -15,35 +15,19 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
-from kubernetes.client.rest import ApiException
 
 from nightjar.config import OperatorConfig
-from nightjar.reconcile import backup as backup_rec
-from nightjar.reconcile import storage as storage_rec
-from nightjar.reconcile.backup import BackupReconciler, Retry
+from nightjar.reconcile.backup import BackupReconciler
+from nightjar.reconcile.backup_taken import ANNOTATION_TEST_VERIFY_DELAY
+from nightjar.reconcile.errors import Retry
+from nightjar.reconcile.status import StatusConflict
 from nightjar.storage.objects import S3Store
-from tests.unit.test_metrics import NOW, FakeKube, a_backup, fmt
+from tests.fakes import NOW, FakeClock, FakeKube
+from tests.unit.test_metrics import a_backup, fmt
 
 MANIFEST = b'{"snapshot": "snap-1"}'
 KEY = "nightjar/v1/ns/src/uid-b1/snap-1/manifest.json"
 FINISHED = NOW - dt.timedelta(seconds=5)
-
-
-class Kube(FakeKube):
-    """The fake with a Secret for the storage, and optionally 409s on the first status writes."""
-
-    def __init__(self, conflicts: int = 0) -> None:
-        super().__init__()
-        self.conflicts = conflicts
-
-    def secret_keys(self, namespace: str, name: str, keys: list[str]) -> dict[str, str]:
-        return {k: "x" for k in keys}
-
-    def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any], **kw: Any) -> Any:
-        if self.conflicts > 0:
-            self.conflicts -= 1
-            raise ApiException(status=409, reason="Conflict")
-        return super().patch_status(plural, namespace, name, status, **kw)
 
 
 class S3Stub:
@@ -71,29 +55,22 @@ def slow_down() -> ClientError:
     )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> dt.datetime:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(backup_rec, "_now", c)
-    return c
+def s3() -> S3Stub:
+    return S3Stub()
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> S3Stub:
-    stub = S3Stub()
-    monkeypatch.setattr(storage_rec, "store_of", lambda target: S3Store(target, client=stub))
-    return stub
+def kube() -> FakeKube:
+    return FakeKube()
 
 
-def setup(kube: Kube) -> tuple[str, BackupReconciler, dict[str, Any]]:
+def setup(kube: FakeKube, clock: FakeClock, s3: S3Stub) -> tuple[str, BackupReconciler, dict[str, Any]]:
     n = f"r-{uuid.uuid4().hex[:8]}"
     kube.add(
         "backupstorages",
@@ -102,6 +79,7 @@ def setup(kube: Kube) -> tuple[str, BackupReconciler, dict[str, Any]]:
             "spec": {"endpoint": "http://s3:9000", "bucket": "b", "credentials": {"secretName": "s3"}},
         },
     )
+    kube.add_secret(n, "s3", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")
     kube.add(
         "backups", a_backup(n, phase="Running", attempts=1, sourceId="src", jobName="nightjar-backup-b1")
     )
@@ -124,16 +102,20 @@ def setup(kube: Kube) -> tuple[str, BackupReconciler, dict[str, Any]]:
         },
     }
     kube.jobs[(n, "nightjar-backup-b1")] = job
-    return n, BackupReconciler(kube, OperatorConfig()), job  # type: ignore[arg-type]
+    rec = BackupReconciler(
+        kube, OperatorConfig(), clock=clock, open_store=lambda target: S3Store(target, client=s3)
+    )
+    return n, rec, job
 
 
-def status(kube: Kube, n: str) -> dict[str, Any]:
+def status(kube: FakeKube, n: str) -> dict[str, Any]:
     return dict(kube.objects[("backups", n, "b1")]["status"])
 
 
-def test_a_503_while_verifying_keeps_the_backup_running_and_says_it_retries(clock: Clock, s3: S3Stub) -> None:
-    kube = Kube()
-    n, rec, job = setup(kube)
+def test_a_503_while_verifying_keeps_the_backup_running_and_says_it_retries(
+    kube: FakeKube, clock: FakeClock, s3: S3Stub
+) -> None:
+    n, rec, job = setup(kube, clock, s3)
     s3.fail = slow_down()
 
     with pytest.raises(Retry) as retry:
@@ -152,7 +134,7 @@ def test_a_503_while_verifying_keeps_the_backup_running_and_says_it_retries(cloc
     assert kube.reasons("b1") == ["VerificationRetrying"]
 
     # Still down 30 s later: still Running, a longer wait, no second Event.
-    clock.now = NOW + dt.timedelta(seconds=30)
+    clock.current = NOW + dt.timedelta(seconds=30)
     with pytest.raises(Retry) as retry:
         rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)
     assert retry.value.delay == 35 and "retrying in 35 s" in status(kube, n)["message"]
@@ -160,7 +142,7 @@ def test_a_503_while_verifying_keeps_the_backup_running_and_says_it_retries(cloc
 
     # S3 answers again: Completed, the Retrying condition gone.
     s3.fail = None
-    clock.now = NOW + dt.timedelta(seconds=70)
+    clock.current = NOW + dt.timedelta(seconds=70)
     rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)
     st = status(kube, n)
     assert st["phase"] == "Completed", st
@@ -169,46 +151,49 @@ def test_a_503_while_verifying_keeps_the_backup_running_and_says_it_retries(cloc
     assert kube.reasons("b1") == ["VerificationRetrying", "Completed"]
 
 
-def test_the_retry_sweep_follows_the_job_again_when_the_next_try_is_due(clock: Clock, s3: S3Stub) -> None:
+def test_the_retry_sweep_follows_the_job_again_when_the_next_try_is_due(
+    kube: FakeKube, clock: FakeClock, s3: S3Stub
+) -> None:
     """Job events are not retried by kopf: the sweep is what tries again."""
-    kube = Kube()
-    n, rec, job = setup(kube)
+    n, rec, job = setup(kube, clock, s3)
     s3.fail = EndpointConnectionError(endpoint_url="http://s3:9000")
     with pytest.raises(Retry):
         rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)  # the Job event, at NOW
     assert "cannot connect to the S3 endpoint; retrying in 10 s" in status(kube, n)["message"]
     calls = s3.calls
 
-    clock.now = NOW + dt.timedelta(seconds=9)
-    assert rec.retry_sweep([kube.get("backups", n, "b1")], clock.now) == []  # type: ignore[list-item]
+    clock.current = NOW + dt.timedelta(seconds=9)
+    assert rec.retry_sweep([kube.get("backups", n, "b1")]) == []
     assert s3.calls == calls  # not due: nothing read
 
-    clock.now = NOW + dt.timedelta(seconds=10)
-    assert rec.retry_sweep([kube.get("backups", n, "b1")], clock.now) == [f"{n}/b1"]  # type: ignore[list-item]
+    clock.current = NOW + dt.timedelta(seconds=10)
+    assert rec.retry_sweep([kube.get("backups", n, "b1")]) == [f"{n}/b1"]
     assert s3.calls > calls and status(kube, n)["phase"] == "Running"
     assert "retrying in 15 s" in status(kube, n)["message"]
 
     s3.fail = None
-    clock.now = NOW + dt.timedelta(seconds=25)
-    rec.retry_sweep([kube.get("backups", n, "b1")], clock.now)  # type: ignore[list-item]
+    clock.current = NOW + dt.timedelta(seconds=25)
+    rec.retry_sweep([kube.get("backups", n, "b1")])
     assert status(kube, n)["phase"] == "Completed"
 
 
-def test_a_lost_job_event_is_followed_by_the_sweep_after_it_settles(clock: Clock, s3: S3Stub) -> None:
-    kube = Kube()
-    n, rec, _job = setup(kube)
-    clock.now = FINISHED + dt.timedelta(seconds=14)
-    assert rec.retry_sweep([kube.get("backups", n, "b1")], clock.now) == []  # type: ignore[list-item]
-    clock.now = FINISHED + dt.timedelta(seconds=15)
-    assert rec.retry_sweep([kube.get("backups", n, "b1")], clock.now) == [f"{n}/b1"]  # type: ignore[list-item]
+def test_a_lost_job_event_is_followed_by_the_sweep_after_it_settles(
+    kube: FakeKube, clock: FakeClock, s3: S3Stub
+) -> None:
+    n, rec, _job = setup(kube, clock, s3)
+    clock.current = FINISHED + dt.timedelta(seconds=14)
+    assert rec.retry_sweep([kube.get("backups", n, "b1")]) == []
+    clock.current = FINISHED + dt.timedelta(seconds=15)
+    assert rec.retry_sweep([kube.get("backups", n, "b1")]) == [f"{n}/b1"]
     assert status(kube, n)["phase"] == "Completed"
 
 
-def test_still_unreachable_an_hour_after_the_job_finished_fails_and_says_so(clock: Clock, s3: S3Stub) -> None:
-    kube = Kube()
-    n, rec, job = setup(kube)
+def test_still_unreachable_an_hour_after_the_job_finished_fails_and_says_so(
+    kube: FakeKube, clock: FakeClock, s3: S3Stub
+) -> None:
+    n, rec, job = setup(kube, clock, s3)
     s3.fail = slow_down()
-    clock.now = FINISHED + dt.timedelta(hours=1)
+    clock.current = FINISHED + dt.timedelta(hours=1)
     rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)
     st = status(kube, n)
     assert st["phase"] == "Failed"
@@ -246,10 +231,9 @@ def test_still_unreachable_an_hour_after_the_job_finished_fails_and_says_so(cloc
     ids=["manifest 404", "digest mismatch", "credentials refused"],
 )
 def test_a_permanent_error_fails_the_backup_at_once(
-    clock: Clock, s3: S3Stub, fail: Exception | None, body: bytes, message: str
+    kube: FakeKube, clock: FakeClock, s3: S3Stub, fail: Exception | None, body: bytes, message: str
 ) -> None:
-    kube = Kube()
-    n, rec, job = setup(kube)
+    n, rec, job = setup(kube, clock, s3)
     s3.fail, s3.body = fail, body
     rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)
     st = status(kube, n)
@@ -258,10 +242,9 @@ def test_a_permanent_error_fails_the_backup_at_once(
     assert st["conditions"][0]["reason"] == "VerificationFailed"
 
 
-def test_a_secret_not_there_yet_is_retried(clock: Clock, s3: S3Stub) -> None:
-    kube = Kube()
-    n, rec, job = setup(kube)
-    kube.secret_keys = FakeKube.secret_keys.__get__(kube)  # type: ignore[method-assign]  # raises SecretMissing
+def test_a_secret_not_there_yet_is_retried(kube: FakeKube, clock: FakeClock, s3: S3Stub) -> None:
+    n, rec, job = setup(kube, clock, s3)
+    kube.secrets.clear()  # the storage's credentials Secret is not there (yet)
     with pytest.raises(Retry):
         rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)
     st = status(kube, n)
@@ -271,35 +254,36 @@ def test_a_secret_not_there_yet_is_retried(clock: Clock, s3: S3Stub) -> None:
     )
 
 
-def test_a_conflict_on_the_status_write_is_retried_and_the_backup_completes(clock: Clock, s3: S3Stub) -> None:
-    kube = Kube(conflicts=1)  # 409 on the first write, then success
-    n, rec, job = setup(kube)
+def test_a_conflict_on_the_status_write_is_retried_and_the_backup_completes(
+    kube: FakeKube, clock: FakeClock, s3: S3Stub
+) -> None:
+    kube.fail("patch_status", 409)  # 409 on the first write, then success
+    n, rec, job = setup(kube, clock, s3)
     rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)
     assert status(kube, n)["phase"] == "Completed"
     assert kube.reasons("b1") == ["Completed"]
 
 
-def test_a_status_write_that_keeps_conflicting_is_never_lost(clock: Clock, s3: S3Stub) -> None:
-    kube = Kube(conflicts=5)  # every one of _set's five writes conflicts
-    n, rec, job = setup(kube)
-    with pytest.raises(Retry, match="kept changing"):
+def test_a_status_write_that_keeps_conflicting_is_never_lost(
+    kube: FakeKube, clock: FakeClock, s3: S3Stub
+) -> None:
+    kube.fail("patch_status", *[409] * 5)  # every one of the writer's five tries conflicts
+    n, rec, job = setup(kube, clock, s3)
+    with pytest.raises(StatusConflict, match="kept changing"):
         rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)
     assert status(kube, n)["phase"] == "Running"
     # No Retrying condition was written: the sweep follows the Job again once it settled.
-    clock.now = FINISHED + dt.timedelta(seconds=15)
-    assert rec.retry_sweep([kube.get("backups", n, "b1")], clock.now) == [f"{n}/b1"]  # type: ignore[list-item]
+    clock.current = FINISHED + dt.timedelta(seconds=15)
+    assert rec.retry_sweep([kube.get("backups", n, "b1")]) == [f"{n}/b1"]
     assert status(kube, n)["phase"] == "Completed"
     assert kube.reasons("b1") == ["Completed"]
 
 
 def test_the_test_hook_holds_the_verification_only_with_test_hooks_on(
-    clock: Clock, s3: S3Stub, monkeypatch: pytest.MonkeyPatch
+    kube: FakeKube, clock: FakeClock, s3: S3Stub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kube = Kube()
-    n, rec, job = setup(kube)
-    kube.objects[("backups", n, "b1")]["metadata"]["annotations"][backup_rec.ANNOTATION_TEST_VERIFY_DELAY] = (
-        "20"
-    )
+    n, rec, job = setup(kube, clock, s3)
+    kube.objects[("backups", n, "b1")]["metadata"]["annotations"][ANNOTATION_TEST_VERIFY_DELAY] = "20"
     monkeypatch.setenv("NIGHTJAR_TEST_HOOKS", "1")
     with pytest.raises(Retry, match="held 15 s") as retry:
         rec.sync_from_job(kube.get("backups", n, "b1") or {}, job)

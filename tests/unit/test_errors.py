@@ -18,8 +18,10 @@ from kubernetes.client.rest import ApiException
 
 from nightjar.kube import SecretMissing
 from nightjar.reconcile import errors, preflight
-from nightjar.reconcile.backup import PreflightFailed, Retry, UploadRefused
-from nightjar.reconcile.restore import Refused
+from nightjar.reconcile.adoption import UploadRefused
+from nightjar.reconcile.backup_plan import PreflightFailed
+from nightjar.reconcile.errors import Retry
+from nightjar.reconcile.restore_plan import Refused
 from nightjar.reconcile.storage import StorageUnavailable
 from nightjar.storage.crypto import KeyProblem
 from nightjar.storage.errors import IntegrityError

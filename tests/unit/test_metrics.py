@@ -16,116 +16,25 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
 from nightjar.config import OperatorConfig
 from nightjar.constants import ANNOTATION_EXPIRES_AT, LABEL_SCHEDULE
 from nightjar.domain import schedule as sch
-from nightjar.kube import SecretMissing
-from nightjar.reconcile import backup as backup_rec
-from nightjar.reconcile import restore as restore_rec
+from nightjar.reconcile import status
 from nightjar.reconcile.backup import BackupReconciler
+from nightjar.reconcile.gc import gc_sweep
 from nightjar.reconcile.restore import RestoreReconciler
-from nightjar.reconcile.schedule import Scheduler, TickReport, gc_sweep
+from nightjar.reconcile.schedule import Scheduler, TickReport
 from nightjar.reconcile.storage import reconcile_storage
+from tests.fakes import NOW, FakeClock, FakeKube
 
 UTC = dt.UTC
-NOW = dt.datetime(2026, 11, 24, 18, 0, 0, tzinfo=UTC)
 G = metrics.REGISTRY.get_sample_value
 
 
 def value(name: str, **labels: str) -> float:
     return G(name, labels) or 0.0
-
-
-class FakeCustom:
-    """The CustomObjectsApi calls the scheduler and the GC sweep make."""
-
-    def __init__(self, kube: FakeKube) -> None:
-        self.kube = kube
-
-    def list_cluster_custom_object(self, group: str, version: str, plural: str, **_: Any) -> dict[str, Any]:
-        items = [copy.deepcopy(o) for (p, _ns, _n), o in self.kube.objects.items() if p == plural]
-        return {"items": items, "metadata": {}}
-
-    def delete_namespaced_custom_object(
-        self, group: str, version: str, ns: str, plural: str, name: str
-    ) -> None:
-        if self.kube.objects.pop((plural, ns, name), None) is None:
-            raise ApiException(status=404)
-
-
-class FakeKube:
-    """Objects in a dict; status patches honour resourceVersion like the API server (409)."""
-
-    def __init__(self) -> None:
-        self.namespaces: tuple[str, ...] = ()
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.events: list[tuple[str, str, str, str]] = []  # (object name, type, reason, message)
-        self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
-        self.results: list[dict[str, Any]] = []
-        self.workload: Any = None
-        self.custom = FakeCustom(self)
-        self._rv = 0
-
-    def add(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
-        self._rv += 1
-        obj["metadata"]["resourceVersion"] = str(self._rv)
-        self.objects[(plural, obj["metadata"]["namespace"], obj["metadata"]["name"])] = obj
-        return copy.deepcopy(obj)
-
-    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        obj = self.objects.get((plural, namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
-        return [copy.deepcopy(o) for (p, ns, _), o in self.objects.items() if p == plural and ns == namespace]
-
-    def patch_status(
-        self,
-        plural: str,
-        namespace: str,
-        name: str,
-        status: dict[str, Any],
-        resource_version: str | None = None,
-    ) -> dict[str, Any]:
-        obj = self.objects.get((plural, namespace, name))
-        if obj is None:
-            raise ApiException(status=404)
-        if resource_version and resource_version != obj["metadata"]["resourceVersion"]:
-            raise ApiException(status=409)
-        obj["status"] = {**(obj.get("status") or {}), **copy.deepcopy(status)}
-        self._rv += 1
-        obj["metadata"]["resourceVersion"] = str(self._rv)
-        return copy.deepcopy(obj)
-
-    def patch_meta(self, plural: str, namespace: str, name: str, meta: dict[str, Any]) -> dict[str, Any]:
-        obj = self.objects[(plural, namespace, name)]
-        for k, v in meta.items():
-            obj["metadata"][k] = {**(obj["metadata"].get(k) or {}), **v}
-        return copy.deepcopy(obj)
-
-    def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
-        self.events.append((obj["metadata"]["name"], etype, reason, message))
-
-    def reasons(self, name: str) -> list[str]:
-        return [r for n, _, r, _ in self.events if n == name]
-
-    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.jobs.get((namespace, name))
-
-    def create_job(self, namespace: str, job: dict[str, Any]) -> bool:
-        return False
-
-    def job_results(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        return list(self.results)
-
-    def read_workload(self, namespace: str, app: dict[str, Any]) -> Any:
-        return self.workload
-
-    def secret_keys(self, namespace: str, name: str, keys: list[str]) -> dict[str, str]:
-        raise SecretMissing(f'Secret "{name}" not found in namespace {namespace}')
 
 
 def fmt(t: dt.datetime) -> str:
@@ -167,18 +76,24 @@ def a_job(
 
 
 @pytest.fixture
-def fixed_now(monkeypatch: pytest.MonkeyPatch) -> dt.datetime:
-    monkeypatch.setattr(backup_rec, "_now", lambda: NOW)
-    monkeypatch.setattr(restore_rec, "_now", lambda: NOW)
+def fixed_now() -> dt.datetime:
     return NOW
+
+
+def backups(kube: FakeKube) -> BackupReconciler:
+    return BackupReconciler(kube, OperatorConfig(), clock=FakeClock())
+
+
+def restores(kube: FakeKube) -> RestoreReconciler:
+    return RestoreReconciler(kube, OperatorConfig(), clock=FakeClock())
 
 
 def test_the_same_completed_backup_seen_twice_is_counted_once(fixed_now: dt.datetime) -> None:
     n = ns()
     kube = FakeKube()
     stale = kube.add("backups", a_backup(n, phase="Running", attempts=1, sourceId="src-a"))
-    rec = BackupReconciler(kube, OperatorConfig())  # type: ignore[arg-type]
-    rec._verify_manifest = lambda *a: None  # type: ignore[method-assign]  # no bucket here
+    rec = backups(kube)
+    rec.taken.verify_manifest = lambda *a: None  # type: ignore[method-assign]  # no bucket here
     kube.results = [
         {
             "manifestKey": "k/manifest.json",
@@ -214,7 +129,7 @@ def test_every_backup_transition_is_counted_and_told_once_with_its_retries(fixed
     n = ns()
     kube = FakeKube()
     body = kube.add("backups", a_backup(n, btype="Nightly"))
-    rec = BackupReconciler(kube, OperatorConfig())  # type: ignore[arg-type]
+    rec = backups(kube)
     kube.jobs[(n, "nightjar-backup-b1")] = a_job(active=1)
     rec.reconcile(body)  # Queued, then the Job runs: Running
     rec.reconcile(body)  # the same (stale) body again: nothing new
@@ -241,8 +156,10 @@ def test_a_stale_body_never_moves_a_backup_back_to_queued(fixed_now: dt.datetime
     kube = FakeKube()
     stale = kube.add("backups", a_backup(n, phase="Running", attempts=2, sourceId="s"))
     stale["status"] = {}
-    rec = BackupReconciler(kube, OperatorConfig())  # type: ignore[arg-type]
-    assert rec._set(stale, {"phase": "Queued", "attempts": 0}, ("Normal", "Queued", "q")) is False
+    rec = backups(kube)
+    assert (
+        rec.state.apply(stale, status.update(phase="Queued", attempts=0), ("Normal", "Queued", "q")) is False
+    )
     assert kube.objects[("backups", n, "b1")]["status"]["attempts"] == 2
     assert kube.events == []
     assert value("nightjar_backups_total", namespace=n, type="OnDemand", phase="Queued") == 0
@@ -252,7 +169,7 @@ def test_an_uploaded_backup_counts_from_its_creation(fixed_now: dt.datetime) -> 
     n = ns()
     kube = FakeKube()
     b = kube.add("backups", a_backup(n, btype="Uploaded", phase="Queued", sourceId="uploaded"))
-    rec = BackupReconciler(kube, OperatorConfig())  # type: ignore[arg-type]
+    rec = backups(kube)
     done = {
         "phase": "Completed",
         "createdOn": "2020-01-01T00:00:00Z",  # when the original snapshot was taken: not our work
@@ -260,7 +177,7 @@ def test_an_uploaded_backup_counts_from_its_creation(fixed_now: dt.datetime) -> 
         "sizeUncompressedBytes": 42,
         "sourceId": "uploaded",
     }
-    assert rec._set(b, done, ("Normal", "Completed", "uploaded snapshot s, 0.00 MB"))
+    assert rec.state.apply(b, status.update(**done), ("Normal", "Completed", "uploaded snapshot s, 0.00 MB"))
     assert value("nightjar_backups_total", namespace=n, type="Uploaded", phase="Completed") == 1
     assert value("nightjar_backup_duration_seconds_sum", namespace=n, type="Uploaded") == 3600
     assert value("nightjar_backup_size_bytes", namespace=n, source="uploaded") == 42
@@ -284,10 +201,12 @@ def test_restore_transitions_are_counted_once_with_their_duration(fixed_now: dt.
     n = ns()
     kube = FakeKube()
     body = kube.add("restores", a_restore(n))
-    rec = RestoreReconciler(kube, OperatorConfig())  # type: ignore[arg-type]
+    rec = restores(kube)
     started = fmt(NOW - dt.timedelta(seconds=90))
     job = {"metadata": {"name": "nightjar-restore-r1", "namespace": n}}
-    rec._set(body, {"phase": "Queued"}, ("Normal", "Queued", "restore of Backup x/b1 into y queued"))
+    rec._set(
+        body, status.update(phase="Queued"), ("Normal", "Queued", "restore of Backup x/b1 into y queued")
+    )
     rec.sync_from_job(body, {**job, "status": {"active": 1, "startTime": started}})
     rec.sync_from_job(body, {**job, "status": {"active": 1, "startTime": started}})
     kube.results = [{"snapshotId": "snap-1"}]
@@ -331,10 +250,10 @@ def test_a_missed_slot_is_counted_and_told_once() -> None:
     now = dt.datetime(2026, 11, 24, 5, 0, tzinfo=UTC)  # the 03:00-04:00 window closed
     stale = copy.deepcopy(s)
     reports = [TickReport() for _ in range(3)]
-    Scheduler(kube).reconcile(s, [], now, reports[0], busy=set())  # type: ignore[arg-type]
-    Scheduler(kube).reconcile(stale, [], now, reports[1], busy=set())  # type: ignore[arg-type]  # lost: 409
+    Scheduler(kube).reconcile(s, [], now, reports[0], busy=set())
+    Scheduler(kube).reconcile(stale, [], now, reports[1], busy=set())  # lost: 409
     fresh = kube.get("backupschedules", n, "nightly") or {}
-    Scheduler(kube).reconcile(fresh, [], now, reports[2], busy=set())  # type: ignore[arg-type]
+    Scheduler(kube).reconcile(fresh, [], now, reports[2], busy=set())
 
     assert value("nightjar_schedule_slots_missed_total", namespace=n, schedule="nightly") == 1
     assert kube.reasons("nightly") == ["Missed"]
@@ -352,9 +271,9 @@ def test_a_skipped_slot_is_counted_once_with_a_reason_code() -> None:
     )
     assert slot is not None
     now = slot.time + dt.timedelta(seconds=1)
-    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=set())  # type: ignore[arg-type]
+    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=set())
     fresh = kube.get("backupschedules", n, "nightly") or {}
-    Scheduler(kube).reconcile(fresh, [], now, TickReport(), busy=set())  # type: ignore[arg-type]
+    Scheduler(kube).reconcile(fresh, [], now, TickReport(), busy=set())
 
     assert (
         value(
@@ -373,12 +292,12 @@ def test_an_invalid_schedule_is_told_once_and_again_when_fixed() -> None:
     s = a_schedule(n, schedule="not a cron")
     s["metadata"]["creationTimestamp"] = fmt(now)  # no slot of its own passed yet
     s = kube.add("backupschedules", s)
-    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=None)  # type: ignore[arg-type]
+    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=None)
     s = kube.get("backupschedules", n, "nightly") or {}
-    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=None)  # type: ignore[arg-type]
+    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=None)
     del kube.objects[("backupschedules", n, "nightly")]["spec"]["schedule"]
     s = kube.get("backupschedules", n, "nightly") or {}
-    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=None)  # type: ignore[arg-type]
+    Scheduler(kube).reconcile(s, [], now, TickReport(), busy=None)
     assert kube.reasons("nightly") == ["InvalidSpec", "Scheduled"]
 
 
@@ -402,8 +321,8 @@ def test_gc_counts_deletions_and_deferrals_and_tells_the_schedule(fixed_now: dt.
         },
     )
 
-    report = gc_sweep(kube, NOW)  # type: ignore[arg-type]
-    gc_sweep(kube, NOW)  # type: ignore[arg-type]
+    report = gc_sweep(kube, NOW)
+    gc_sweep(kube, NOW)
 
     assert report.deleted == [f"{n}/nightly-20261101"] and report.deferred == [f"{other}/b2"]
     assert value("nightjar_gc_deletions_total", namespace=n) == 1
@@ -434,7 +353,7 @@ def test_the_scheduler_tick_feeds_the_last_completed_gauges() -> None:
     n = ns()
     kube = FakeKube()
     kube.add("backups", a_backup(n, phase="Completed", sourceId="src", completedOn="2026-11-24T10:00:00Z"))
-    Scheduler(kube).tick(NOW)  # type: ignore[arg-type]
+    Scheduler(kube).tick(NOW)
     assert value("nightjar_last_successful_backup_timestamp_seconds", namespace=n, source="src") == (
         dt.datetime(2026, 11, 24, 10, tzinfo=UTC).timestamp()
     )
@@ -474,14 +393,14 @@ def test_a_storage_tells_each_change_of_phase_once() -> None:
             "spec": {"endpoint": "http://x", "bucket": "b", "credentials": {"secretName": "creds"}},
         },
     )
-    reconcile_storage(kube, body, NOW)  # type: ignore[arg-type]
-    reconcile_storage(kube, kube.get("backupstorages", n, "s3") or {}, NOW)  # type: ignore[arg-type]
+    reconcile_storage(kube, body, NOW)
+    reconcile_storage(kube, kube.get("backupstorages", n, "s3") or {}, NOW)
     assert [(r, m) for _, _, r, m in kube.events] == [
         ("Unavailable", f'credentials: Secret "creds" not found in namespace {n}')
     ]
     del kube.objects[("backupstorages", n, "s3")]
     gone = {**body, "status": {"phase": "Ready"}}
-    reconcile_storage(kube, gone, NOW)  # type: ignore[arg-type]  # deleted meanwhile: no error, no Event
+    reconcile_storage(kube, gone, NOW)  # deleted meanwhile: no error, no Event
     assert len(kube.events) == 1
 
 
@@ -499,7 +418,7 @@ def test_a_storage_check_sets_its_availability_and_a_deleted_storage_loses_it() 
             "spec": {"endpoint": "http://x", "bucket": "b", "credentials": {"secretName": "creds"}},
         },
     )
-    reconcile_storage(kube, body, NOW)  # type: ignore[arg-type]
+    reconcile_storage(kube, body, NOW)
     assert G("nightjar_backupstorage_available", {"namespace": n, "storage": "s3"}) == 0
     metrics.storage_checked(n, "s3", True)
     assert G("nightjar_backupstorage_available", {"namespace": n, "storage": "s3"}) == 1
@@ -516,7 +435,7 @@ def test_the_tick_exports_each_schedule_and_its_last_success_and_forgets_deleted
     )
     done["metadata"]["labels"] = {LABEL_SCHEDULE: "nightly"}
     kube.add("backups", done)
-    Scheduler(kube).tick(NOW)  # type: ignore[arg-type]
+    Scheduler(kube).tick(NOW)
     labels = {"namespace": n, "schedule": "nightly"}
     assert G("nightjar_schedule_suspended", labels) == 1
     assert (
@@ -530,7 +449,7 @@ def test_the_tick_exports_each_schedule_and_its_last_success_and_forgets_deleted
     assert G("nightjar_schedule_slots_missed_total", labels) == 0
     assert G("nightjar_schedule_slots_skipped_total", {**labels, "reason": "AppNotRunning"}) == 0
     del kube.objects[("backupschedules", n, "nightly")]
-    Scheduler(kube).tick(NOW)  # type: ignore[arg-type]
+    Scheduler(kube).tick(NOW)
     assert G("nightjar_schedule_suspended", labels) is None
     assert G("nightjar_schedule_created_timestamp_seconds", labels) is None
 

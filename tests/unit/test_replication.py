@@ -9,13 +9,13 @@ import pytest
 from nightjar.config import OperatorConfig
 from nightjar.domain.residency import default_policy
 from nightjar.jobs import ReplicatePlan, StorageRef, build_replicate_job, replicate_job_name
-from nightjar.reconcile.replication import (
+from nightjar.reconcile.replicas import (
     ReplicaCheck,
     condition,
     initial_locations,
+    location_update,
     residency_refusal,
     summary,
-    with_conditions,
 )
 from nightjar.storage import layout
 from nightjar.storage.errors import IntegrityError
@@ -42,7 +42,7 @@ def test_a_completed_snapshot_is_in_the_primary_and_pending_in_each_replica() ->
         ("dr2", "Replica", "Pending"),
     ]
     assert summary(locs) == "1/3"
-    c = condition(locs, NOW)
+    c = condition(locs)
     assert (c["status"], c["reason"]) == ("False", "ReplicationPending")
     assert "dr: Pending waiting for the copy" in c["message"]
 
@@ -50,15 +50,15 @@ def test_a_completed_snapshot_is_in_the_primary_and_pending_in_each_replica() ->
 def test_all_locations_replicated_is_true_and_a_failure_is_named() -> None:
     locs = initial_locations(PRIMARY, [check("dr", "EU")], NOW)
     locs[1].update(state="Replicated")
-    assert summary(locs) == "2/2" and condition(locs, NOW)["status"] == "True"
+    assert summary(locs) == "2/2" and condition(locs)["status"] == "True"
     locs[1].update(state="Failed", message="verification failed: x")
-    c = condition(locs, NOW)
+    c = condition(locs)
     assert (c["status"], c["reason"]) == ("False", "ReplicationFailed") and "verification failed" in c[
         "message"
     ]
 
 
-def test_with_conditions_keeps_the_other_conditions_and_the_transition_time() -> None:
+def test_the_location_update_keeps_the_other_conditions_and_the_transition_time() -> None:
     earlier = "2026-11-24T21:00:00Z"
     status = {
         "conditions": [
@@ -67,11 +67,13 @@ def test_with_conditions_keeps_the_other_conditions_and_the_transition_time() ->
         ]
     }
     locs = initial_locations(PRIMARY, [check("dr", "EU")], NOW)
-    out = with_conditions(status, locs, NOW)
+    out = location_update(locs).patch(status, NOW)
     assert [c["type"] for c in out["conditions"]] == ["Completed", "Replicated"]
     assert out["conditions"][1]["lastTransitionTime"] == earlier  # still False: no transition
+    assert out["locations"] == locs and out["replication"] == "1/2"
     locs[1]["state"] = "Replicated"
-    assert with_conditions(status, locs, NOW)["conditions"][1]["lastTransitionTime"] == "2026-11-24T22:00:00Z"
+    after = location_update(locs).patch(status, NOW)["conditions"][1]
+    assert after["lastTransitionTime"] == "2026-11-24T22:00:00Z"
 
 
 def test_a_replica_refused_at_completion_is_listed_as_failed_for_good() -> None:
@@ -147,14 +149,14 @@ def test_the_replicate_job_has_both_key_pairs_by_reference_and_runs_once() -> No
 
 
 def test_failed_copies_back_off_and_expired_backups_are_left_to_gc() -> None:
-    from nightjar.reconcile.replication import _due, _expired, primary_prefix
+    from nightjar.reconcile.replicas import due, expired, primary_prefix
 
     loc = {"attempts": 3, "lastAttemptAt": "2026-11-24T21:59:00Z"}
-    assert not _due(loc, NOW, 30)  # 30 * 2^2 = 120 s after the last try
-    assert _due(loc, NOW + dt.timedelta(seconds=61), 30)
-    assert _due({"attempts": 40, "lastAttemptAt": "2026-11-24T16:00:00Z"}, NOW, 300)  # capped at 6 h
-    assert _expired({"metadata": {"annotations": {"nightjar.dev/expires-at": "2026-11-24T21:00:00Z"}}}, NOW)
-    assert not _expired(
+    assert not due(loc, NOW, 30)  # 30 * 2^2 = 120 s after the last try
+    assert due(loc, NOW + dt.timedelta(seconds=61), 30)
+    assert due({"attempts": 40, "lastAttemptAt": "2026-11-24T16:00:00Z"}, NOW, 300)  # capped at 6 h
+    assert expired({"metadata": {"annotations": {"nightjar.dev/expires-at": "2026-11-24T21:00:00Z"}}}, NOW)
+    assert not expired(
         {"metadata": {"annotations": {"nightjar.dev/expires-at": "2027-01-01T00:00:00Z"}}}, NOW
     )
     # The prefix the keys carry comes from the manifest key, whatever the storage says now.

@@ -19,7 +19,7 @@ from nightjar.agent.progress import Counters
 from nightjar.agent.restore import conninfo_dbname, restore_tree
 from nightjar.config import OperatorConfig
 from nightjar.jobs import RestorePlan, StorageRef, build_restore_access, build_restore_job
-from nightjar.reconcile.restore import target_summary
+from nightjar.reconcile.restore_plan import target_summary
 from nightjar.storage import layout
 from nightjar.storage.snapshot import IntegrityError, SnapshotReader
 from nightjar.storage.writer import SnapshotWriter

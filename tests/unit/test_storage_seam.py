@@ -18,7 +18,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from nightjar.config import OperatorConfig
 from nightjar.domain.residency import default_policy
 from nightjar.reconcile import storage as storage_rec
-from nightjar.reconcile.backup import BackupReconciler, Retry
+from nightjar.reconcile.backup import BackupReconciler
+from nightjar.reconcile.errors import Retry
 from nightjar.reconcile.replication import Replicator
 from nightjar.storage import layout
 from nightjar.storage.errors import IntegrityError
@@ -37,6 +38,7 @@ from nightjar.storage.objects import (
     unreachable,
 )
 from nightjar.storage.replicate import replicate_snapshot
+from tests.fakes import FakeKube
 from tests.memstore import MemoryStore as MemStore
 
 UNTIL = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
@@ -364,23 +366,18 @@ def test_a_damaged_object_or_a_wrong_manifest_never_lands_in_the_replica() -> No
         replicate_snapshot(src, "", dst, "", key, "", None)
 
 
-class _Kube:
-    def __init__(self, storage: dict[str, Any] | None = None) -> None:
-        self.storage = storage
-        self.events: list[tuple[str, str, str]] = []
-        self.terminating = False
+def a_kube(terminating: bool = False) -> FakeKube:
+    """The fake API with the BackupStorage "s" of namespace ns."""
+    kube = FakeKube()
+    kube.add("backupstorages", {"metadata": {"name": "s", "namespace": "ns"}, "spec": {}})
+    if terminating:
+        kube.terminating.add("ns")
+    return kube
 
-    def namespace_terminating(self, namespace: str) -> bool:
-        return self.terminating
 
-    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.storage
-
-    def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
-        self.events.append((etype, reason, message))
-
-    def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
-        return []
+def reconciler(kube: FakeKube, mem: MemStore) -> BackupReconciler:
+    replicator = Replicator(kube, OperatorConfig(), default_policy())
+    return BackupReconciler(kube, OperatorConfig(), replicator, open_store=lambda target: mem)
 
 
 @pytest.fixture
@@ -393,7 +390,7 @@ def mem(monkeypatch: pytest.MonkeyPatch) -> MemStore:
 
 
 def test_a_storage_check_reports_reachability_and_object_lock(mem: MemStore) -> None:
-    kube: Any = _Kube()
+    kube = FakeKube()
     spec = {"objectLock": {"mode": "Governance"}}
     assert storage_rec.check(kube, "ns", spec) == (
         False,
@@ -424,8 +421,8 @@ def test_a_backups_deletion_keeps_shared_content_and_reports_locked_objects(mem:
     mem.put(f"{mine}a/manifest.json", manifest_of(reused, own))
     mem.put(f"{other}a/manifest.json", manifest_of(old))
     mem.locked.add(own)
-    kube: Any = _Kube({"spec": {}})
-    rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
+    kube = a_kube()
+    rec = reconciler(kube, mem)
     backup = {
         "metadata": {"name": "b", "namespace": "ns", "uid": "uid-1", "annotations": {}},
         "spec": {"storageRef": {"name": "s"}, "source": source},
@@ -435,7 +432,7 @@ def test_a_backups_deletion_keeps_shared_content_and_reports_locked_objects(mem:
     # (the tombstone written first goes with the rest: the manifest was not locked)
     assert summary == "deleted 3 object versions of 4 objects; 1 locked objects left to expire"
     assert sorted(mem.objects) == sorted([own, old, f"{other}a/manifest.json"])
-    assert [r for _, r, _ in kube.events] == ["ObjectsLocked"]
+    assert kube.reasons("b") == ["ObjectsLocked"]
     mem.down = "cannot connect to the S3 endpoint"
     with pytest.raises(Retry, match=r"^deleting stored objects: writing .*deleted.json: cannot connect"):
         rec.delete_stored(backup)
@@ -446,9 +443,7 @@ def test_a_backup_deleted_with_its_namespace_keeps_its_snapshot(mem: MemStore) -
     mine = layout.backup_prefix("", "ns", layout.source_id(source), "uid-1")
     mem.put(f"{mine}a/db.dump", b"x")
     mem.put(f"{mine}a/manifest.json", manifest_of(f"{mine}a/db.dump"))
-    kube: Any = _Kube({"spec": {}})
-    kube.terminating = True
-    rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
+    rec = reconciler(a_kube(terminating=True), mem)
     backup = {
         "metadata": {"name": "b", "namespace": "ns", "uid": "uid-1", "annotations": {}},
         "spec": {"storageRef": {"name": "s"}, "source": source},
@@ -464,8 +459,8 @@ def test_deleting_a_backup_whose_manifest_object_lock_keeps_leaves_a_tombstone(m
     mem.put(f"{mine}a/db.dump", b"x")
     mem.put(f"{mine}a/manifest.json", manifest_of(f"{mine}a/db.dump"))
     mem.locked |= {f"{mine}a/db.dump", f"{mine}a/manifest.json"}
-    kube: Any = _Kube({"spec": {}})
-    rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
+    kube = a_kube()
+    rec = reconciler(kube, mem)
     backup = {
         "metadata": {"name": "b", "namespace": "ns", "uid": "uid-1", "annotations": {}},
         "spec": {"storageRef": {"name": "s"}, "source": source},
@@ -484,7 +479,7 @@ def manifest_of(*keys: str) -> bytes:
 
 
 def test_nothing_is_deleted_while_another_manifest_of_the_source_cannot_be_read(mem: MemStore) -> None:
-    from nightjar.reconcile.backup import delete_snapshot
+    from nightjar.reconcile.snapshots import delete_snapshot
 
     source = layout.source_prefix("", "ns", "src")
     mine, other = f"{source}uid-1/", f"{source}uid-2/"
@@ -503,8 +498,8 @@ def test_a_backup_merely_annotated_as_synced_deletes_nothing(mem: MemStore) -> N
     theirs = layout.backup_prefix("", "ns", layout.source_id(source), "uid-0")
     mem.put(f"{theirs}a/db.dump", b"x")
     mem.put(f"{theirs}a/manifest.json", manifest_of(f"{theirs}a/db.dump"))
-    kube: Any = _Kube({"spec": {}})
-    rec = BackupReconciler(kube, OperatorConfig(), Replicator(kube, OperatorConfig(), default_policy()))
+    kube = a_kube()
+    rec = reconciler(kube, mem)
     backup = {
         "metadata": {
             "name": "b",

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from nightjar.constants import ANNOTATION_SYNCED_FROM
-from nightjar.reconcile.backup import snapshot_prefixes, snapshot_uid
+from nightjar.reconcile.snapshots import snapshot_prefixes, snapshot_uid
 from nightjar.reconcile.sync import Action, Snapshot, Stray, decide, is_replica, snapshots
 from nightjar.storage import layout
 from nightjar.storage.objects import ObjectInfo

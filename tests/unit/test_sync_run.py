@@ -15,6 +15,7 @@ from nightjar.reconcile.sync import StorageSync
 from nightjar.storage import layout
 from nightjar.storage.manifest import Database, Manifest, StoredObject, Stream
 from nightjar.storage.objects import S3Target
+from tests.fakes import FakeKube
 from tests.memstore import MemoryStore
 
 NOW = dt.datetime(2026, 11, 30, 12, tzinfo=dt.UTC)
@@ -23,34 +24,22 @@ SRC = layout.source_prefix(PREFIX, "shop", "src1")
 SPEC = {"storageRef": {"name": "old-name"}, "source": {"database": {"secretRef": {"name": "db"}}}}
 
 
-class _Custom:
-    def __init__(self, kube: _Kube) -> None:
-        self.kube = kube
-
-    def create_namespaced_custom_object(
-        self, group: str, version: str, ns: str, plural: str, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        self.kube.created.append(body)
-        return body
+def a_kube(backups: list[dict[str, Any]], storages: list[dict[str, Any]]) -> FakeKube:
+    kube = FakeKube()
+    for b in backups:
+        kube.add("backups", b)
+    for st in storages:
+        kube.add("backupstorages", st)
+    return kube
 
 
-class _Kube:
-    def __init__(self, backups: list[dict[str, Any]], storages: list[dict[str, Any]]) -> None:
-        self.backups, self.storages = backups, storages
-        self.created: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str]] = []
-        self.status: dict[str, Any] = {}
-        self.custom = _Custom(self)
-
-    def list_objects(self, plural: str, namespace: str) -> list[dict[str, Any]]:
-        return self.backups if plural == "backups" else self.storages
-
-    def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
-        self.events.append((reason, message))
-
-    def patch_status(self, plural: str, ns: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-        self.status = status
-        return status
+def created(kube: FakeKube) -> list[dict[str, Any]]:
+    """The Backups the sync made."""
+    return [
+        o
+        for (p, _, _), o in kube.objects.items()
+        if p == "backups" and "nightjar.dev/synced" in (o["metadata"].get("labels") or {})
+    ]
 
 
 @pytest.fixture
@@ -92,8 +81,8 @@ def storage(name: str = "primary", **spec: Any) -> dict[str, Any]:
     }
 
 
-def run(kube: _Kube, st: dict[str, Any]) -> Any:
-    return StorageSync(kube, OperatorConfig()).run(st, NOW)  # type: ignore[arg-type]
+def run(kube: FakeKube, st: dict[str, Any], mem: MemoryStore) -> Any:
+    return StorageSync(kube, OperatorConfig(), open_store=lambda target: mem).run(st, NOW)
 
 
 FUTURE = NOW + dt.timedelta(days=30)
@@ -113,9 +102,9 @@ def full_record(uid: str, name: str = "nightly", ns: str = "shop") -> dict[str, 
 def test_a_snapshot_no_backup_stands_for_is_recreated_completed_by_the_reconciler(mem: MemoryStore) -> None:
     key = snapshot(mem, "uid-1", expires=FUTURE, record=full_record("uid-1"))
     st = storage()
-    kube = _Kube([], [st])
-    report = run(kube, st)
-    (body,) = kube.created
+    kube = a_kube([], [st])
+    report = run(kube, st, mem)
+    (body,) = created(kube)
     assert body["metadata"]["name"] == "nightly"
     assert body["metadata"]["labels"] == {LABEL_TIER: "Nightly", LABEL_SYNCED: "true"}
     assert body["metadata"]["annotations"] == {
@@ -124,21 +113,29 @@ def test_a_snapshot_no_backup_stands_for_is_recreated_completed_by_the_reconcile
     }
     # The spec it was taken with, in the storage that holds it now.
     assert body["spec"] == {**SPEC, "type": "Nightly", "comment": "before", "storageRef": {"name": "primary"}}
-    assert report.created == ["nightly"] and kube.status["sync"]["created"] == 1
-    assert ("Synced", f"re-created from snapshot pod in BackupStorage primary ({key})") in kube.events
+    assert (
+        report.created == ["nightly"]
+        and kube.status_of("backupstorages", "shop", st["metadata"]["name"])["sync"]["created"] == 1
+    )
+    assert (
+        "nightly",
+        "Normal",
+        "Synced",
+        f"re-created from snapshot pod in BackupStorage primary ({key})",
+    ) in kube.events
 
 
 def test_a_backup_that_stands_for_it_or_a_taken_name_is_respected(mem: MemoryStore) -> None:
     snapshot(mem, "uid-1", expires=FUTURE, record=full_record("uid-1"))
     st = storage()
-    live = {"metadata": {"name": "other", "uid": "uid-1"}, "spec": SPEC}
-    kube = _Kube([live], [st])
-    run(kube, st)
-    assert kube.created == []
-    taken = {"metadata": {"name": "nightly", "uid": "uid-9"}, "spec": SPEC}
-    kube = _Kube([taken], [st])
-    run(kube, st)
-    assert [b["metadata"]["name"] for b in kube.created] == ["nightly-uid-1"]
+    live = {"metadata": {"name": "other", "namespace": "shop", "uid": "uid-1"}, "spec": SPEC}
+    kube = a_kube([live], [st])
+    run(kube, st, mem)
+    assert created(kube) == []
+    taken = {"metadata": {"name": "nightly", "namespace": "shop", "uid": "uid-9"}, "spec": SPEC}
+    kube = a_kube([taken], [st])
+    run(kube, st, mem)
+    assert [b["metadata"]["name"] for b in created(kube)] == ["nightly-uid-1"]
 
 
 @pytest.mark.parametrize(
@@ -156,10 +153,10 @@ def test_a_snapshot_that_cannot_be_this_namespaces_backup_is_skipped_and_said(
 ) -> None:
     snapshot(mem, "uid-1", expires=FUTURE, record=record)
     st = storage()
-    kube = _Kube([], [st])
-    report = run(kube, st)
-    assert kube.created == [] and report.skipped == 1
-    assert [r for r, _ in kube.events] == [reason]
+    kube = a_kube([], [st])
+    report = run(kube, st, mem)
+    assert created(kube) == [] and report.skipped == 1
+    assert [r for _, _, r, _ in kube.events] == [reason]
 
 
 def test_a_replica_or_a_storage_with_sync_off_is_swept_never_synced(mem: MemoryStore) -> None:
@@ -167,21 +164,21 @@ def test_a_replica_or_a_storage_with_sync_off_is_swept_never_synced(mem: MemoryS
     expired = snapshot(mem, "uid-2", expires=NOW - dt.timedelta(days=1), record=full_record("uid-2", "old"))
     replica = storage("dr")
     primary = storage("primary", replicas=[{"name": "dr"}])
-    kube = _Kube([], [primary, replica])
-    report = run(kube, replica)
-    assert kube.created == []
+    kube = a_kube([], [primary, replica])
+    report = run(kube, replica, mem)
+    assert created(kube) == []
     assert report.expired_deleted == 1 and expired not in mem.objects
     assert f"{SRC}uid-1/pod/manifest.json" in mem.objects
     off = storage("primary", sync={"enabled": False})
-    kube = _Kube([], [off])
-    run(kube, off)
-    assert kube.created == []
+    kube = a_kube([], [off])
+    run(kube, off, mem)
+    assert created(kube) == []
 
 
 def test_a_failed_listing_is_reported_in_status_not_raised(mem: MemoryStore) -> None:
     mem.down = "cannot connect to the S3 endpoint"
     st = storage()
-    kube = _Kube([], [st])
-    report = run(kube, st)
+    kube = a_kube([], [st])
+    report = run(kube, st, mem)
     assert report.error.startswith("sync failed:") and "cannot connect" in report.error
-    assert kube.status["sync"]["message"] == report.error
+    assert kube.status_of("backupstorages", "shop", st["metadata"]["name"])["sync"]["message"] == report.error

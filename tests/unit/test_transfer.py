@@ -12,7 +12,7 @@ import pytest
 from nightjar import archive
 from nightjar.agent.files import sort_key
 from nightjar.domain.pgdump import parse_header
-from nightjar.reconcile.backup import upload_prefix
+from nightjar.reconcile.adoption import upload_prefix
 from nightjar.storage import layout
 from nightjar.storage.index import Entry
 from nightjar.storage.snapshot import SnapshotReader

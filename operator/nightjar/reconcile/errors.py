@@ -44,6 +44,17 @@ from nightjar.storage.objects import (
 )
 
 
+class Retry(Exception):
+    """A precondition does not hold yet, or a transient error is being waited out: the caller
+    is run again after ``delay`` seconds (kopf's TemporaryError, or a sweep)."""
+
+    retryable = True
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
 @dataclass(frozen=True)
 class Transient:
     """A retry may succeed. ``reason`` is a condition reason (CamelCase); ``message`` one line,

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubernetes.client.rest import ApiException
-
-from nightjar.kube import Kube, SecretMissing
+from nightjar.kube import SecretMissing
+from nightjar.reconcile.ports import KubeAPI
 from nightjar.storage.crypto import KeyProblem, KeyRing
 
 
@@ -15,7 +14,7 @@ class Missing(Exception):
     """Something the spec names does not exist; the message says what."""
 
 
-def database_keys(kube: Kube, namespace: str, secret: str) -> tuple[str, ...]:
+def database_keys(kube: KubeAPI, namespace: str, secret: str) -> tuple[str, ...]:
     """The keys of the database Secret the agent gets: uri, or host/port/dbname/user/password."""
     try:
         data = kube.secret_data(namespace, secret)
@@ -29,16 +28,12 @@ def database_keys(kube: Kube, namespace: str, secret: str) -> tuple[str, ...]:
     return tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
 
 
-def files(kube: Kube, namespace: str, spec: dict[str, Any]) -> None:
+def files(kube: KubeAPI, namespace: str, spec: dict[str, Any]) -> None:
     """A ``files`` spec: its PersistentVolumeClaim, or its S3 credentials Secret, exists."""
     if "persistentVolumeClaim" in spec:
         claim = spec["persistentVolumeClaim"]["claimName"]
-        try:
-            kube.core.read_namespaced_persistent_volume_claim(claim, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                raise Missing(f'PersistentVolumeClaim "{claim}" not found in namespace {namespace}') from e
-            raise
+        if not kube.claim_exists(namespace, claim):
+            raise Missing(f'PersistentVolumeClaim "{claim}" not found in namespace {namespace}')
     elif "s3" in spec:
         c = spec["s3"]["credentials"]
         keys = [
@@ -51,7 +46,7 @@ def files(kube: Kube, namespace: str, spec: dict[str, Any]) -> None:
             raise Missing(str(e)) from e
 
 
-def keyring(kube: Kube, namespace: str, storage_spec: dict[str, Any]) -> KeyRing | None:
+def keyring(kube: KubeAPI, namespace: str, storage_spec: dict[str, Any]) -> KeyRing | None:
     """The storage's key ring when it encrypts (``spec.encryption``), checked: the Secret exists
     and holds well-formed keys with a current one. None for a storage without encryption."""
     ref = (storage_spec.get("encryption") or {}).get("keySecretRef") or {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,129 +27,28 @@ from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
 from nightjar.config import OperatorConfig
-from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_REPLICA
-from nightjar.domain.residency import Policy, Verdict
+from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_REPLICA, BACKUPS, STORAGES
+from nightjar.domain.residency import Policy
 from nightjar.domain.retention import format_time, parse_time
 from nightjar.jobs import ReplicatePlan, StorageRef, build_replicate_job, replicate_job_name
-from nightjar.kube import Kube
+from nightjar.reconcile import status
 from nightjar.reconcile import storage as storage_rec
-from nightjar.storage import layout
+from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock
+from nightjar.reconcile.replicas import (
+    FAILED,
+    PENDING,
+    REPLICATED,
+    check_replicas,
+    due,
+    expired,
+    initial_locations,
+    job_reason,
+    location_update,
+    primary_prefix,
+    replica_names,
+)
 
 log = logging.getLogger("nightjar.replication")
-
-BACKUPS = "backups"
-REPLICATED, PENDING, FAILED = "Replicated", "Pending", "Failed"
-
-
-@dataclass(frozen=True)
-class ReplicaCheck:
-    """One replica of a storage, as the policy and the API see it now."""
-
-    name: str
-    storage: dict[str, Any] | None
-    jurisdiction: str
-    verdict: Verdict | None
-
-    @property
-    def refused(self) -> bool:
-        return self.verdict is not None and not self.verdict.allowed
-
-
-def replica_names(storage: dict[str, Any]) -> list[str]:
-    return [r["name"] for r in (storage.get("spec") or {}).get("replicas") or []]
-
-
-def check_replicas(kube: Kube, policy: Policy, namespace: str, storage: dict[str, Any]) -> list[ReplicaCheck]:
-    """Each replica of ``storage``: does it exist, and may the primary's data go there?"""
-    primary_j = storage["spec"].get("jurisdiction") or ""
-    out = []
-    for name in replica_names(storage):
-        replica = kube.get(storage_rec.PLURAL, namespace, name)
-        if replica is None:
-            out.append(ReplicaCheck(name, None, "", None))
-            continue
-        j = replica["spec"].get("jurisdiction") or ""
-        out.append(ReplicaCheck(name, replica, j, policy.check(primary_j, j)))
-    return out
-
-
-def residency_refusal(checks: list[ReplicaCheck], storage_name: str) -> str:
-    """The message when a replica breaks the policy ("" when none does)."""
-    bad = [c for c in checks if c.refused]
-    if not bad:
-        return ""
-    return (
-        "; ".join(
-            f"replica {c.name} ({c.jurisdiction}) refused: {c.verdict.message}" for c in bad if c.verdict
-        )
-        + f" — no data is written to {storage_name} until spec.replicas keeps the rule"
-    )
-
-
-def summary(locations: list[dict[str, Any]]) -> str:
-    done = sum(1 for loc in locations if loc.get("state") == REPLICATED)
-    return f"{done}/{len(locations)}"
-
-
-def condition(locations: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
-    """The Backup's Replicated condition: True when every location holds the snapshot."""
-    missing = [loc for loc in locations if loc.get("state") != REPLICATED]
-    if not missing:
-        reason, message = "AllLocations", f"the snapshot is in all {len(locations)} locations"
-    else:
-        failed = [loc for loc in missing if loc.get("state") == FAILED]
-        reason = "ReplicationFailed" if failed else "ReplicationPending"
-        message = "; ".join(
-            f"{loc['storage']}: {loc.get('state')} {loc.get('message', '')}".strip() for loc in missing
-        )
-    return {
-        "type": "Replicated",
-        "status": "True" if not missing else "False",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": format_time(now),
-    }
-
-
-def initial_locations(
-    storage: dict[str, Any], checks: list[ReplicaCheck], now: dt.datetime
-) -> list[dict[str, Any]]:
-    """The primary (the snapshot is verified there) and each replica (Pending)."""
-    locs = [
-        {
-            "storage": storage["metadata"]["name"],
-            "role": "Primary",
-            "jurisdiction": storage["spec"].get("jurisdiction") or "",
-            "state": REPLICATED,
-            "replicatedAt": format_time(now),
-            "message": "snapshot written and verified",
-        }
-    ]
-    for c in checks:
-        loc: dict[str, Any] = {
-            "storage": c.name,
-            "role": "Replica",
-            "jurisdiction": c.jurisdiction,
-            "state": PENDING,
-            "attempts": 0,
-            "message": "waiting for the copy",
-        }
-        if c.refused and c.verdict is not None:  # never copied there: said, not dropped
-            loc.update(state=FAILED, final=True, message=f"not copied: {c.verdict.message}")
-        locs.append(loc)
-    return locs
-
-
-def with_conditions(
-    status: dict[str, Any], locations: list[dict[str, Any]], now: dt.datetime
-) -> dict[str, Any]:
-    """``status`` plus locations, the n/m summary and the Replicated condition (others kept)."""
-    conds = [c for c in status.get("conditions") or [] if c.get("type") != "Replicated"]
-    new = condition(locations, now)
-    old = next((c for c in status.get("conditions") or [] if c.get("type") == "Replicated"), None)
-    if old is not None and old.get("status") == new["status"]:
-        new["lastTransitionTime"] = old.get("lastTransitionTime", new["lastTransitionTime"])
-    return {"locations": locations, "replication": summary(locations), "conditions": [*conds, new]}
 
 
 @dataclass
@@ -162,10 +60,14 @@ class SweepReport:
 
 
 class Replicator:
-    def __init__(self, kube: Kube, config: OperatorConfig, policy: Policy) -> None:
+    def __init__(
+        self, kube: KubeAPI, config: OperatorConfig, policy: Policy, clock: Clock | None = None
+    ) -> None:
         self.kube = kube
         self.config = config
         self.policy = policy
+        self.clock = clock or SystemClock()
+        self.writer = status.StatusWriter(kube, BACKUPS, self.clock)
 
     # --- status -------------------------------------------------------------------------------
 
@@ -174,39 +76,22 @@ class Replicator:
         backup: dict[str, Any],
         change: Callable[[list[dict[str, Any]]], list[dict[str, Any]] | None],
         event: Callable[[dict[str, Any]], tuple[str, str, str] | None] | None = None,
-    ) -> dict[str, Any] | None:
-        """Apply ``change`` to the Backup's locations (conditional on its resourceVersion,
-        retried on a conflict); ``change`` returns None when there is nothing to do."""
-        meta = backup["metadata"]
-        for _ in range(5):
-            fresh = self.kube.get(BACKUPS, meta["namespace"], meta["name"])
-            if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
-                return None
+    ) -> status.Written | None:
+        """Apply ``change`` to the Completed Backup's locations through the one status writer
+        (conditional on the resourceVersion read, decided again on a conflict); ``change``
+        returns None when there is nothing to do."""
+
+        def decide(fresh: dict[str, Any]) -> dict[str, Any] | None:
             st = fresh.get("status") or {}
-            if st.get("phase") != "Completed" or not st.get("locations"):
+            if st.get("phase") != status.Phase.COMPLETED or not st.get("locations"):
                 return None
             locs = change(copy.deepcopy(st["locations"]))
-            if locs is None:
-                return None
-            patch = with_conditions(st, locs, dt.datetime.now(dt.UTC))
-            try:
-                out = self.kube.patch_status(
-                    BACKUPS,
-                    meta["namespace"],
-                    meta["name"],
-                    patch,
-                    resource_version=fresh["metadata"]["resourceVersion"],
-                )
-            except ApiException as e:
-                if e.status == 409:
-                    continue
-                if e.status == 404:
-                    return None
-                raise
-            if event is not None and (ev := event(fresh)) is not None:
-                self.kube.event(fresh, *ev)
-            return out
-        return None
+            return None if locs is None else location_update(locs).patch(st, self.clock.now())
+
+        done = self.writer.write(backup, decide)
+        if done is not None and event is not None and (ev := event(done.before)) is not None:
+            self.kube.event(done.before, *ev)
+        return done
 
     # --- starting copies ---------------------------------------------------------------------
 
@@ -243,7 +128,7 @@ class Replicator:
 
         def storage(name: str) -> dict[str, Any] | None:
             if f"{ns}/{name}" not in objs:
-                objs[f"{ns}/{name}"] = self.kube.get(storage_rec.PLURAL, ns, name)
+                objs[f"{ns}/{name}"] = self.kube.get(STORAGES, ns, name)
             return objs[f"{ns}/{name}"]
 
         primary = storage(backup["spec"]["storageRef"]["name"])
@@ -265,7 +150,7 @@ class Replicator:
             return []
         policy_j = primary["spec"].get("jurisdiction") or ""
         wanted = set(replica_names(primary))
-        now = dt.datetime.now(dt.UTC)
+        now = self.clock.now()
         started = []
         for loc in todo:
             name = loc["storage"]
@@ -279,7 +164,7 @@ class Replicator:
                     if js.get("succeeded") or js.get("failed"):
                         self.sync_from_job(backup, job)  # finished, its event not handled yet
                     continue  # the copy runs, or just ended
-            if loc["state"] == FAILED and not _due(loc, now, self.config.gc_interval_seconds):
+            if loc["state"] == FAILED and not due(loc, now, self.config.gc_interval_seconds):
                 continue
             replica = storage(name)
             if name not in wanted:
@@ -343,9 +228,7 @@ class Replicator:
         def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
             for loc in locs:
                 if loc["storage"] == name and loc["state"] != REPLICATED and loc.get("jobName") == job_name:
-                    loc.update(
-                        state=FAILED, message=why[:1000], lastAttemptAt=format_time(dt.datetime.now(dt.UTC))
-                    )
+                    loc.update(state=FAILED, message=why[:1000], lastAttemptAt=format_time(self.clock.now()))
                     return locs
             return None
 
@@ -395,7 +278,7 @@ class Replicator:
                     state=PENDING,
                     attempts=attempt,
                     jobName=job["metadata"]["name"],
-                    lastAttemptAt=format_time(dt.datetime.now(dt.UTC)),
+                    lastAttemptAt=format_time(self.clock.now()),
                     message=f"copying (attempt {attempt}, Job {job['metadata']['name']})",
                 )
                 return locs
@@ -430,7 +313,7 @@ class Replicator:
         results = self.kube.job_results(ns, job_name)
         result = results[-1] if results else {}
         ok = bool(s.get("succeeded")) and "manifestKey" in result
-        now = dt.datetime.now(dt.UTC)
+        now = self.clock.now()
         completed_on = (backup.get("status") or {}).get("completedOn")
 
         def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -448,7 +331,7 @@ class Replicator:
                         f"{result.get('skippedObjects', 0)} already there",
                     )
                 else:
-                    why = result.get("error") or f"the replication Job failed ({_job_reason(job)})"
+                    why = result.get("error") or f"the replication Job failed ({job_reason(job)})"
                     loc.update(state=FAILED, message=f"{str(why)[:900]}; retried with backoff")
                 return locs
             return None
@@ -462,7 +345,7 @@ class Replicator:
                     f"({int(result.get('copiedBytes') or 0) / 1e6:.2f} MB) copied, "
                     f"{result.get('skippedObjects', 0)} already there",
                 )
-            why = result.get("error") or _job_reason(job)
+            why = result.get("error") or job_reason(job)
             return ("Warning", "ReplicationFailed", f"copy to {name} failed: {why}; it is retried")
 
         if self._update(backup, change, event) is not None:
@@ -474,10 +357,11 @@ class Replicator:
 
     # --- the sweep ---------------------------------------------------------------------------
 
-    def sweep(self, backups: Iterable[dict[str, Any]], now: dt.datetime) -> SweepReport:
+    def sweep(self, backups: Iterable[dict[str, Any]]) -> SweepReport:
         """Start the copies that wait (a replica back up, a failed copy due again), and give
         Completed Backups the locations of replicas added to their storage since."""
         report = SweepReport()
+        now = self.clock.now()
         reachable: dict[str, str] = {}
         storages: dict[str, dict[str, Any] | None] = {}
         pending: dict[str, int] = {}
@@ -485,7 +369,7 @@ class Replicator:
         for b in backups:  # a page at a time: nothing kept per Backup
             st = b.get("status") or {}
             meta = b["metadata"]
-            if st.get("phase") != "Completed" or meta.get("deletionTimestamp") or _expired(b, now):
+            if st.get("phase") != "Completed" or meta.get("deletionTimestamp") or expired(b, now):
                 continue
             ns = meta["namespace"]
             key = f"{ns}/{meta['name']}"
@@ -519,7 +403,7 @@ class Replicator:
         ns = backup["metadata"]["namespace"]
         name = backup["spec"]["storageRef"]["name"]
         if f"{ns}/{name}" not in storages:
-            storages[f"{ns}/{name}"] = self.kube.get(storage_rec.PLURAL, ns, name)
+            storages[f"{ns}/{name}"] = self.kube.get(STORAGES, ns, name)
         primary = storages[f"{ns}/{name}"]
         if primary is None or not locs:
             return False
@@ -533,41 +417,9 @@ class Replicator:
             names = {loc["storage"] for loc in cur}
             added = [
                 loc
-                for loc in initial_locations(primary, checks, dt.datetime.now(dt.UTC))[1:]
+                for loc in initial_locations(primary, checks, self.clock.now())[1:]
                 if loc["storage"] not in names
             ]
             return [*cur, *added] if added else None
 
         return bool(self._update(backup, change) is not None)
-
-
-def _due(loc: dict[str, Any], now: dt.datetime, base: int) -> bool:
-    """A failed copy is retried after base * 2^(attempts-1) seconds, at most 6 hours apart."""
-    last = loc.get("lastAttemptAt")
-    if not last:
-        return True
-    wait: int = min(base * 2 ** max(int(loc.get("attempts") or 1) - 1, 0), 6 * 3600)
-    return (now - parse_time(str(last))).total_seconds() >= wait
-
-
-def _expired(backup: dict[str, Any], now: dt.datetime) -> bool:
-    raw = (backup["metadata"].get("annotations") or {}).get(ANNOTATION_EXPIRES_AT)
-    try:
-        return bool(raw) and parse_time(str(raw)) <= now
-    except ValueError:
-        return False
-
-
-def primary_prefix(status: dict[str, Any]) -> str:
-    """The prefix the snapshot's keys carry, read from its manifest key (everything before the
-    layout's root): right even when the storage's prefix changed since."""
-    key = (status.get("storage") or {}).get("manifestKey") or ""
-    at = key.find(layout.ROOT + "/")
-    return key[:at] if at >= 0 else (status.get("storage") or {}).get("prefix") or ""
-
-
-def _job_reason(job: dict[str, Any]) -> str:
-    for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Failed" and c.get("status") == "True":
-            return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
-    return "no result"

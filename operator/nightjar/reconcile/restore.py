@@ -1,182 +1,114 @@
 """Restore: Queued → Running → Completed | Failed, driven by its one Job in the target namespace.
 
-Before the Job: the Backup must be Completed, its namespace must grant the Restore's namespace
-(``allowedRestoreNamespaces`` on its BackupStorage; checked before anything of the Backup's
-storage is touched), and the target (database Secret, files, app) must exist. Refusals end in
-Failed at once, with a message saying what is wrong and that nothing was changed.
+Before the Job, :mod:`nightjar.reconcile.restore_plan` checks the Backup, the grant and the
+target; refusals end in Failed at once, with a message saying what is wrong and that nothing
+was changed. Across namespaces the Job reads through presigned URLs
+(:mod:`nightjar.reconcile.restore_access`).
 
 With ``stopApp`` the target workload is scaled to 0 (its replicas recorded in status first, so a
 restarted operator scales it back), the Job runs once it has no Pods left, and the workload is
 scaled back before the Restore reaches a terminal phase, whatever the outcome.
 
 The Job reports progress itself (see ``agent.progress``); the operator derives everything else
-from what exists: the Job, its Pod's termination message, the workload.
+from what exists: the Job, its Pod's termination message, the workload. A finished Job whose
+event was lost (or whose handling failed) is followed again by :meth:`RestoreReconciler.retry_sweep`.
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import datetime as dt
-import json
 import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
 from nightjar.config import OperatorConfig
-from nightjar.constants import (
-    ANNOTATION_MODEL_VERSION,
-    API_VERSION,
-    LABEL_MANAGED_BY,
-    LABEL_RESTORE,
-    MANAGED_BY,
-)
-from nightjar.domain.retention import format_time
-from nightjar.jobs import (
-    PRESIGNED_CA_KEY,
-    PRESIGNED_KEY,
-    RestorePlan,
-    StorageRef,
-    build_restore_access,
-    build_restore_job,
-    restore_access_name,
-)
-from nightjar.kube import Kube, SecretMissing
-from nightjar.reconcile import preflight
+from nightjar.constants import RESTORES
+from nightjar.domain.retention import format_time, parse_time
+from nightjar.jobs import RestorePlan, build_restore_access, build_restore_job, restore_access_name
+from nightjar.reconcile import status
 from nightjar.reconcile import storage as storage_rec
-from nightjar.reconcile.backup import PLURAL as BACKUPS
-from nightjar.reconcile.backup import Retry, _cond, _now
-from nightjar.storage import layout
-from nightjar.storage.crypto import KeyProblem
-from nightjar.storage.errors import IntegrityError
-from nightjar.storage.manifest import PublicManifest
-from nightjar.storage.objects import StorageError
-from nightjar.storage.snapshot import hand_over_data_keys
+from nightjar.reconcile.errors import Retry
+from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock
+from nightjar.reconcile.restore_access import presigned_secret
+from nightjar.reconcile.restore_plan import Refused, RestorePlanner, target_summary
+from nightjar.storage.objects import ObjectStore, S3Target
 
 log = logging.getLogger("nightjar.restore")
 
-PLURAL = "restores"
-TERMINAL = ("Completed", "Failed")
-#: Presigned URLs outlive the Job's deadline by this much.
-PRESIGN_MARGIN = 3600
-#: A Secret holds at most 1 MiB (about 2,000 presigned URLs: 30 GB of packed files).
-SECRET_LIMIT = 1_000_000
-
-
-class Refused(Exception):
-    """The restore cannot start; the message says why. Nothing was changed."""
-
-    retryable = False  # a refusal by policy or by what exists: the same answer next time
-
-
-def target_summary(namespace: str, target: dict[str, Any], contents: str) -> str:
-    parts = [f"{namespace}: database {target['database']['secretRef']['name']}"]
-    files = target.get("files") or {}
-    if contents == "DatabaseOnly":
-        parts.append("files untouched")
-    elif "persistentVolumeClaim" in files:
-        pvc = files["persistentVolumeClaim"]
-        sub = (pvc.get("path") or "").strip("/")
-        parts.append(f"files pvc/{pvc['claimName']}" + (f"/{sub}" if sub else ""))
-    elif "s3" in files:
-        parts.append(f"files s3://{files['s3']['bucket']}/{files['s3'].get('prefix') or ''}")
-    return ", ".join(parts)
+PLURAL = RESTORES
+#: A finished Job whose Restore is still not terminal this long after is followed again.
+SETTLE = dt.timedelta(seconds=15)
 
 
 class RestoreReconciler:
-    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+    def __init__(
+        self,
+        kube: KubeAPI,
+        config: OperatorConfig,
+        clock: Clock | None = None,
+        open_store: Callable[[S3Target], ObjectStore] = storage_rec.store_of,
+    ) -> None:
         self.kube = kube
         self.config = config
+        self.clock = clock or SystemClock()
+        self.open_store = open_store
+        self.planner = RestorePlanner(kube)
+        self.writer = status.StatusWriter(kube, PLURAL, self.clock)
 
     # --- status -------------------------------------------------------------------------------
 
     def _set(
-        self, restore: dict[str, Any], status: dict[str, Any], event: tuple[str, str, str] | None = None
+        self, restore: dict[str, Any], change: status.Update, event: tuple[str, str, str] | None = None
     ) -> bool:
-        """Patch status unless the Restore is terminal already (terminal phases never change).
-
-        The one place a Restore's status, its Events and its metrics change. A write that only
-        repeats the current phase (a stale body) posts no Event; a transition is counted in the
-        metrics once, after the patch (conditional on the resourceVersion read) succeeded.
-        """
-        meta = restore["metadata"]
-        for _ in range(5):
-            fresh = self.kube.get(PLURAL, meta["namespace"], meta["name"])
-            if fresh is None:
-                return False
-            st = fresh.get("status") or {}
-            cur = st.get("phase")
-            if cur in TERMINAL and set(status) - {"app"}:
-                return False
-            if status.get("phase") == "Queued" and cur:
-                return False  # Queued is only ever the first phase: a stale body never moves it back
-            if "conditions" in status:  # merge by type: a merge patch replaces the whole list
-                merged = {c["type"]: c for c in st.get("conditions") or []}
-                merged.update({c["type"]: c for c in status["conditions"]})
-                status = {**status, "conditions": list(merged.values())}
-            try:
-                self.kube.patch_status(
-                    PLURAL,
-                    meta["namespace"],
-                    meta["name"],
-                    status,
-                    resource_version=fresh["metadata"]["resourceVersion"],
-                )
-            except ApiException as e:
-                if e.status == 409:
-                    continue
-                raise
-            restore["status"] = {**st, **status}
-            new_phase = status.get("phase")
-            if event is not None and new_phase != cur:
-                self.kube.event(fresh, *event)
-            if new_phase is not None and new_phase != cur:
-                metrics.restore_transition(fresh, cur, new_phase, status)
-            return True
-        return False
+        """The one place a Restore's status, its Events and its metrics change: a terminal
+        phase never changes (but for ``app``: the app is scaled back after it); a write that
+        does not change the phase posts ``event`` only when it sets no phase; a transition is
+        counted once, after the conditional write succeeded."""
+        done = self.writer.apply(restore, change, allow_on_terminal=("app",))
+        if done is None:
+            return False
+        if event is not None and (done.transition or not done.new_phase):
+            self.kube.event(done.before, *event)
+        if done.transition:
+            metrics.restore_transition(done.before, done.old_phase or None, done.new_phase, done.patch)
+        return True
 
     def _fail(self, restore: dict[str, Any], message: str, reason: str, target_state: str) -> None:
-        now = _now()
+        completed_at = (restore.get("status") or {}).get("completedAt") or format_time(self.clock.now())
         self._set(
             restore,
-            {
-                "phase": "Failed",
-                "message": message,
-                "targetState": target_state,
-                "completedAt": restore.get("status", {}).get("completedAt") or _fmt(now),
-                "conditions": [_cond("Failed", True, reason, message, now)],
-            },
+            status.failed(reason, message, targetState=target_state, completedAt=completed_at),
             ("Warning", "Failed", message),
         )
 
-    # --- entry point --------------------------------------------------------------------------
+    # --- entry points -------------------------------------------------------------------------
 
     def reconcile(self, restore: dict[str, Any]) -> None:
         """Drive one Restore one step further; idempotent. Raises Retry to be called again."""
         meta, spec = restore["metadata"], restore["spec"]
         ns, name = meta["namespace"], meta["name"]
-        status = restore.get("status") or {}
-        if status.get("phase") in TERMINAL:
+        if status.is_terminal(restore):
             self._restart_app(restore)  # a crash between the two steps is finished here
             return
         contents = spec.get("contents") or "Full"
-        if not status.get("phase"):
+        if not status.phase_of(restore):
             bns = spec["backupRef"].get("namespace") or ns
+            target = target_summary(ns, spec["target"], contents)
             self._set(
                 restore,
-                {
-                    "phase": "Queued",
-                    "backup": f"{bns}/{spec['backupRef']['name']}",
-                    "target": target_summary(ns, spec["target"], contents),
-                    "message": "checking the backup and the target",
-                },
+                status.update(
+                    phase=status.Phase.QUEUED.value,
+                    backup=f"{bns}/{spec['backupRef']['name']}",
+                    target=target,
+                    message="checking the backup and the target",
+                ),
                 (
                     "Normal",
                     "Queued",
-                    f"restore of Backup {bns}/{spec['backupRef']['name']} into "
-                    f"{target_summary(ns, spec['target'], contents)} queued",
+                    f"restore of Backup {bns}/{spec['backupRef']['name']} into {target} queued",
                 ),
             )
         job = self.kube.read_job(ns, restore_access_name(name))
@@ -184,125 +116,22 @@ class RestoreReconciler:
             self.sync_from_job(restore, job)
             return
         try:
-            plan, storage_ns, storage_spec = self.plan(restore)
+            planned = self.planner.plan(restore)
+            self._record_plan(restore, planned.source, planned.versions, planned.version_warning)
             if not self._app_stopped(restore):
                 raise Retry("waiting for the app to stop", 3)
-            self._start(restore, plan, storage_ns, storage_spec)
+            self._start(restore, planned.plan, planned.storage_namespace, planned.storage_spec)
         except Refused as e:
             self._restart_app(restore)
             self._fail(restore, f"{e}; nothing was changed", "Refused", "Unchanged")
 
-    # --- preflight ----------------------------------------------------------------------------
-
-    def plan(self, restore: dict[str, Any]) -> tuple[RestorePlan, str, dict[str, Any]]:
-        """The Job's plan, plus the Backup's namespace and its BackupStorage's spec."""
-        meta, spec = restore["metadata"], restore["spec"]
-        ns = meta["namespace"]
-        ref = spec["backupRef"]
-        bns = ref.get("namespace") or ns
-        backup = self.kube.get(BACKUPS, bns, ref["name"])
-        if backup is None:
-            raise Refused(f'Backup "{ref["name"]}" not found in namespace {bns}')
-        storage_name = backup["spec"]["storageRef"]["name"]
-        storage = self.kube.get(storage_rec.PLURAL, bns, storage_name)
-        if bns != ns:
-            allowed = (storage or {}).get("spec", {}).get("allowedRestoreNamespaces") or []
-            if ns not in allowed and "*" not in allowed:
-                raise Refused(
-                    f"restoring Backup {bns}/{ref['name']} into namespace {ns} is not allowed: "
-                    f'namespace {bns} does not grant it (BackupStorage "{storage_name}" would list '
-                    f"{ns} in spec.allowedRestoreNamespaces)"
-                )
-        bstatus = backup.get("status") or {}
-        if bstatus.get("phase") != "Completed":
-            raise Refused(
-                f"Backup {bns}/{ref['name']} is {bstatus.get('phase') or 'not started'}, not Completed: "
-                "only a Completed backup can be restored"
-            )
-        if storage is None:
-            raise Refused(f'the Backup\'s BackupStorage "{storage_name}" no longer exists in {bns}')
-        contents = spec.get("contents") or "Full"
-        bfiles = bstatus.get("files") or {}
-        target = spec["target"]
-        backup_has_files = (backup["spec"].get("contents") or "Full") == "Full" and bool(
-            (backup["spec"].get("source") or {}).get("files") or bfiles.get("count")
-        )
-        if contents == "Full" and target.get("files") and not backup_has_files:
-            raise Refused(
-                f"Backup {bns}/{ref['name']} holds a database only: restore it with contents DatabaseOnly"
-            )
-        try:
-            preflight.keyring(self.kube, bns, storage["spec"])
-        except preflight.Missing as e:
-            raise Refused(f'the Backup\'s BackupStorage "{storage_name}": {e}') from e
-        db_secret = target["database"]["secretRef"]["name"]
-        try:
-            db_keys = preflight.database_keys(self.kube, ns, db_secret)
-        except preflight.Missing as e:
-            raise Refused(f"target database: {e}") from e
-        if contents == "Full":
-            try:
-                preflight.files(self.kube, ns, target.get("files") or {})
-            except preflight.Missing as e:
-                raise Refused(f"target files: {e}") from e
-        self._model_versions(restore, ns, target.get("app"), bstatus.get("modelVersion") or "")
-        st_storage = bstatus.get("storage") or {}
-        manifest_key = st_storage.get("manifestKey") or ""
-        if not manifest_key:
-            raise Refused(f"Backup {bns}/{ref['name']} records no manifest")
-        # The snapshot was encrypted with the primary's keys, wherever it is read from.
-        key_secret = StorageRef.from_spec(storage["spec"]).key_secret
-        storage, source = self._location(restore, backup, storage)
-        primary_prefix = None
-        if source["role"] == "Replica":
-            primary_prefix = st_storage.get("prefix") or ""
-            manifest_key = layout.relocate(manifest_key, storage["spec"].get("prefix") or "", primary_prefix)
-        plan = RestorePlan(
-            name=meta["name"],
-            namespace=ns,
-            uid=meta["uid"],
-            storage=dataclasses.replace(StorageRef.from_spec(storage["spec"]), key_secret=key_secret),
-            manifest_key=manifest_key,
-            primary_prefix=primary_prefix,
-            manifest_sha256=st_storage.get("manifestSha256")
-            or (backup["spec"].get("upload") or {}).get("manifestSha256")
-            or "",
-            contents=contents,
-            target=target,
-            db_secret=db_secret,
-            db_keys=db_keys,
-            presigned=bns != ns,
-        )
-        return plan, bns, storage["spec"]
-
-    def _location(
-        self, restore: dict[str, Any], backup: dict[str, Any], primary: dict[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """The primary storage when it answers, else the first replica holding a verified copy
-        that does; recorded in status.source (and told in an Event when it is a replica).
-
-        Without a verified replica the primary is used as it always was: its Job then says
-        what is wrong with it, and an outage of a few seconds does not fail the Restore here.
-        """
-        bns = backup["metadata"]["namespace"]
-        replicas = [
-            loc
-            for loc in (backup.get("status") or {}).get("locations") or []
-            if loc.get("role") == "Replica" and loc.get("state") == "Replicated"
-        ]
-        choice = (primary, _source(primary, "Primary", "the primary storage"))
-        why = storage_rec.unreachable(self.kube, bns, primary) if replicas else ""
-        if why:
-            for loc in replicas:
-                replica = self.kube.get(storage_rec.PLURAL, bns, loc["storage"])
-                if replica is not None and not storage_rec.unreachable(self.kube, bns, replica):
-                    reason = f"the primary {primary['metadata']['name']} cannot be reached: {why}"
-                    choice = (replica, _source(replica, "Replica", reason))
-                    break
-            else:
-                choice = (primary, _source(primary, "Primary", f"no replica answers either; {why}"))
-        storage, source = choice
-        if (restore.get("status") or {}).get("source") != source:
+    def _record_plan(
+        self, restore: dict[str, Any], source: dict[str, str], versions: dict[str, Any], warning: str
+    ) -> None:
+        """Where the snapshot is read from (told when it is a replica) and both model versions
+        (warned when they differ), written when they change."""
+        current = restore.get("status") or {}
+        if current.get("source") != source:
             event = (
                 (
                     "Warning",
@@ -312,38 +141,13 @@ class RestoreReconciler:
                 if source["role"] == "Replica"
                 else None
             )
-            self._set(restore, {"source": source}, event)
-        return storage, source
-
-    def _model_versions(
-        self, restore: dict[str, Any], ns: str, app: dict[str, Any] | None, backup_version: str
-    ) -> None:
-        """Record both model versions; warn (and go on, as Mendix does) when they differ."""
-        target_version = ""
-        if app:
-            obj = self.kube.read_workload(ns, app)
-            if obj is None:
-                kind = app.get("kind") or "Deployment"
-                raise Refused(f'target app: {kind} "{app["name"]}" not found in namespace {ns}')
-            ann, labels = obj.metadata.annotations or {}, obj.metadata.labels or {}
-            target_version = str(
-                ann.get(ANNOTATION_MODEL_VERSION) or labels.get("app.kubernetes.io/version") or ""
-            )
-        status: dict[str, Any] = {"modelVersion": backup_version, "targetModelVersion": target_version}
-        event = None
-        if backup_version and target_version and backup_version != target_version:
-            msg = (
-                f"the backup's model version {backup_version} differs from the target app's "
-                f"{target_version}; the restore goes on, the app may need the matching model to start"
-            )
-            status["conditions"] = [_cond("ModelVersionMismatch", True, "ModelVersionMismatch", msg, _now())]
-            event = ("Warning", "ModelVersionMismatch", msg)
-        current = restore.get("status") or {}
-        if (
-            current.get("targetModelVersion") != target_version
-            or current.get("modelVersion") != backup_version
-        ):
-            self._set(restore, status, event)
+            self._set(restore, status.update(source=source), event)
+        if any(current.get(k) != v for k, v in versions.items()):
+            change = status.update(**versions)
+            if warning:
+                mismatch = status.condition("ModelVersionMismatch", True, "ModelVersionMismatch", warning)
+                change = status.Update(change.fields, (mismatch,))
+            self._set(restore, change, ("Warning", "ModelVersionMismatch", warning) if warning else None)
 
     # --- the app ------------------------------------------------------------------------------
 
@@ -362,16 +166,16 @@ class RestoreReconciler:
             replicas = int(obj.spec.replicas if obj.spec.replicas is not None else 1)
             self._set(
                 restore,
-                {
-                    "app": {
+                status.update(
+                    app={
                         "kind": app.get("kind") or "Deployment",
                         "name": app["name"],
                         "originalReplicas": replicas,
                         "stopped": True,
                         "restarted": False,
                     },
-                    "message": f"stopping the app ({replicas} replicas → 0) for the restore",
-                },
+                    message=f"stopping the app ({replicas} replicas → 0) for the restore",
+                ),
                 ("Normal", "StoppingApp", f"scaling {app['name']} to 0 for the restore"),
             )
         if obj.spec.replicas != 0:
@@ -412,7 +216,7 @@ class RestoreReconciler:
         replicas = int(st_app.get("originalReplicas") or 0)
         self._set(
             restore,
-            {"app": {**st_app, "restarted": True}},
+            status.update(app={**st_app, "restarted": True}),
             ("Normal", "RestartedApp", f"scaled {app['name']} back to {replicas} replicas"),
         )
 
@@ -422,7 +226,7 @@ class RestoreReconciler:
         self, restore: dict[str, Any], plan: RestorePlan, storage_ns: str, storage_spec: dict[str, Any]
     ) -> None:
         if plan.presigned:
-            self._presigned_secret(plan, storage_ns, storage_spec)
+            presigned_secret(self.kube, self.config, plan, storage_ns, storage_spec, self.open_store)
         for obj in build_restore_access(plan):
             self.kube.create_if_absent(obj)
         job = build_restore_job(plan, self.config)
@@ -440,75 +244,12 @@ class RestoreReconciler:
                 if st_app.get("stopped")
                 else ("Normal", "JobCreated", f"created Job {jname}")
             )
-        self._set(restore, {"jobName": jname, "message": "restore Job created"}, event)
-
-    def _presigned_secret(self, plan: RestorePlan, storage_ns: str, storage_spec: dict[str, Any]) -> None:
-        """URLs that read this one snapshot, in a Secret of the target namespace."""
-        try:
-            target = storage_rec.target_for(self.kube, storage_ns, storage_spec)
-            store = storage_rec.store_of(target)
-            raw = store.read(plan.manifest_key)
-            manifest = PublicManifest.parse(raw, f"manifest {plan.manifest_key}")
-        except (SecretMissing, StorageError, IntegrityError) as e:
-            raise Refused(f"reading the backup's manifest: {e}") from e
-        try:
-            # An encrypted snapshot: the data keys of exactly its objects, never the storage's key.
-            keys_of = {"encryption": {"keySecretRef": {"name": plan.storage.key_secret}}}
-            ring = preflight.keyring(self.kube, storage_ns, keys_of) if plan.storage.key_secret else None
-            data_keys = hand_over_data_keys(raw, ring)
-        except preflight.Missing as e:
-            raise Refused(f"the backup's BackupStorage: {e}") from e
-        except KeyProblem as e:
-            raise Refused(str(e)) from e
-        keys = [o.key for o in manifest.objects]
-        if plan.primary_prefix is not None:  # a replica: the same objects under its own prefix
-            keys = [layout.relocate(k, target.prefix, plan.primary_prefix) for k in keys]
-        expires = self.config.job_active_deadline_seconds + PRESIGN_MARGIN
-        expires = min(expires, 7 * 24 * 3600)  # the longest a presigned URL may live
-        try:
-            urls = {k: store.presign_get(k, expires) for k in [plan.manifest_key, *keys]}
-        except StorageError as e:
-            raise Refused(f"signing URLs for the snapshot: {e}") from e
-        handed: dict[str, Any] = {"urls": urls}
-        if data_keys:
-            handed["keys"] = data_keys
-        payload = json.dumps(handed, separators=(",", ":")).encode()
-        if len(payload) * 4 / 3 > SECRET_LIMIT:
-            raise Refused(
-                f"the snapshot has {len(keys)} objects, too many to hand to a restore in another "
-                "namespace; restore it in its own namespace"
-            )
-        data = {PRESIGNED_KEY: base64.b64encode(payload).decode()}
-        if target.ca_bundle:  # a private CA (public data) the Job cannot read from the other namespace
-            with open(target.ca_bundle, "rb") as f:
-                data[PRESIGNED_CA_KEY] = base64.b64encode(f.read()).decode()
-        self.kube.create_if_absent(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": restore_access_name(plan.name),
-                    "namespace": plan.namespace,
-                    "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_RESTORE: plan.name},
-                    "ownerReferences": [
-                        {
-                            "apiVersion": API_VERSION,
-                            "kind": "Restore",
-                            "name": plan.name,
-                            "uid": plan.uid,
-                            "controller": True,
-                        }
-                    ],
-                },
-                "type": "Opaque",
-                "data": data,
-            }
-        )
+        self._set(restore, status.update(jobName=jname, message="restore Job created"), event)
 
     def sync_from_job(self, restore: dict[str, Any], job: dict[str, Any]) -> None:
         """Follow the Job: Running, then (app restarted) Completed or Failed."""
-        status = restore.get("status") or {}
-        if status.get("phase") in TERMINAL:
+        st = restore.get("status") or {}
+        if status.is_terminal(restore):
             self._restart_app(restore)
             return
         js = job.get("status") or {}
@@ -518,27 +259,26 @@ class RestoreReconciler:
             results = self.kube.job_results(ns, name)
             result = results[-1] if results else {}
             self._restart_app(restore)
-            now = _now()
+            now = self.clock.now()
             if "Complete" in conds and "error" not in result:
-                progress = dict(status.get("progress") or {})
+                progress = dict(st.get("progress") or {})
                 progress.update(percent=100, display="100%", stage="done")
                 if "bytesTotal" in progress:
                     progress["bytesDone"] = progress["bytesTotal"]
                     progress["filesDone"] = progress.get("filesTotal", 0)
                 files = (result.get("files") or {}).get("files")
-                msg = f"restored snapshot {result.get('snapshotId', '')} into {status.get('target', ns)}"
+                msg = f"restored snapshot {result.get('snapshotId', '')} into {st.get('target', ns)}"
                 if files is not None:
                     msg += f" ({files} files)"
                 self._set(
                     restore,
-                    {
-                        "phase": "Completed",
-                        "snapshotId": result.get("snapshotId", ""),
-                        "completedAt": _fmt(now),
-                        "progress": progress,
-                        "message": msg,
-                        "conditions": [_cond("Completed", True, "Restored", msg, now)],
-                    },
+                    status.completed(
+                        "Restored",
+                        msg,
+                        snapshotId=result.get("snapshotId", ""),
+                        completedAt=format_time(now),
+                        progress=progress,
+                    ),
                     ("Normal", "Completed", msg),
                 )
                 return
@@ -552,30 +292,46 @@ class RestoreReconciler:
                 state = "Unknown"
             self._fail(restore, f"{error} (target state: {state})", reason, state)
             return
-        if int(js.get("active") or 0) > 0 and status.get("phase") != "Running":
+        if int(js.get("active") or 0) > 0 and st.get("phase") != status.Phase.RUNNING:
             self._set(
                 restore,
-                {
-                    "phase": "Running",
-                    "startedAt": js.get("startTime") or _fmt(_now()),
-                    "message": "restoring",
-                },
+                status.update(
+                    phase=status.Phase.RUNNING.value,
+                    startedAt=js.get("startTime") or format_time(self.clock.now()),
+                    message="restoring",
+                ),
                 ("Normal", "Running", f"restore Job {name} running"),
             )
 
-
-def _source(storage: dict[str, Any], role: str, reason: str) -> dict[str, str]:
-    return {
-        "storage": storage["metadata"]["name"],
-        "role": role,
-        "jurisdiction": storage["spec"].get("jurisdiction") or "",
-        "reason": reason,
-    }
+    def retry_sweep(self, restores: Iterable[dict[str, Any]]) -> list[str]:
+        """Follow again the Jobs of Restores that are not terminal although their Job finished
+        ``SETTLE`` ago (its event was lost, or handling it failed: kopf does not retry Job
+        events). Returns the Restores followed (``ns/name``)."""
+        now = self.clock.now()
+        followed = []
+        for restore in restores:
+            meta, st = restore["metadata"], restore.get("status") or {}
+            if status.is_terminal(restore) or not st.get("jobName") or meta.get("deletionTimestamp"):
+                continue
+            try:
+                job = self.kube.read_job(meta["namespace"], st["jobName"])
+                js = (job or {}).get("status") or {}
+                ended = js.get("completionTime") or next(
+                    (
+                        c.get("lastTransitionTime")
+                        for c in js.get("conditions") or []
+                        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                    ),
+                    None,
+                )
+                if job is None or not ended or now < parse_time(ended) + SETTLE:
+                    continue
+                followed.append(f"{meta['namespace']}/{meta['name']}")
+                self.sync_from_job(restore, job)
+            except Exception:
+                log.exception("following the Job of restore %s/%s", meta["namespace"], meta["name"])
+        return followed
 
 
 def _ident(restore: dict[str, Any]) -> tuple[str, str]:
     return restore["metadata"]["namespace"], restore["metadata"]["name"]
-
-
-def _fmt(t: dt.datetime) -> str:
-    return format_time(t)

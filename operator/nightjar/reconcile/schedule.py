@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -25,45 +25,22 @@ from kubernetes.client.rest import ApiException
 from nightjar import metrics
 from nightjar.constants import (
     ANNOTATION_EXPIRES_AT,
-    ANNOTATION_KEEP,
     API_VERSION,
-    FINALIZER,
+    BACKUPS,
     GROUP,
     LABEL_MANAGED_BY,
     LABEL_SCHEDULE,
     LABEL_TIER,
     MANAGED_BY,
-    VERSION,
+    SCHEDULES,
 )
 from nightjar.domain import schedule as sch
 from nightjar.domain.retention import format_time, parse_time
-from nightjar.kube import Kube
-from nightjar.reconcile import storage as storage_rec
+from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock, list_all
+from nightjar.reconcile.status import StatusWriter, condition, conditions
 from nightjar.storage import layout
 
 log = logging.getLogger("nightjar.schedule")
-
-PLURAL = "backupschedules"
-BACKUPS = "backups"
-PAGE = 500
-
-
-def list_all(kube: Kube, plural: str, label_selector: str = "") -> Iterator[dict[str, Any]]:
-    """Every object of a kind in the watched namespaces (cluster-wide when the operator watches
-    all), a page at a time (memory stays bounded)."""
-    for ns in kube.namespaces or (None,):
-        cont = None
-        while True:
-            kw: dict[str, Any] = {"label_selector": label_selector, "limit": PAGE, "_continue": cont}
-            resp = (
-                kube.custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural, **kw)
-                if ns
-                else kube.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
-            )
-            yield from resp["items"]
-            cont = resp["metadata"].get("continue")
-            if not cont:
-                break
 
 
 @dataclass
@@ -83,8 +60,9 @@ class TickReport:
 
 
 class Scheduler:
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: KubeAPI, clock: Clock | None = None) -> None:
         self.kube = kube
+        self.writer = StatusWriter(kube, SCHEDULES, clock or SystemClock())
 
     # --- the scheduler tick ----------------------------------------------------------------
 
@@ -111,7 +89,7 @@ class Scheduler:
                 )
         report = TickReport()
         seen: list[tuple[str, str, str, bool]] = []
-        for s in list_all(self.kube, PLURAL):
+        for s in list_all(self.kube, SCHEDULES):
             report.schedules += 1
             key = (s["metadata"]["namespace"], s["metadata"]["name"])
             seen.append((*key, s["metadata"].get("creationTimestamp", ""), bool(s["spec"].get("suspend"))))
@@ -127,9 +105,7 @@ class Scheduler:
         Backups: it knows which sources are busy without one list per schedule."""
         meta = schedule["metadata"]
         sel = f"{LABEL_SCHEDULE}={meta['name']}"
-        items = self.kube.custom.list_namespaced_custom_object(
-            GROUP, VERSION, meta["namespace"], BACKUPS, label_selector=sel
-        )["items"]
+        items = list_all(self.kube, BACKUPS, sel, namespaces=(meta["namespace"],))
         mine = [
             BackupInfo(
                 b["metadata"]["name"],
@@ -161,7 +137,9 @@ class Scheduler:
             plan = sch.Plan.from_spec(ns, name, spec)
         except ValueError as e:
             invalid = str(e)
-            status["conditions"] = [_cond("Ready", False, "InvalidSpec", invalid, now, old)]
+            status["conditions"] = [
+                *conditions(old, [condition("Ready", False, "InvalidSpec", invalid)], now)
+            ]
             if _ready_cond(old) != ("False", "InvalidSpec", invalid):
                 told.append(partial(self.kube.event, s, "Warning", "InvalidSpec", invalid))
             self._write(s, old, status, told)
@@ -222,7 +200,7 @@ class Scheduler:
             if b.tier.lower() in counts:
                 counts[b.tier.lower()] += 1
         status["backups"] = counts
-        status["conditions"] = [_cond("Ready", True, "Scheduled", ready_msg, now, old)]
+        status["conditions"] = conditions(old, [condition("Ready", True, "Scheduled", ready_msg)], now)
         if _ready_cond(old)[:2] == ("False", "InvalidSpec"):
             told.append(partial(self.kube.event, s, "Normal", "Scheduled", f"spec valid again: {ready_msg}"))
         self._write(s, old, status, told)
@@ -236,27 +214,23 @@ class Scheduler:
     ) -> None:
         """Write only what changed: 1,000 schedules must not mean 1,000 writes a tick.
 
-        With something to tell, the write is conditional on the resourceVersion read: of two
-        writers deciding the same slot (the tick and a create/update handler), one wins and only
-        it tells, so an Event or a count is never doubled.
+        With something to tell, the write is conditional on the object as this tick read it: of
+        two writers deciding the same slot (the tick and a create/update handler), one wins and
+        only it tells, so an Event or a count is never doubled.
         """
-        changed = {k: v for k, v in status.items() if old.get(k) != v}
-        if not changed:
+        if not {k: v for k, v in status.items() if old.get(k) != v}:
             return
-        meta = s["metadata"]
-        try:
-            self.kube.patch_status(
-                PLURAL,
-                meta["namespace"],
-                meta["name"],
-                changed,
-                resource_version=meta.get("resourceVersion") if told else None,
-            )
-        except ApiException as e:
-            if e.status == 409 and told:
+        seen = s["metadata"].get("resourceVersion")
+
+        def decide(fresh: dict[str, Any]) -> dict[str, Any] | None:
+            if told and fresh["metadata"].get("resourceVersion") != seen:
                 log.info("schedule %s/%s changed meanwhile; the next tick decides again", *_ident(s))
-                return
-            raise
+                return None
+            cur = fresh.get("status") or {}
+            return {k: v for k, v in status.items() if cur.get(k) != v} or None
+
+        if self.writer.write(s, decide) is None:
+            return
         for tell in told or []:
             tell()
 
@@ -300,10 +274,9 @@ class Scheduler:
         if spec.get("comment"):
             body["spec"]["comment"] = spec["comment"]
         try:
-            self.kube.custom.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], BACKUPS, body)
-        except ApiException as e:
-            if e.status == 409:
+            if self.kube.create_object(BACKUPS, meta["namespace"], body) is None:
                 return False  # already taken (a restart, or another replica): never twice
+        except ApiException as e:
             msg = f"creating Backup {slot.name} failed: {e.reason}"
             self.kube.event(s, "Warning", "CreateFailed", msg)
             raise
@@ -332,130 +305,3 @@ def _ready_cond(old: dict[str, Any]) -> tuple[str, str, str]:
     """(status, reason, message) of the Ready condition in ``old`` status, or empty strings."""
     c: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), {})
     return str(c.get("status") or ""), str(c.get("reason") or ""), str(c.get("message") or "")
-
-
-def _cond(
-    ctype: str, ok: bool, reason: str, message: str, now: dt.datetime, old: dict[str, Any]
-) -> dict[str, Any]:
-    prev: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == ctype), {})
-    status = "True" if ok else "False"
-    since = prev.get("lastTransitionTime") if prev.get("status") == status else format_time(now)
-    return {
-        "type": ctype,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-    }
-
-
-# --- garbage collection -------------------------------------------------------------------------
-
-
-@dataclass
-class SweepReport:
-    examined: int = 0
-    deleted: list[str] = field(default_factory=list)
-    deferred: list[str] = field(default_factory=list)
-    finalized: list[str] = field(default_factory=list)
-
-
-#: A Backup still being deleted after this long had its finalizer event lost or stuck.
-STUCK_DELETION = dt.timedelta(minutes=5)
-
-
-def gc_sweep(
-    kube: Kube, now: dt.datetime, finalize: Callable[[dict[str, Any]], bool] | None = None
-) -> SweepReport:
-    """Delete every Backup whose ``nightjar.dev/expires-at`` has passed, unless pinned.
-
-    In-flight Backups wait for their end. A Backup whose storage cannot be reached now is left for
-    a later sweep (its finalizer could not delete the objects), so nothing is lost. A Backup whose
-    deletion has hung on our finalizer for ``STUCK_DELETION`` is finished here by ``finalize``
-    (the same deletion path), so no Backup stays Terminating forever.
-    """
-    report = SweepReport()
-    reachable: dict[tuple[str, str], bool] = {}
-    expired_by_schedule: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for b in list_all(kube, BACKUPS):
-        report.examined += 1
-        meta = b["metadata"]
-        ann = meta.get("annotations") or {}
-        if meta.get("deletionTimestamp"):
-            since = parse_time(meta["deletionTimestamp"])
-            stuck = now - since > STUCK_DELETION and FINALIZER in (meta.get("finalizers") or [])
-            if stuck and finalize is not None and finalize(b):
-                report.finalized.append(f"{meta['namespace']}/{meta['name']}")
-            continue
-        if (ann.get(ANNOTATION_KEEP) or "").lower() == "true":
-            continue
-        try:
-            expires = parse_time(ann[ANNOTATION_EXPIRES_AT])
-        except (KeyError, ValueError):
-            continue
-        if expires > now or (b.get("status") or {}).get("phase") not in ("Completed", "Failed"):
-            continue
-        ns = meta["namespace"]
-        # Every location must answer: deleting now would strand the objects of one that does not.
-        names = [b["spec"]["storageRef"]["name"]] + [
-            loc["storage"]
-            for loc in (b.get("status") or {}).get("locations") or []
-            if loc.get("role") == "Replica" and (loc.get("state") == "Replicated" or loc.get("attempts"))
-        ]
-        for name in names:
-            if (ns, name) not in reachable:
-                reachable[(ns, name)] = _storage_reachable(kube, ns, name)
-        if not all(reachable[(ns, name)] for name in names):
-            report.deferred.append(f"{ns}/{meta['name']}")
-            metrics.gc_deferred(ns)
-            continue
-        try:
-            kube.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, BACKUPS, meta["name"])
-        except ApiException as e:
-            if e.status != 404:
-                log.warning("gc: deleting %s/%s failed: %s", ns, meta["name"], e.reason)
-            continue
-        metrics.gc_deleted(ns)
-        kube.event(
-            b, "Normal", "Expired", f"expired at {format_time(expires)}; deleting it and its stored objects"
-        )
-        sched = (meta.get("labels") or {}).get(LABEL_SCHEDULE)
-        if sched:
-            expired_by_schedule[(ns, sched)].append(meta["name"])
-        log.info("gc: deleted expired backup %s/%s (expired %s)", ns, meta["name"], format_time(expires))
-        report.deleted.append(f"{ns}/{meta['name']}")
-    _tell_schedules(kube, expired_by_schedule)
-    if report.deferred:
-        log.warning("gc: %d expired backups wait for their storage to be reachable", len(report.deferred))
-    return report
-
-
-def _tell_schedules(kube: Kube, expired: dict[tuple[str, str], list[str]]) -> None:
-    """One Event per schedule per sweep on the Backups of it that expired: ``kubectl describe
-    backupschedule`` shows its retention at work, and 5,000 expiries cost a few Events, not 5,000."""
-    for (ns, name), backups in sorted(expired.items()):
-        try:
-            sched = kube.get(PLURAL, ns, name)
-        except ApiException as e:
-            log.warning("gc: reading schedule %s/%s: %s", ns, name, e.reason)
-            continue
-        if sched is None:
-            continue
-        shown = ", ".join(sorted(backups)[:10]) + (
-            f" and {len(backups) - 10} more" if len(backups) > 10 else ""
-        )
-        kube.event(
-            sched,
-            "Normal",
-            "BackupExpired",
-            f"{len(backups)} backup{'' if len(backups) == 1 else 's'} expired and deleted with their stored "
-            f"objects: {shown}",
-        )
-
-
-def _storage_reachable(kube: Kube, ns: str, name: str) -> bool:
-    storage = kube.get(storage_rec.PLURAL, ns, name)
-    if storage is None:
-        return True  # nothing stored anywhere we could reach: the Backup can go
-    # Missing Secret, network, refused: not reachable now, the next sweep tries again.
-    return not storage_rec.unreachable(kube, ns, storage)

@@ -12,14 +12,18 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
+from nightjar.constants import STORAGES
 from nightjar.domain.residency import Policy, default_policy
 from nightjar.domain.retention import format_time
 from nightjar.jobs import StorageRef
-from nightjar.kube import Kube, SecretMissing
+from nightjar.kube import SecretMissing
+from nightjar.reconcile import status as status_mod
+from nightjar.reconcile.ports import KubeAPI
+from nightjar.reconcile.replicas import check_replicas, residency_refusal
 from nightjar.storage import objects
 from nightjar.storage.objects import ObjectStore, S3Target, StorageError
 
-PLURAL = "backupstorages"
+PLURAL = STORAGES
 
 
 class StorageUnavailable(Exception):
@@ -39,7 +43,7 @@ def _ca_file(pem: str) -> str:
     return path
 
 
-def target_for(kube: Kube, namespace: str, spec: dict[str, Any]) -> S3Target:
+def target_for(kube: KubeAPI, namespace: str, spec: dict[str, Any]) -> S3Target:
     """An S3 client target for a BackupStorage spec, with its credentials read from the Secret."""
     ref = StorageRef.from_spec(spec)
     creds = kube.secret_keys(namespace, ref.secret_name, [ref.access_key_key, ref.secret_key_key])
@@ -64,7 +68,7 @@ def store_of(target: S3Target) -> ObjectStore:
     return target.store()
 
 
-def unreachable(kube: Kube, namespace: str, storage: dict[str, Any]) -> str:
+def unreachable(kube: KubeAPI, namespace: str, storage: dict[str, Any]) -> str:
     """ "" when the BackupStorage's bucket answers with its credentials now, else why not."""
     try:
         target = target_for(kube, namespace, storage["spec"])
@@ -73,7 +77,7 @@ def unreachable(kube: Kube, namespace: str, storage: dict[str, Any]) -> str:
     return objects.unreachable(store_of(target))
 
 
-def check(kube: Kube, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, bool]:
+def check(kube: KubeAPI, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, bool]:
     """(ready, message, object lock enabled on the bucket)."""
     try:
         target = target_for(kube, namespace, spec)
@@ -100,13 +104,11 @@ def check(kube: Kube, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, 
 
 
 def replicas_status(
-    kube: Kube, policy: Policy, body: dict[str, Any]
+    kube: KubeAPI, policy: Policy, body: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], str, str]:
     """(each replica's state, the printer summary, the residency refusal or "")."""
-    from nightjar.reconcile import replication  # replication builds on this module
-
     ns = body["metadata"]["namespace"]
-    checks = replication.check_replicas(kube, policy, ns, body)
+    checks = check_replicas(kube, policy, ns, body)
     out = []
     for c in checks:
         if c.storage is None:
@@ -136,11 +138,11 @@ def replicas_status(
                 entry.update(state="Unavailable", message=(c.storage.get("status") or {}).get("message", ""))
             out.append(entry)
     summary = ", ".join(f"{r['name']} ({r.get('jurisdiction') or '?'})" for r in out)
-    return out, summary, replication.residency_refusal(checks, body["metadata"]["name"])
+    return out, summary, residency_refusal(checks, body["metadata"]["name"])
 
 
 def reconcile_storage(
-    kube: Kube, body: dict[str, Any], now: dt.datetime, policy: Policy | None = None
+    kube: KubeAPI, body: dict[str, Any], now: dt.datetime, policy: Policy | None = None
 ) -> dict[str, Any]:
     """Check the storage (and its replicas against the residency policy) and write its status;
     returns the status written."""
@@ -149,19 +151,12 @@ def reconcile_storage(
     replicas, replica_summary, refusal = replicas_status(kube, policy or default_policy(), body)
     if refusal:
         ready, message = False, refusal
-    previous = (body.get("status") or {}).get("phase")
     phase = "Ready" if ready else "Unavailable"
+    reason = "BucketReachable" if ready else ("ResidencyRefused" if refusal else "CheckFailed")
     cond = {
-        "type": "Ready",
-        "status": "True" if ready else "False",
-        "reason": "BucketReachable" if ready else ("ResidencyRefused" if refusal else "CheckFailed"),
-        "message": message,
-        "lastTransitionTime": format_time(now),
+        **status_mod.condition("Ready", ready, reason, message),
         "observedGeneration": meta.get("generation", 0),
     }
-    old_conds = {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
-    if old_conds.get("Ready", {}).get("status") == cond["status"]:
-        cond["lastTransitionTime"] = old_conds["Ready"].get("lastTransitionTime", cond["lastTransitionTime"])
     status = {
         "phase": phase,
         "message": message,
@@ -170,22 +165,22 @@ def reconcile_storage(
         "replicas": replicas,
         "replicaSummary": replica_summary,
         "observedGeneration": meta.get("generation", 0),
-        "conditions": [cond],
     }
-    try:
-        kube.patch_status(PLURAL, meta["namespace"], meta["name"], status)
-    except ApiException as e:
-        if e.status == 404:
-            return status  # deleted while it was checked: nothing to write, nothing to tell
-        raise
+
+    def decide(fresh: dict[str, Any]) -> dict[str, Any]:
+        return {**status, "conditions": status_mod.conditions(fresh.get("status") or {}, [cond], now)}
+
+    done = status_mod.StatusWriter(kube, PLURAL).write(body, decide)
+    if done is None:
+        return status  # deleted while it was checked: nothing to write, nothing to tell
     metrics.storage_checked(meta["namespace"], meta["name"], ready)
     # One Event per transition, where the phase written changes (Ready <-> Unavailable).
-    if previous != phase:
+    if done.transition:
         kube.event(body, "Normal" if ready else "Warning", phase, message)
-    return status
+    return done.patch
 
 
-def reconcile_dependents(kube: Kube, body: dict[str, Any], now: dt.datetime, policy: Policy) -> list[str]:
+def reconcile_dependents(kube: KubeAPI, body: dict[str, Any], now: dt.datetime, policy: Policy) -> list[str]:
     """Storages of the namespace that name ``body`` as a replica see it change (created, its
     jurisdiction moved) at once, not at their next check; returns their names."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -199,7 +194,7 @@ def reconcile_dependents(kube: Kube, body: dict[str, Any], now: dt.datetime, pol
     return out
 
 
-def sweep(kube: Kube, storages: Iterable[dict[str, Any]], now: dt.datetime, policy: Policy) -> int:
+def sweep(kube: KubeAPI, storages: Iterable[dict[str, Any]], now: dt.datetime, policy: Policy) -> int:
     """Re-check every storage (one pass, no timer per object): a bucket that went down shows
     Unavailable, one that came back shows Ready, without a spec change or a restart."""
     n = 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -34,22 +34,25 @@ from nightjar.config import OperatorConfig
 from nightjar.constants import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_SYNCED_FROM,
-    GROUP,
+    API_VERSION,
+    BACKUPS,
     LABEL_SCHEDULE,
     LABEL_SYNCED,
     LABEL_TIER,
-    VERSION,
+    STORAGES,
+    UPLOADED_SOURCE,
 )
 from nightjar.domain.retention import format_time, parse_time
-from nightjar.kube import Kube, SecretMissing
+from nightjar.kube import SecretMissing
 from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
-from nightjar.reconcile.backup import PLURAL as BACKUPS
-from nightjar.reconcile.backup import UPLOADED_SOURCE, delete_snapshot, snapshot_uid
+from nightjar.reconcile.ports import KubeAPI
+from nightjar.reconcile.snapshots import delete_snapshot, snapshot_uid
+from nightjar.reconcile.status import StatusWriter
 from nightjar.storage import layout
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.manifest import Manifest, PublicManifest
-from nightjar.storage.objects import ObjectInfo, ObjectStore, StorageError
+from nightjar.storage.objects import ObjectInfo, ObjectStore, S3Target, StorageError
 
 log = logging.getLogger("nightjar.sync")
 
@@ -178,9 +181,16 @@ def is_replica(storage: dict[str, Any], storages: Iterable[dict[str, Any]]) -> b
 class StorageSync:
     """Syncs one BackupStorage with its bucket; writes only ``status.sync`` and Events."""
 
-    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+    def __init__(
+        self,
+        kube: KubeAPI,
+        config: OperatorConfig,
+        open_store: Callable[[S3Target], ObjectStore] = storage_rec.store_of,
+    ) -> None:
         self.kube = kube
         self.config = config
+        self.open_store = open_store
+        self.writer = StatusWriter(kube, STORAGES)
 
     def due(self, storage: dict[str, Any], now: dt.datetime) -> bool:
         last = ((storage.get("status") or {}).get("sync") or {}).get("lastSyncTime")
@@ -216,20 +226,19 @@ class StorageSync:
         elif report.created or report.expired_deleted or report.leftovers_deleted:
             log.info("BackupStorage %s/%s: %s", ns, name, report.status(now)["message"])
         try:
-            self.kube.patch_status(storage_rec.PLURAL, ns, name, {"sync": report.status(now)})
-        except ApiException as e:
-            if e.status != 404:
-                log.warning("BackupStorage %s/%s: writing the sync status: %s", ns, name, e.reason)
+            self.writer.write(storage, lambda _: {"sync": report.status(now)})
+        except Exception as e:
+            log.warning("BackupStorage %s/%s: writing the sync status: %s", ns, name, e)
         return report
 
     def _run(self, storage: dict[str, Any], now: dt.datetime, report: SyncReport) -> None:
         meta, spec = storage["metadata"], storage["spec"]
         ns = meta["namespace"]
         opts = spec.get("sync") or {}
-        storages = self.kube.list_objects(storage_rec.PLURAL, ns)
+        storages = self.kube.list_objects(STORAGES, ns)
         sync = bool(opts.get("enabled", True)) and not is_replica(storage, storages)
         target = storage_rec.target_for(self.kube, ns, spec)
-        store = storage_rec.store_of(target)
+        store = self.open_store(target)
         # The Backups first, the bucket second: a Backup deleted in between still counts as live
         # (its deletion is under way), so a stale list errs towards not re-creating.
         backups = self.kube.list_objects(BACKUPS, ns)
@@ -371,7 +380,7 @@ class StorageSync:
             return
         labels = {k: v for k, v in (record.get("labels") or {}).items() if k in (LABEL_SCHEDULE, LABEL_TIER)}
         body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
+            "apiVersion": API_VERSION,
             "kind": "Backup",
             "metadata": {
                 "name": name,
@@ -385,10 +394,8 @@ class StorageSync:
             "spec": {**spec, "storageRef": {"name": meta["name"]}},
         }
         try:
-            created = self.kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, BACKUPS, body)
+            created = self.kube.create_object(BACKUPS, ns, body)
         except ApiException as e:
-            if e.status == 409:
-                return  # made meanwhile (another sync, or the user): the next sync sees it
             report.skipped += 1
             self.kube.event(
                 storage,
@@ -397,6 +404,8 @@ class StorageSync:
                 f"re-creating Backup {name} from {snap.manifest}: {e.reason}",
             )
             return
+        if created is None:
+            return  # made meanwhile (another sync, or the user): the next sync sees it
         names.add(name)
         report.created.append(name)
         self.kube.event(

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nightjar import archive
-from nightjar.constants import ANNOTATION_EXPIRES_AT, API_VERSION
+from nightjar.constants import ANNOTATION_EXPIRES_AT, API_VERSION, UPLOADED, UPLOADED_SOURCE
 from nightjar.domain.retention import default_expiry
-from nightjar.reconcile.backup import UPLOADED, UPLOADED_SOURCE
 from nightjar.storage import layout
 from nightjar.storage.crypto import KeyRing
 from nightjar.storage.index import Entry
