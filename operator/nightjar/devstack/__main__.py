@@ -1,4 +1,4 @@
-"""``python -m nightjar.devstack {up,down,status,s3,node,bind,provision,demo}`` — TEST/DEV ONLY (see the
+"""``python -m nightjar.devstack {up,down,status,s3,node,bind,provision,demo,chaos}`` — TEST/DEV ONLY (see the
 package doc)."""
 
 from __future__ import annotations
@@ -201,6 +201,32 @@ def demo(state_dir: Path, namespace: str) -> None:
     except StackError as e:
         raise click.ClickException(str(e)) from e
     click.echo(demo_app.instructions(made, state_dir))
+
+
+@main.command()
+@_state_option
+@click.option("--faults", default=200, show_default=True, help="How many faults to inject.")
+@click.option(
+    "--seed", type=int, default=None, help="The seed of the faults and operations (random if not set)."
+)
+@click.option("--lanes", default=2, show_default=True, help="Namespaces working side by side.")
+@click.option(
+    "--settle",
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait, after the last fault, for every Backup to end (its deadline).",
+)
+def chaos(state_dir: Path, faults: int, seed: int | None, lanes: int, settle: float) -> None:
+    """Inject faults into the running stack while Backups, Restores, replications and GC run, then
+    check the invariants; exits 1 on any violation. Prints the seed that replays it."""
+    from nightjar.devstack.chaos.run import run
+    from nightjar.devstack.chaos.workload import ChaosError
+
+    try:
+        rc = run(state_dir, faults, seed, lanes, settle, out=click.echo)
+    except (ChaosError, StackError) as e:
+        raise click.ClickException(str(e)) from e
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -1227,6 +1227,18 @@ class Stack:
         st.save()
         self._operator(st)
 
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL, grace: float = 15) -> int:
+        """Send ``sig`` to the process group of the stack's recorded process ``name`` (a crash, or a
+        stop) and return once it is gone (SIGKILL after ``grace`` seconds); ``up`` starts it again
+        on its recorded ports and data. Returns its pid, 0 when it did not run. For the fault-
+        injection run (``chaos``); the S3 servers have ``stop_s3``, which ``status`` accepts."""
+        st = self._recorded()
+        for p in st.procs:
+            if p.name == name and _alive(p):
+                _terminate(p, sig, grace)
+                return p.pid
+        return 0
+
     # --- one S3 server down and up again -------------------------------------------------
 
     def stop_s3(self, which: str) -> None:
