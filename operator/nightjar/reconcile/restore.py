@@ -28,7 +28,7 @@ from nightjar.config import OperatorConfig
 from nightjar.constants import RESTORES
 from nightjar.domain.retention import format_time, parse_time
 from nightjar.jobs import RestorePlan, build_restore_access, build_restore_job, restore_access_name
-from nightjar.reconcile import status
+from nightjar.reconcile import errors, status
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.errors import Retry
 from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock
@@ -41,6 +41,8 @@ log = logging.getLogger("nightjar.restore")
 PLURAL = RESTORES
 #: A finished Job whose Restore is still not terminal this long after is followed again.
 SETTLE = dt.timedelta(seconds=15)
+#: How long a transient error before the Job (storage or API unreachable) is retried: then Failed.
+RETRY_DEADLINE = dt.timedelta(minutes=15)
 
 
 class RestoreReconciler:
@@ -124,6 +126,39 @@ class RestoreReconciler:
         except Refused as e:
             self._restart_app(restore)
             self._fail(restore, f"{e}; nothing was changed", "Refused", "Unchanged")
+        except (Retry, status.StatusConflict):
+            raise
+        except Exception as e:
+            self._retry_or_fail(restore, errors.classify(e))
+
+    def _retry_or_fail(self, restore: dict[str, Any], verdict: errors.Verdict) -> None:
+        """Before its Job: a permanent error fails the Restore (nothing was changed); a transient
+        one (storage or API unreachable, a Secret not there yet) is retried with capped backoff
+        and said in status, until ``RETRY_DEADLINE`` after the retrying began."""
+        if isinstance(verdict, errors.Permanent):
+            self._restart_app(restore)
+            self._fail(restore, f"{verdict.message}; nothing was changed", verdict.reason, "Unchanged")
+            return
+        now = self.clock.now()
+        cond = status.find_condition(restore, status.RETRYING)
+        since = parse_time(cond["lastTransitionTime"]) if cond and cond.get("lastTransitionTime") else now
+        if now - since >= RETRY_DEADLINE:
+            self._restart_app(restore)
+            self._fail(
+                restore,
+                f"{verdict.message} (still failing {int(RETRY_DEADLINE.total_seconds() // 60)} min after "
+                "the first try); nothing was changed",
+                verdict.reason,
+                "Unchanged",
+            )
+            return
+        delay = errors.backoff((now - since).total_seconds())
+        message = f"{verdict.message}; retrying in {delay:.0f} s"
+        first = cond is None
+        self._set(restore, status.retrying(verdict.reason, message, now + dt.timedelta(seconds=delay)))
+        if first:
+            self.kube.event(restore, "Warning", "Retrying", message)
+        raise Retry(message, delay)
 
     def _record_plan(
         self, restore: dict[str, Any], source: dict[str, str], versions: dict[str, Any], warning: str

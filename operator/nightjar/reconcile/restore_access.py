@@ -12,7 +12,6 @@ from typing import Any
 from nightjar.config import OperatorConfig
 from nightjar.constants import API_VERSION, LABEL_MANAGED_BY, LABEL_RESTORE, MANAGED_BY
 from nightjar.jobs import PRESIGNED_CA_KEY, PRESIGNED_KEY, RestorePlan, restore_access_name
-from nightjar.kube import SecretMissing
 from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.ports import KubeAPI
@@ -44,7 +43,7 @@ def presigned_secret(
         store = open_store(target)
         raw = store.read(plan.manifest_key)
         manifest = PublicManifest.parse(raw, f"manifest {plan.manifest_key}")
-    except (SecretMissing, StorageError, IntegrityError) as e:
+    except IntegrityError as e:  # a storage or Secret that does not answer *now* is retried
         raise Refused(f"reading the backup's manifest: {e}") from e
     try:
         # An encrypted snapshot: the data keys of exactly its objects, never the storage's key.
@@ -63,6 +62,8 @@ def presigned_secret(
     try:
         urls = {k: store.presign_get(k, expires) for k in [plan.manifest_key, *keys]}
     except StorageError as e:
+        if e.retryable:
+            raise
         raise Refused(f"signing URLs for the snapshot: {e}") from e
     handed: dict[str, Any] = {"urls": urls}
     if data_keys:
