@@ -520,3 +520,32 @@ def test_a_manifest_of_a_newer_format_is_not_read_as_this_one() -> None:
     raw = json.dumps({"formatVersion": 3, "objects": []}).encode()
     with pytest.raises(IntegrityError, match="format 3, newer than this Nightjar reads"):
         PublicManifest.parse(raw, "m")
+
+
+def test_a_backup_synced_from_a_live_namespace_never_deletes_that_namespaces_snapshot(
+    mem: MemStore,
+) -> None:
+    """spec.sync.fromNamespace gives a namespace Backups standing for another's snapshots: while
+    that namespace exists, deleting them must not delete its data."""
+    source = {"database": {"secretRef": {"name": "db"}}}
+    theirs = layout.backup_prefix("", "prod", layout.source_id(source), "uid-0")
+    mem.put(f"{theirs}a/db.dump", b"x")
+    mem.put(f"{theirs}a/manifest.json", manifest_of(f"{theirs}a/db.dump"))
+    kube = a_kube()
+    backup = {
+        "metadata": {
+            "name": "b",
+            "namespace": "ns",
+            "uid": "uid-1",
+            "annotations": {"nightjar.dev/synced-from": f"{theirs}a/manifest.json"},
+        },
+        "spec": {"storageRef": {"name": "s"}, "source": source},
+        "status": {"phase": "Completed", "storage": {"manifestKey": f"{theirs}a/manifest.json"}},
+    }
+    summary = reconciler(kube, mem).delete_stored(backup)
+    assert summary == "the snapshot belongs to namespace prod, which still exists; kept"
+    assert sorted(mem.objects) == sorted([f"{theirs}a/db.dump", f"{theirs}a/manifest.json"])
+    # A cluster rebuilt under new names: prod is gone, this Backup is the snapshot's only owner.
+    kube.terminating.add("prod")
+    assert reconciler(kube, mem).delete_stored(backup).startswith("deleted 3 object versions")
+    assert mem.objects == {}

@@ -147,6 +147,16 @@ class Deletion:
         prefixes = snapshot_prefixes(backup, prefix)
         if prefixes is None:
             return label + "never adopted a snapshot from the bucket; nothing deleted"
+        other = layout.parse_key(prefixes[0] + layout.MANIFEST, prefix)
+        if (
+            other is not None
+            and other.namespace != meta["namespace"]
+            and not self.kube.namespace_terminating(other.namespace)
+        ):
+            # Synced from another namespace (spec.sync.fromNamespace) that still exists (or that
+            # the operator may not read): a view of its data, never a licence to delete it; that
+            # namespace's own Backups and expiry decide. Once it is gone, this Backup owns it.
+            return label + f"the snapshot belongs to namespace {other.namespace}, which still exists; kept"
         mine, source_root = prefixes
         tombstone = json.dumps(
             {"deletedOn": format_time(self.clock.now()), "backup": meta["name"], "uid": meta["uid"]}

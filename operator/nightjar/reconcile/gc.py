@@ -65,8 +65,11 @@ def gc_sweep(
         if meta.get("deletionTimestamp"):
             since = parse_time(meta["deletionTimestamp"])
             stuck = now - since > STUCK_DELETION and FINALIZER in (meta.get("finalizers") or [])
-            if stuck and finalize is not None and finalize(b):
-                report.finalized.append(f"{meta['namespace']}/{meta['name']}")
+            try:
+                if stuck and finalize is not None and finalize(b):
+                    report.finalized.append(f"{meta['namespace']}/{meta['name']}")
+            except Exception:  # one stuck deletion never stops the sweep of the others
+                log.exception("gc: finishing the deletion of %s/%s", meta["namespace"], meta["name"])
             continue
         if (ann.get(ANNOTATION_KEEP) or "").lower() == "true":
             continue
