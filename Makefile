@@ -8,6 +8,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STATE := .local/test
 E2E_STATE := .local/e2e
+CHAOS_STATE := .local/chaos
+# `make chaos`: how many faults, and the seed (random when empty: the run prints it to replay).
+CHAOS_FAULTS ?= 200
+CHAOS_SEED ?=
+# The bounded fault-injection run inside `make test` (about 5 min on 2 cores).
+CHAOS_TEST_FAULTS ?= 30
 PYTEST_ARGS ?=
 IMAGE_ARGS ?=
 # What runs the stack's Pods: real (a kubelet with containerd: Pods are containers of the image
@@ -19,7 +25,7 @@ E2E_NODE ?= $(NODE)
 # The real node runs the operator's Jobs from the image: build it first (warm: seconds).
 NODE_IMAGE = $(if $(filter real,$(NODE) $(E2E_NODE)),image)
 
-.PHONY: help deps venv binaries image up down restart demo status test test-unit test-integration test-e2e lint fmt bench crds docs clean
+.PHONY: help deps venv binaries image up down restart demo status test test-unit test-integration test-e2e chaos lint fmt bench crds docs clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -69,15 +75,19 @@ fmt: venv ## Format the code with ruff.
 test-unit: venv ## Unit tests only (no stack needed).
 	@$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test: deps venv binaries lint $(NODE_IMAGE) ## Everything CI runs: lint, unit + integration tests on a fresh stack (NODE=real|process), then e2e (Helm chart) on another.
+test: deps venv binaries lint $(NODE_IMAGE) ## Everything CI runs: lint, unit + integration tests on a fresh stack (NODE=real|process), e2e (Helm chart) on another, a bounded fault-injection run on a third.
 	@NODE=$(NODE) hack/run-tests.sh $(TEST_STATE) tests/unit tests/integration $(PYTEST_ARGS)
 	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
+	@NODE=$(NODE) hack/run-chaos.sh $(CHAOS_STATE) --faults $(CHAOS_TEST_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 test-e2e: deps venv binaries $(NODE_IMAGE) ## The e2e tier only: the Helm chart installed into a fresh stack without the dev operator.
 	@NODE=$(E2E_NODE) NIGHTJAR_STACK_ARGS=--no-operator hack/run-tests.sh $(E2E_STATE) tests/e2e $(PYTEST_ARGS)
 
 test-integration: deps venv binaries $(NODE_IMAGE) ## Integration tests on a fresh stack in .local/test (NODE=real|process).
 	@NODE=$(NODE) hack/run-tests.sh $(TEST_STATE) tests/integration $(PYTEST_ARGS)
+
+chaos: deps venv binaries $(NODE_IMAGE) ## Fault injection on a fresh stack in .local/chaos: CHAOS_FAULTS (200) faults while backups, restores, replication and GC run; CHAOS_SEED replays; fails on any invariant violation.
+	@NODE=$(NODE) hack/run-chaos.sh $(CHAOS_STATE) --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 bench: deps venv binaries ## Benchmarks on a private stack: BENCH=files,scale,replicate,datapath (all by default).
 	@BENCH=$${BENCH:-files,scale,replicate,datapath} hack/run-bench.sh

@@ -94,7 +94,10 @@ class Run:
         self.t0 = time.monotonic()
         self.out = out
         self.seed, self.faults_wanted, self.settle = seed, faults, settle
-        self.stack = Stack(state_dir, out=lambda line: self.log(f"  stack: {line.strip()}"))
+        # The stack's own lines (restarted X, data kept) only while mending it at the end: each
+        # fault's line says what was hit and how long it took to come back.
+        self.stack_lines = False
+        self.stack = Stack(state_dir, out=self._stack_line)
         st, _, dead = self.stack.status()
         if st is None or dead or st.stopped:
             raise ChaosError(f"the stack in {self.stack.dir} is not up: start it (`up`) first")
@@ -119,6 +122,10 @@ class Run:
     def log(self, line: str) -> None:
         with self.lock:
             self.out(f"[{time.monotonic() - self.t0:7.1f}s] {line}")
+
+    def _stack_line(self, line: str) -> None:
+        if self.stack_lines:
+            self.log(f"  stack: {line.strip()}")
 
     def count(self, what: str, n: int = 1) -> None:
         with self.lock:
@@ -150,6 +157,7 @@ class Run:
             self._faults(injector, stop)
         finally:
             stop.set()
+            self.stack_lines = True
             injector.heal()
         t = self._phase("faults", t)
         self.log("faults done, every component runs; waiting for the lanes' last operations")
