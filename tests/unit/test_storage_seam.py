@@ -549,3 +549,19 @@ def test_a_backup_synced_from_a_live_namespace_never_deletes_that_namespaces_sna
     kube.terminating.add("prod")
     assert reconciler(kube, mem).delete_stored(backup).startswith("deleted 3 object versions")
     assert mem.objects == {}
+
+
+def test_a_version_the_server_failed_to_delete_is_an_error_to_retry_not_a_locked_object(
+    store: S3Store, fake: FakeS3
+) -> None:
+    fake.objects.update({"p/a": b"1", "p/b": b"2"})
+    original = fake.delete_objects
+
+    def flaky(Bucket: str, Delete: dict[str, Any]) -> dict[str, Any]:
+        out = original(Bucket, {"Objects": [o for o in Delete["Objects"] if o["Key"] != "p/b"]})
+        return {"Errors": [*out["Errors"], {"Key": "p/b", "Code": "InternalError", "Message": "retry"}]}
+
+    fake.delete_objects = flaky  # type: ignore[method-assign]
+    with pytest.raises(StorageError, match=r"1 not deleted \(InternalError retry on p/b\)") as err:
+        store.delete(["p/a", "p/b"])
+    assert err.value.retryable and "p/b" in fake.objects and "p/a" not in fake.objects

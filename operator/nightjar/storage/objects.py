@@ -157,6 +157,11 @@ class ObjectStore(Protocol):
     def presign_get(self, key: str, expires_in: int) -> str: ...
 
 
+#: Per-key DeleteObjects error codes that mean Object Lock (retention or legal hold) keeps the
+#: version; any other per-key error is a failure of the server, retried.
+_LOCK_REFUSALS = frozenset({"AccessDenied", "ObjectLocked", "InvalidRequest"})
+
+
 def describe_error(err: BaseException, what: str) -> str:
     """A one-line, secret-free explanation of a storage failure."""
     if isinstance(err, StorageError):
@@ -424,7 +429,15 @@ class S3Store:
                 resp = self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objs, "Quiet": True})
                 errors = resp.get("Errors", [])
                 deleted += len(batch) - len(errors)
-                locked += sorted({e["Key"] for e in errors})
+                kept = [e for e in errors if e.get("Code") in _LOCK_REFUSALS]
+                locked += sorted({e["Key"] for e in kept})
+                failed = [e for e in errors if e.get("Code") not in _LOCK_REFUSALS]
+                if failed:  # the server failed, the objects are not protected: try again later
+                    e = failed[0]
+                    raise StorageError(
+                        f"deleting objects: {len(failed)} not deleted ({e.get('Code')} "
+                        f"{e.get('Message') or ''} on {e['Key']})".replace("  ", " ")
+                    )
         return deleted, locked
 
     def delete_current(self, keys: builtins.list[str]) -> int:
