@@ -209,7 +209,7 @@ def demo(state_dir: Path, namespace: str) -> None:
 @click.option(
     "--seed", type=int, default=None, help="The seed of the faults and operations (random if not set)."
 )
-@click.option("--lanes", default=2, show_default=True, help="Namespaces working side by side.")
+@click.option("--lanes", default=3, show_default=True, help="Namespaces working side by side.")
 @click.option(
     "--settle",
     default=300.0,

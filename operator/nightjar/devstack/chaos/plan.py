@@ -80,7 +80,8 @@ def lane_rng(seed: int, lane: int) -> random.Random:
 
 @dataclass
 class Tally:
-    """What a run did: operations by kind, faults by kind (injected, skipped), durations."""
+    """What a run did: operations by kind, faults by kind (injected; tries that found nothing to
+    hit, such as no agent Pod running), durations."""
 
     ops: Counter[str] = field(default_factory=Counter)
     faults: Counter[FaultKind] = field(default_factory=Counter)
@@ -125,7 +126,7 @@ def table(seed: int, tally: Tally, violations: Iterable[Violation], faults_wante
         rows.append(f"  {op:<{w}}{tally.ops[op]:>8}")
     rows.append(f"faults injected ({sum(tally.faults.values())} of {faults_wanted} planned)")
     for kind in FaultKind:
-        skipped = f"  ({tally.skipped[kind]} skipped: nothing to hit)" if tally.skipped[kind] else ""
+        skipped = f"  ({tally.skipped[kind]} tries found nothing to hit)" if tally.skipped[kind] else ""
         rows.append(f"  {kind.value:<{w}}{tally.faults[kind]:>8}{skipped}")
     rows.append(f"invariant violations (must be 0): {sum(found.values())}")
     for inv in INVARIANTS:

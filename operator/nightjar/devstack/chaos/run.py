@@ -19,7 +19,7 @@ import random
 import secrets
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -46,6 +46,9 @@ from nightjar.devstack.stack import S3_SERVERS, Stack, parse_env
 from nightjar.storage import layout
 from nightjar.storage.manifest import PublicManifest
 from nightjar.storage.objects import ObjectStore, StorageError
+
+#: How often a fault that found nothing to hit (no agent Pod running) goes back in the queue.
+MAX_REQUEUE = 5
 
 
 class JobWatch(threading.Thread):
@@ -86,7 +89,7 @@ class Run:
         state_dir: Path,
         faults: int,
         seed: int,
-        lanes: int = 2,
+        lanes: int = 3,
         settle: float = 300,
         pace: Pace | None = None,
         out: Callable[[str], None] = print,
@@ -187,7 +190,10 @@ class Run:
         return 1 if self.violations else 0
 
     def _faults(self, injector: Injector, stop: threading.Event) -> None:
-        for fault in self.plan:
+        queue = deque(self.plan)
+        tries: Counter[int] = Counter()
+        while queue:
+            fault = queue.popleft()
             time.sleep(fault.wait)
             t = time.monotonic()
             try:
@@ -201,8 +207,13 @@ class Run:
                 continue
             if not hit:
                 self.tally.skipped[fault.kind] += 1
+                tries[fault.index] += 1
+                again = tries[fault.index] <= MAX_REQUEUE
+                if again:  # an agent Pod runs only while a Job does: try again after the others
+                    queue.append(fault)
                 self.log(
-                    f"fault {fault.index + 1}/{len(self.plan)} {fault.kind.value}: nothing to hit, skipped"
+                    f"fault {fault.index + 1}/{len(self.plan)} {fault.kind.value}: nothing to hit, "
+                    + ("tried again later" if again else "given up")
                 )
                 continue
             self.tally.faults[fault.kind] += 1
