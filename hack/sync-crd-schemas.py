@@ -27,8 +27,16 @@ def spec_props(doc: dict[str, Any]) -> dict[str, Any]:
     return props
 
 
-def sync(name: str, copies: dict[str, str], header: str, keep_description: bool) -> bool:
-    """Copy each Backup spec property ``copies[dst]`` to ``dst`` of the CRD ``name``; True when changed."""
+#: Fields of a Backup's spec.source that mean nothing in a Restore's spec.target (how a backup is
+#: taken, not where data lives): left out of the copy.
+NOT_IN_TARGET = ("rowCounts",)
+
+
+def sync(
+    name: str, copies: dict[str, str], header: str, keep_description: bool, omit: tuple[str, ...] = ()
+) -> bool:
+    """Copy each Backup spec property ``copies[dst]`` to ``dst`` of the CRD ``name`` (without the
+    sub-properties ``omit`` names); True when changed."""
     backup = spec_props(yaml.safe_load((CRDS / "backups.nightjar.dev.yaml").read_text()))
     path = CRDS / f"{name}.nightjar.dev.yaml"
     if not path.exists():
@@ -37,6 +45,8 @@ def sync(name: str, copies: dict[str, str], header: str, keep_description: bool)
     doc = yaml.safe_load(text)
     for dst, src in copies.items():
         new = copy.deepcopy(backup[src])
+        for field in omit:
+            new.get("properties", {}).pop(field, None)
         if keep_description and "description" in spec_props(doc).get(dst, {}):
             new["description"] = spec_props(doc)[dst]["description"]
         spec_props(doc)[dst] = new
@@ -50,21 +60,24 @@ def sync(name: str, copies: dict[str, str], header: str, keep_description: bool)
 def main() -> int:
     changed = [
         name
-        for name, copies, header, keep in (
+        for name, copies, header, keep, omit in (
             (
                 "backupschedules",
                 {"source": "source", "storageRef": "storageRef"},
                 "# spec.source and spec.storageRef are copied from backups.nightjar.dev.yaml by `make crds`.\n",
                 False,
+                (),
             ),
             (
                 "restores",
                 {"target": "source"},
-                "# spec.target is copied from a Backup's spec.source (backups.nightjar.dev.yaml) by `make crds`.\n",
+                "# spec.target is copied from a Backup's spec.source (backups.nightjar.dev.yaml) by "
+                f"`make crds` (without {', '.join(NOT_IN_TARGET)}).\n",
                 True,
+                NOT_IN_TARGET,
             ),
         )
-        if sync(name, copies, header, keep)
+        if sync(name, copies, header, keep, omit)
     ]
     CHART_CRDS.mkdir(parents=True, exist_ok=True)
     sources = {p.name: p.read_bytes() for p in CRDS.glob("*.yaml")}

@@ -28,6 +28,8 @@ LABEL_SYNCED = f"{GROUP}/synced"
 #: On a synced Backup: the manifest key of the snapshot it stands for (its data, never re-taken).
 ANNOTATION_SYNCED_FROM = f"{GROUP}/synced-from"
 LABEL_RESTORE = f"{GROUP}/restore"
+#: On a restore drill's Job: the Verification it runs for.
+LABEL_VERIFICATION = f"{GROUP}/verification"
 #: On a replication Job: the Backup it copies, and the replica BackupStorage it copies into.
 LABEL_REPLICATION = f"{GROUP}/replication-of"
 LABEL_REPLICA = f"{GROUP}/replica"

@@ -21,6 +21,7 @@ from nightjar.constants import (
     LABEL_REPLICA,
     LABEL_REPLICATION,
     LABEL_RESTORE,
+    LABEL_VERIFICATION,
     MANAGED_BY,
 )
 
@@ -113,6 +114,14 @@ class BackupPlan:
     model_version: str = ""
     #: What the manifest keeps to re-create the Backup from the bucket: its spec and labels.
     record: dict[str, Any] = field(default_factory=dict)
+    #: Count each table's rows into the manifest even when spec.source.rowCounts is not set
+    #: (a schedule that verifies its backups asks for it).
+    row_counts: bool = False
+
+    @property
+    def counts_rows(self) -> bool:
+        """Whether the agent counts rows: spec.source.rowCounts, or the plan asks for it."""
+        return self.row_counts or self.source.get("rowCounts") is True
 
 
 def _secret_env(env_name: str, secret: str, key: str) -> dict[str, Any]:
@@ -290,6 +299,8 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
         args += ["--previous-manifest", plan.previous_manifest]
     if plan.model_version:
         args += ["--model-version", plan.model_version]
+    if plan.counts_rows:
+        args.append("--row-counts")
     if plan.record:
         # `$$`: the kubelet expands $(VAR) in args; a comment is text, never a variable.
         record = json.dumps(plan.record, sort_keys=True, separators=(",", ":")).replace("$", "$$")
@@ -596,3 +607,212 @@ def build_replicate_job(plan: ReplicatePlan, config: OperatorConfig) -> dict[str
     )
     job["spec"]["backoffLimit"] = 0  # the operator retries, as a new attempt, when the replica is back
     return job
+
+
+# --- restore drill (Verification) -----------------------------------------------------------
+
+SCRATCH_KEYS = {
+    "uri": "NIGHTJAR_SCRATCH_URI",
+    "host": "NIGHTJAR_SCRATCH_HOST",
+    "port": "NIGHTJAR_SCRATCH_PORT",
+    "dbname": "NIGHTJAR_SCRATCH_NAME",
+    "user": "NIGHTJAR_SCRATCH_USER",
+    "password": "NIGHTJAR_SCRATCH_PASSWORD",
+}
+
+
+@dataclass(frozen=True)
+class VerifyPlan:
+    """Everything resolved for one restore drill's Job (in the Backup's namespace)."""
+
+    name: str
+    namespace: str
+    uid: str
+    backup_name: str
+    storage: StorageRef
+    manifest_key: str
+    manifest_sha256: str
+    #: The scratch server's Secret and the keys it has (only those are wired: a missing key
+    #: would keep the Pod from starting; the agent says which are missing instead).
+    scratch_secret: str
+    scratch_keys: tuple[str, ...]
+    #: The Backup's contents: a DatabaseOnly snapshot has no files to read back.
+    contents: str = "Full"
+    #: Wire the projected token so the agent reports progress (the caller made the access
+    #: objects, :func:`build_verify_access`).
+    report_progress: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        verification: dict[str, Any],
+        backup: dict[str, Any],
+        storage: dict[str, Any],
+        scratch_keys: tuple[str, ...],
+        *,
+        report_progress: bool = False,
+    ) -> VerifyPlan:
+        """From the Verification, its Completed Backup, the Backup's BackupStorage and the keys of
+        the scratch Secret (the reconciler checked they exist)."""
+        meta, spec = verification["metadata"], verification["spec"]
+        bst = backup.get("status") or {}
+        stored = bst.get("storage") or {}
+        scratch = ((spec.get("scratch") or {}).get("database") or {}).get("secretRef") or {}
+        return cls(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta.get("uid", ""),
+            backup_name=spec["backupName"],
+            storage=StorageRef.from_spec(storage["spec"]),
+            manifest_key=stored["manifestKey"],
+            manifest_sha256=stored.get("manifestSha256") or "",
+            scratch_secret=scratch.get("name", ""),
+            scratch_keys=tuple(scratch_keys),
+            contents=(backup.get("spec") or {}).get("contents") or "Full",
+            report_progress=report_progress,
+        )
+
+
+def verify_access_name(verification_name: str) -> str:
+    """Name of the Job and of the ServiceAccount, Role and RoleBinding one Verification uses."""
+    return job_name("verify", verification_name)
+
+
+def build_verify_job(plan: VerifyPlan, config: OperatorConfig) -> dict[str, Any]:
+    """The Job that runs ``nightjar agent verify`` for one Verification (one attempt: a drill
+    that failed has said why; a new drill is a new Verification)."""
+    st = plan.storage
+    name = verify_access_name(plan.name)
+    args = [
+        "agent",
+        "verify",
+        "--endpoint",
+        st.endpoint,
+        "--bucket",
+        st.bucket,
+        "--region",
+        st.region,
+        "--prefix",
+        st.prefix,
+        "--manifest-key",
+        plan.manifest_key,
+        "--manifest-sha256",
+        plan.manifest_sha256,
+        # Each attempt (Pod) restores into a database of its own: nightjar_verify_<pod uid>.
+        "--drill-id",
+        "$(NIGHTJAR_POD_UID)",
+        "--result-file",
+        TERMINATION_MESSAGE_PATH,
+    ]
+    if st.insecure:
+        args.append("--insecure")
+    if plan.contents != "Full":
+        args.append("--database-only")
+    pod = _Wiring(args)
+    pod.env.append({"name": "NIGHTJAR_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
+    pod.env.append({"name": "NIGHTJAR_SCRATCH_SECRET", "value": plan.scratch_secret})
+    pod.env += [
+        _secret_env(SCRATCH_KEYS[k], plan.scratch_secret, k) for k in plan.scratch_keys if k in SCRATCH_KEYS
+    ]
+    pod.storage_credentials(st)
+    pod.encryption_keys(st)
+    pod_spec: dict[str, Any] = {}
+    if plan.report_progress:
+        pod.volumes.append(_api_volume())
+        pod.mounts.append({"name": "api", "mountPath": API_DIR, "readOnly": True})
+        pod.args += [
+            "--verification-namespace",
+            plan.namespace,
+            "--verification-name",
+            plan.name,
+            "--api-dir",
+            API_DIR,
+        ]
+        pod_spec["serviceAccountName"] = name
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": plan.namespace},
+        "spec": {
+            "template": {
+                "spec": {
+                    **pod_spec,
+                    "containers": [
+                        {"name": "agent", "args": pod.args, "env": pod.env, "volumeMounts": pod.mounts}
+                    ],
+                    "volumes": pod.volumes,
+                }
+            }
+        },
+    }
+    owner = {"apiVersion": API_VERSION, "kind": "Verification", "name": plan.name, "uid": plan.uid}
+    stamp(
+        job,
+        owner=owner,
+        labels={LABEL_VERIFICATION: label_value(plan.name), LABEL_BACKUP: label_value(plan.backup_name)},
+        config=config,
+    )
+    job["spec"]["backoffLimit"] = 0
+    return job
+
+
+def _api_volume() -> dict[str, Any]:
+    """A short-lived token of the Job's own ServiceAccount and the cluster's CA, projected."""
+    return {
+        "name": "api",
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            ]
+        },
+    }
+
+
+def build_verify_access(plan: VerifyPlan) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding that let the drill's Job report progress to its own
+    Verification only (``verifications/status`` of that one name)."""
+    access = verify_access_name(plan.name)
+    meta = {
+        "name": access,
+        "namespace": plan.namespace,
+        "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_VERIFICATION: label_value(plan.name)},
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": "Verification",
+                "name": plan.name,
+                "uid": plan.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": dict(meta),
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": dict(meta),
+            "rules": [
+                {
+                    "apiGroups": ["nightjar.dev"],
+                    "resources": ["verifications/status"],
+                    "resourceNames": [plan.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": dict(meta),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": access},
+            "subjects": [{"kind": "ServiceAccount", "name": access, "namespace": plan.namespace}],
+        },
+    ]

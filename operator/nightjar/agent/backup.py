@@ -4,10 +4,14 @@ Runs inside the backup Job. It never talks to the Kubernetes API: its result goe
 the container's termination message (and the manifest in the bucket). Order of work:
 
 1. check the bucket answers;
-2. stream ``pg_dump -Fc -Z0 -O -x`` (uncompressed: pg_dump's one-threaded gzip was the
+2. stream ``pg_dump -Fc -Z0 -O -x --snapshot=<id>`` (uncompressed: pg_dump's one-threaded gzip was the
    bottleneck) through content-defined chunking; chunks the source's previous snapshot has are
    referenced, new ones are compressed with zstd (and encrypted) into packs on worker threads
-   while pg_dump goes on (format 2, :mod:`nightjar.storage.writer`);
+   while pg_dump goes on (format 2, :mod:`nightjar.storage.writer`). The dump reads a snapshot
+   exported by a ``REPEATABLE READ`` transaction the agent keeps open meanwhile; asked for row
+   counts (``--row-counts``), the agent counts each table's rows in that same transaction, so
+   they are exactly the dump's (``database.rowCounts`` in the manifest, what a restore drill
+   compares with);
 3. walk the files (PVC directory or S3 prefix), packing changed content and reusing unchanged
    content of the previous snapshot; the file index is chunked and deduplicated the same way;
 4. apply Object Lock retention to every object (extending it on reused ones);
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import shutil
 import subprocess
 import threading
 import urllib.parse
@@ -31,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nightjar.agent import files as filesmod
+from nightjar.agent.pgsql import ExportedSnapshot, SqlFailed
 from nightjar.agent.pgtools import PgClient, PgClientError, find_client, tool_env
 from nightjar.domain import pgdump
 from nightjar.storage import layout
@@ -61,14 +67,16 @@ class DatabaseConn:
     password: str = ""
 
     @classmethod
-    def from_env(cls, env: dict[str, str]) -> DatabaseConn:
+    def from_env(cls, env: dict[str, str], prefix: str = "NIGHTJAR_DB") -> DatabaseConn:
+        """From ``<prefix>_URI``, ``_HOST``, ``_PORT``, ``_NAME``, ``_USER``, ``_PASSWORD`` (the
+        Job fills them from the Secret's keys uri, host, port, dbname, user, password)."""
         return cls(
-            uri=env.get("NIGHTJAR_DB_URI", ""),
-            host=env.get("NIGHTJAR_DB_HOST", ""),
-            port=env.get("NIGHTJAR_DB_PORT", ""),
-            dbname=env.get("NIGHTJAR_DB_NAME", ""),
-            user=env.get("NIGHTJAR_DB_USER", ""),
-            password=env.get("NIGHTJAR_DB_PASSWORD", ""),
+            uri=env.get(f"{prefix}_URI", ""),
+            host=env.get(f"{prefix}_HOST", ""),
+            port=env.get(f"{prefix}_PORT", ""),
+            dbname=env.get(f"{prefix}_NAME", ""),
+            user=env.get(f"{prefix}_USER", ""),
+            password=env.get(f"{prefix}_PASSWORD", ""),
         )
 
     def libpq_env(self) -> tuple[dict[str, str], str]:
@@ -133,6 +141,8 @@ class BackupRequest:
     keyring: KeyRing | None = None
     #: zstd level for everything stored.
     compression_level: int = 3
+    #: Count each table's rows in the dump's snapshot into the manifest (source.rowCounts).
+    row_counts: bool = False
 
 
 def _dump_client(req: BackupRequest, env: dict[str, str], display: str) -> PgClient:
@@ -143,12 +153,55 @@ def _dump_client(req: BackupRequest, env: dict[str, str], display: str) -> PgCli
         raise BackupFailed(f"pg_dump of {display} failed: {e}") from e
 
 
-def _dump_database(req: BackupRequest, w: SnapshotWriter) -> tuple[Database, dict[str, Any]]:
+def psql_beside(client: PgClient) -> str:
+    """The psql of the same client major as ``client`` (the one on PATH when it has none)."""
+    beside = Path(client.path).parent / "psql"
+    return str(beside) if beside.is_file() else (shutil.which("psql") or "psql")
+
+
+def _export_snapshot(
+    req: BackupRequest, client: PgClient, env: dict[str, str], display: str
+) -> tuple[ExportedSnapshot | None, str]:
+    """The open transaction whose snapshot pg_dump reads; (None, why) when the server cannot export
+    one and no row counts were asked for (the dump is then taken as before, in its own snapshot)."""
+    session = ExportedSnapshot(psql_beside(client), env)
+    try:
+        session.open()
+    except SqlFailed as e:
+        if req.row_counts:
+            raise BackupFailed(
+                f"row counts of {display}: could not export a snapshot (pg_export_snapshot): {e}"
+            ) from e
+        return None, f"dump taken without an exported snapshot: {e}"
+    return session, ""
+
+
+def _dump_database(req: BackupRequest, w: SnapshotWriter) -> tuple[Database, dict[str, Any], str]:
     env, display = req.db.libpq_env()
     client = _dump_client(req, env, display)
+    session, note = _export_snapshot(req, client, env, display)
+    try:
+        database = _run_pg_dump(client, env, display, w, session.snapshot_id if session else "")
+        if session is not None and req.row_counts:
+            try:
+                database.row_counts = session.count_rows()
+            except SqlFailed as e:
+                raise BackupFailed(f"row counts of {display} failed: {e}") from e
+    finally:
+        if session is not None:
+            session.close()
+    return database, client.summary(), note
+
+
+def _run_pg_dump(
+    client: PgClient, env: dict[str, str], display: str, w: SnapshotWriter, snapshot_id: str
+) -> Database:
     pg_dump, version = client.path, client.version
+    argv = [pg_dump, "-Fc", "-Z0", "-O", "-x", "--no-password"]
+    if snapshot_id:
+        argv.append(f"--snapshot={snapshot_id}")
     proc = subprocess.Popen(
-        [pg_dump, "-Fc", "-Z0", "-O", "-x", "--no-password"],
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -187,14 +240,13 @@ def _dump_database(req: BackupRequest, w: SnapshotWriter) -> tuple[Database, dic
         header = pgdump.parse_header(head)
     except ValueError as e:
         raise BackupFailed(f"pg_dump wrote an unreadable archive: {e}") from e
-    database = w.database(
+    return w.database(
         stream,
         pg_dump_version=header.pg_dump_version or version.rsplit(" ", 1)[-1],
         server_version=header.server_version,
         archive_version=header.archive_version_text,
         dbname=header.database,
     )
-    return database, client.summary()
 
 
 def _widen_pipe(fd: int) -> None:
@@ -282,7 +334,8 @@ def _run(req: BackupRequest, loc: layout.SnapshotLocation, store: ObjectStore) -
         level=req.compression_level,
     )
     try:
-        database, pg_client = _dump_database(req, w)
+        database, pg_client, dump_note = _dump_database(req, w)
+        note = "; ".join(n for n in (note, dump_note) if n)
         files = None
         if req.contents == "Full" and (req.files_dir is not None or req.files_s3 is not None):
             index = w.index()

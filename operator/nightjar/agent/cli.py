@@ -88,6 +88,11 @@ def _storage(o: dict[str, Any], role: str = "") -> S3Target:
     help="The encryption key Secret, mounted (files key-<id> and current): encrypt everything stored.",
 )
 @click.option("--compression-level", type=click.IntRange(1, 19), default=3, show_default=True)
+@click.option(
+    "--row-counts",
+    is_flag=True,
+    help="Count each table's rows in the dump's snapshot into the manifest (what a restore drill checks).",
+)
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def backup_cmd(**o: Any) -> None:
     """Take one snapshot: pg_dump plus files, into the bucket; result to --result-file."""
@@ -120,6 +125,7 @@ def backup_cmd(**o: Any) -> None:
             pg_root=_env("NIGHTJAR_PG_ROOT"),
             keyring=_keyring(o["keys_dir"], BackupFailed),
             compression_level=o["compression_level"],
+            row_counts=o["row_counts"],
         )
         result = run_backup(req)
     except BackupFailed as e:
@@ -305,7 +311,81 @@ def replicate_cmd(**o: Any) -> None:
     write_result(o["result_file"], result)
 
 
+@click.command("verify")
+@click.option("--endpoint", required=True, help="S3 endpoint of the BackupStorage.")
+@click.option("--bucket", required=True)
+@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--prefix", default="")
+@click.option("--ca-file", default=None, help="PEM CA bundle for the endpoint.")
+@click.option("--insecure", is_flag=True, help="Do not verify the endpoint's certificate.")
+@click.option("--manifest-key", required=True, help="Key of the snapshot's manifest.")
+@click.option("--manifest-sha256", default="", help="sha256 the manifest must have.")
+@click.option(
+    "--drill-id",
+    required=True,
+    help="Names the temporary database nightjar_verify_<id> (letters and digits of it; the Pod's uid).",
+)
+@click.option("--database-only", is_flag=True, help="Do not read the stored files back.")
+@click.option(
+    "--keys-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The encryption key Secret, mounted: opens an encrypted snapshot.",
+)
+@click.option("--verification-namespace", default="", help="The Verification to report progress to.")
+@click.option("--verification-name", default="")
+@click.option("--api-dir", default="", help="Directory with the service account token and ca.crt.")
+@click.option("--result-file", default="/dev/termination-log", show_default=True)
+def verify_cmd(**o: Any) -> None:
+    """Restore drill: restore the snapshot's database into a temporary database on the scratch
+    server (NIGHTJAR_SCRATCH_* env), check every table (exact row counts when recorded), drop it,
+    read every stored file back by sha256; result to --result-file."""
+    from nightjar.agent.backup import DatabaseConn
+    from nightjar.agent.progress import Reporter
+    from nightjar.agent.verify import DrillFailed, VerifyFailed, VerifyRequest, run_verify
+
+    started = time.monotonic()
+    measured: dict[str, Any] = {}
+    try:
+        storage = _storage(o)
+        if not storage.access_key or not storage.secret_key:
+            raise DrillFailed("storage: the credentials Secret gave no access key pair", {})
+        req = VerifyRequest(
+            storage=storage,
+            manifest_key=o["manifest_key"],
+            manifest_sha256=o["manifest_sha256"],
+            scratch=DatabaseConn.from_env(dict(os.environ), "NIGHTJAR_SCRATCH"),
+            scratch_secret=_env("NIGHTJAR_SCRATCH_SECRET") or "scratch",
+            drill_id=o["drill_id"],
+            pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
+            pg_root=_env("NIGHTJAR_PG_ROOT"),
+            keyring=_keyring(o["keys_dir"], VerifyFailed),
+            reporter=Reporter(
+                o["verification_namespace"], o["verification_name"], o["api_dir"], resource="verifications"
+            ),
+            check_files=not o["database_only"],
+        )
+        result = run_verify(req)
+    except VerifyFailed as e:
+        _failed(o, str(e), measured, started)
+    except DrillFailed as e:
+        _failed(o, str(e), e.measured, started)
+    except Exception as e:  # unexpected: still a message, not a traceback only
+        write_result(o["result_file"], {"passed": False, "error": f"unexpected {type(e).__name__}: {e}"})
+        raise
+    result["durationSeconds"] = round(time.monotonic() - started, 3)
+    write_result(o["result_file"], result)
+
+
+def _failed(o: dict[str, Any], message: str, measured: dict[str, Any], started: float) -> None:
+    result = {"passed": False, "error": message, **measured}
+    result["durationSeconds"] = round(time.monotonic() - started, 3)
+    write_result(o["result_file"], result)
+    sys.exit(1)
+
+
 def register(group: click.Group) -> None:
     group.add_command(backup_cmd)
     group.add_command(restore_cmd)
     group.add_command(replicate_cmd)
+    group.add_command(verify_cmd)

@@ -1,4 +1,4 @@
-"""Report a restore's progress into its Restore's status while the Job runs.
+"""Report a restore's (or a restore drill's) progress into its object's status while the Job runs.
 
 The one thing the agent says to the Kubernetes API, and the least it can: a JSON merge patch of
 ``status.progress`` of one Restore, with a service account token the operator minted for that
@@ -66,7 +66,11 @@ class Counters:
 class Reporter:
     """Patches ``status.progress``; a no-op when the Job gave no API credentials."""
 
-    def __init__(self, namespace: str, name: str, api_dir: str, interval: float = 1.0) -> None:
+    def __init__(
+        self, namespace: str, name: str, api_dir: str, interval: float = 1.0, resource: str = "restores"
+    ) -> None:
+        """``resource``: the plural of the object reported to (restores, or verifications for a
+        drill); the token the Job gets may patch only that one object's status."""
         self.namespace = namespace
         self.name = name
         self.interval = interval
@@ -83,9 +87,8 @@ class Reporter:
                 ca = d / "ca.crt"
                 self.ctx = ssl.create_default_context(cafile=str(ca) if ca.is_file() else None)
                 h = f"[{host}]" if ":" in host else host
-                self.url = (
-                    f"https://{h}:{port or 443}{API_GROUP_PATH}/namespaces/{namespace}/restores/{name}/status"
-                )
+                path = f"{API_GROUP_PATH}/namespaces/{namespace}/{resource}/{name}/status"
+                self.url = f"https://{h}:{port or 443}{path}"
 
     @property
     def enabled(self) -> bool:

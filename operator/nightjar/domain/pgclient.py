@@ -72,6 +72,13 @@ def server_major(server_version_num: int) -> int:
     return server_version_num // 10000
 
 
+def major_of_version(text: str) -> int | None:
+    """The major of a version as a dump's header writes it: "15.18 (Debian 15.18-0+deb12u1)" -> 15,
+    "9.6.24" -> 9; None when ``text`` does not start with a version."""
+    m = re.match(r"\s*(\d+)(?:\.\d+)*", text or "")
+    return int(m.group(1)) if m else None
+
+
 def format_server_version(server_version_num: int) -> str:
     """``server_version_num`` as people write it: 150008 -> "15.8", 90624 -> "9.6.24"."""
     if server_version_num >= 100000:

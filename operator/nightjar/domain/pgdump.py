@@ -51,6 +51,7 @@ class _Reader:
         self.data = data
         self.pos = 0
         self.int_size = 4
+        self.off_size = 8
 
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
@@ -69,11 +70,14 @@ class _Reader:
         return -val if sign else val
 
     def str_(self) -> str:
+        return self.str_or_none() or ""
+
+    def str_or_none(self) -> str | None:
         n = self.int_()
         if n < 0:
-            return ""
-        if n > 1 << 20:
-            raise NotACustomDump("implausible string length in header")
+            return None
+        if n > 1 << 30:
+            raise NotACustomDump("implausible string length in the archive")
         return self.take(n).decode("utf-8", errors="replace")
 
 
@@ -112,3 +116,83 @@ def parse_header(data: bytes) -> DumpHeader:
     server_version = r.str_()
     pg_dump_version = r.str_()
     return DumpHeader(version, compression, created, database, server_version, pg_dump_version)
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    """One entry of an archive's table of contents: what it is (``desc``, e.g. "TABLE",
+    "TABLE DATA", "INDEX") and the object's schema and name (``tag``)."""
+
+    dump_id: int
+    desc: str
+    namespace: str
+    tag: str
+
+
+def _skip_header(r: _Reader) -> tuple[int, int]:
+    """Read the header (as :func:`parse_header` does); returns the archive (major, minor)."""
+    r.take(len(MAGIC))
+    version = (r.byte(), r.byte(), r.byte())
+    if version[0] != 1 or version[1] < 10:
+        raise NotACustomDump(f"unsupported custom-format archive version {'.'.join(map(str, version))}")
+    r.int_size = r.byte()
+    if r.int_size not in (4, 8):
+        raise NotACustomDump(f"implausible integer size {r.int_size} in header")
+    r.off_size = r.byte()
+    if r.byte() != FORMAT_CUSTOM:
+        raise NotACustomDump("not the custom format (pg_dump -Fc)")
+    if version[:2] >= (1, 15):
+        r.byte()
+    else:
+        r.int_()
+    for _ in range(7):
+        r.int_()
+    for _ in range(3):
+        r.str_()
+    return version[0], version[1]
+
+
+def parse_toc(data: bytes) -> list[TocEntry]:
+    """The table of contents from the first bytes of a custom-format dump (it follows the
+    header; the data blocks come after it). Layout from pg_backup_archiver.c ``ReadToc`` and
+    pg_backup_custom.c ``_ReadExtraToc``, archive versions 1.10 to 1.16. Raises
+    :class:`NeedMoreBytes` when the TOC continues past ``data``."""
+    if not data.startswith(MAGIC):
+        if len(data) < len(MAGIC):
+            raise NeedMoreBytes("header needs more bytes")
+        raise NotACustomDump("not a PostgreSQL custom-format dump (no PGDMP signature)")
+    r = _Reader(data)
+    _major, minor = _skip_header(r)
+    count = r.int_()
+    if count < 0 or count > 50_000_000:
+        raise NotACustomDump(f"implausible number of TOC entries {count}")
+    entries: list[TocEntry] = []
+    for _ in range(count):
+        dump_id = r.int_()
+        r.int_()  # hadDumper
+        r.str_()  # catalog id: tableoid
+        r.str_()  # catalog id: oid
+        tag = r.str_()
+        desc = r.str_()
+        r.int_()  # section
+        r.str_()  # defn
+        r.str_()  # dropStmt
+        r.str_()  # copyStmt
+        namespace = r.str_()
+        r.str_()  # tablespace
+        if minor >= 14:
+            r.str_()  # tableam
+        if minor >= 16:
+            r.int_()  # relkind
+        r.str_()  # owner
+        r.str_()  # "with oids" (always "false" now)
+        while r.str_or_none() is not None:  # dependencies, ended by a NULL string
+            pass
+        r.take(1 + r.off_size)  # data state and offset of the entry's data block
+        entries.append(TocEntry(dump_id, desc, namespace, tag))
+    return entries
+
+
+def tables(entries: list[TocEntry]) -> list[tuple[str, str]]:
+    """The (schema, name) of every table the dump creates, in TOC order."""
+    return [(e.namespace, e.tag) for e in entries if e.desc == "TABLE"]

@@ -16,6 +16,12 @@ Formats:
 * ``2`` (written now): the dump is pg_dump ``-Z0`` cut into content-defined chunks, compressed
   with zstd, deduplicated against the source's previous snapshot; the file index likewise; file
   contents are blobs in packs (:mod:`nightjar.storage.packs`); optional encryption.
+
+Optional fields a reader that does not know them skips (so adding one makes no new format):
+``database.rowCounts`` (format 2, when the Backup asked for it: each user table's exact row
+count, ``{"schema.table": n}``, taken in the dump's own snapshot; names as PostgreSQL's
+``format('%I.%I')`` writes them). A newer field that an older reader must not skip would need a
+new format number.
 """
 
 from __future__ import annotations
@@ -122,6 +128,9 @@ class Database:
     #: How the stored dump differs from what ``pg_restore`` reads: "" as pg_dump wrote it
     #: (format 1), "uncompressed" (-Z0, zstd-compressed by Nightjar per chunk).
     dump_compression: str = ""
+    #: Each user table's exact row count in the dump's snapshot (``"schema.table"`` as
+    #: ``format('%I.%I')`` writes it); None when the backup was not asked to count.
+    row_counts: dict[str, int] | None = None
 
     def to_json(self, fmt: int) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -132,6 +141,8 @@ class Database:
             "archiveVersion": self.archive_version,
             "dbname": self.dbname,
         }
+        if self.row_counts is not None:
+            d["rowCounts"] = dict(sorted(self.row_counts.items()))
         if fmt == FORMAT_1:
             d["key"] = self.dump.key
             return d
@@ -147,14 +158,34 @@ class Database:
             str(d.get("archiveVersion") or ""),
             str(d.get("dbname") or ""),
             str(d.get("dumpCompression") or ""),
+            _row_counts(d.get("rowCounts")),
         )
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "bytes": self.dump.bytes,
             "pgDumpVersion": self.pg_dump_version,
             "serverVersion": self.server_version,
         }
+        if self.row_counts is not None:
+            out["tablesCounted"] = len(self.row_counts)
+            out["rowsCounted"] = sum(self.row_counts.values())
+        return out
+
+
+def _row_counts(raw: Any) -> dict[str, int] | None:
+    """``database.rowCounts`` as read: None when absent; a non-map or a negative or non-integer
+    count is a damaged manifest (ValueError, which :meth:`Manifest.parse` reports)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("database.rowCounts is not a map")
+    counts: dict[str, int] = {}
+    for name, n in raw.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"database.rowCounts[{name!r}] is not a row count")
+        counts[str(name)] = n
+    return counts
 
 
 @dataclass
