@@ -28,7 +28,6 @@ from nightjar.constants import (
 from nightjar.domain.retention import format_time
 from nightjar.reconcile import deletion as deletion_mod
 from nightjar.reconcile import status
-from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup import BackupReconciler
 from nightjar.reconcile.backup_taken import VERIFY_DEADLINE
 from nightjar.reconcile.errors import Retry
@@ -95,11 +94,13 @@ class World:
         self.stores: dict[str, MemoryStore] = {}
         self.add_storage("s3", "bk", replicas=replicas)
         self.kube.add_secret(NS, "db", uri="postgresql://db/shop")
-        monkeypatch.setattr(storage_rec, "store_of", self.open_store)
         self.rec = BackupReconciler(self.kube, self.config, clock=self.clock, open_store=self.open_store)
 
     def open_store(self, target: S3Target) -> ObjectStore:
         return self.stores[target.bucket]
+
+    def gc(self, now: dt.datetime, finalize: Any = None) -> Any:
+        return gc_sweep(self.kube, now, finalize, self.open_store)
 
     def add_storage(self, name: str, bucket: str, **kw: Any) -> MemoryStore:
         self.kube.add("backupstorages", a_storage(name, bucket, **kw))
@@ -723,7 +724,7 @@ def test_gc_deletes_expired_backups_only_when_they_may_go(w: World) -> None:
     for name in ("expired", "failed", "unreachable"):
         w.kube.objects[("backups", NS, name)]["metadata"]["finalizers"] = [FINALIZER]
 
-    report = gc_sweep(w.kube, w.clock.now())
+    report = w.gc(w.clock.now())
 
     assert report.examined == 6
     assert sorted(report.deleted) == [f"{NS}/expired", f"{NS}/failed"]
@@ -735,15 +736,15 @@ def test_gc_deletes_expired_backups_only_when_they_may_go(w: World) -> None:
         assert "deletionTimestamp" not in w.get(name)["metadata"] and not w.kube.reasons(name)
 
     w.stores["bk-far"].down = ""  # reachable again: the next sweep lets it go
-    assert gc_sweep(w.kube, w.clock.now()).deleted == [f"{NS}/unreachable"]
+    assert w.gc(w.clock.now()).deleted == [f"{NS}/unreachable"]
 
 
 def test_gc_finishes_a_deletion_stuck_on_the_finalizer(w: World) -> None:
     completed_with_snapshot(w)
     w.kube.objects[("backups", NS, "b1")]["metadata"]["finalizers"] = [FINALIZER]
     w.kube.delete_object("backups", NS, "b1")
-    assert gc_sweep(w.kube, NOW + dt.timedelta(minutes=4), w.rec.finish_deletion).finalized == []
-    report = gc_sweep(w.kube, NOW + dt.timedelta(minutes=6), w.rec.finish_deletion)
+    assert w.gc(NOW + dt.timedelta(minutes=4), w.rec.finish_deletion).finalized == []
+    report = w.gc(NOW + dt.timedelta(minutes=6), w.rec.finish_deletion)
     assert report.finalized == [f"{NS}/b1"] and ("backups", NS, "b1") not in w.kube.objects
 
 
@@ -782,10 +783,10 @@ def test_gc_defers_a_backup_whose_replica_cannot_be_reached(monkeypatch: pytest.
     completed_with_snapshot(w)
     w.kube.objects[("backups", NS, "b1")]["metadata"]["annotations"][ANNOTATION_EXPIRES_AT] = fmt(NOW)
     w.stores["bk-dr"].down = "cannot connect to the S3 endpoint"
-    report = gc_sweep(w.kube, NOW + dt.timedelta(seconds=1))
+    report = w.gc(NOW + dt.timedelta(seconds=1))
     assert report.deferred == [f"{NS}/b1"] and report.deleted == []
     w.stores["bk-dr"].down = ""
-    assert gc_sweep(w.kube, NOW + dt.timedelta(seconds=1)).deleted == [f"{NS}/b1"]
+    assert w.gc(NOW + dt.timedelta(seconds=1)).deleted == [f"{NS}/b1"]
 
 
 def test_a_replica_the_residency_policy_refuses_stops_the_backup_before_any_data_moves(

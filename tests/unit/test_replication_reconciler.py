@@ -20,7 +20,6 @@ from nightjar.constants import ANNOTATION_EXPIRES_AT
 from nightjar.domain.residency import default_policy
 from nightjar.domain.retention import format_time
 from nightjar.jobs import replicate_job_name
-from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.ports import list_all
 from nightjar.reconcile.replication import Replicator
 from nightjar.reconcile.status import StatusConflict
@@ -64,8 +63,7 @@ class World:
         self.stores: dict[str, MemoryStore] = {}
         self.add_storage("s3", "bk", replicas=[{"name": "dr"}])
         self.add_storage("dr", "bk-dr")
-        monkeypatch.setattr(storage_rec, "store_of", self.open_store)
-        self.rep = Replicator(self.kube, self.config, default_policy(), self.clock)
+        self.rep = Replicator(self.kube, self.config, default_policy(), self.clock, self.open_store)
 
     def open_store(self, target: S3Target) -> ObjectStore:
         return self.stores[target.bucket]

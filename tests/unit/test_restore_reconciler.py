@@ -18,7 +18,6 @@ import pytest
 from nightjar.config import OperatorConfig
 from nightjar.domain.retention import format_time
 from nightjar.reconcile import restore as restore_mod
-from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.errors import Retry
 from nightjar.reconcile.restore import RestoreReconciler
 from nightjar.reconcile.status import StatusConflict
@@ -48,7 +47,6 @@ class World:
         self.kube.add_secret(NS, "db", uri="postgresql://db/shop")
         self.kube.add_secret("staging", "db", uri="postgresql://db/staging")
         self.bk.put(KEY, b'{"formatVersion": 2, "objects": []}')
-        monkeypatch.setattr(storage_rec, "store_of", self.open_store)
         self.rec = RestoreReconciler(
             self.kube, OperatorConfig(), clock=self.clock, open_store=self.open_store
         )

@@ -45,7 +45,7 @@ class BackupReconciler:
         self.config = config
         self.clock = clock or SystemClock()
         self.replicator = replicator or Replicator(
-            kube, config, residency.load(config.residency_policy_file), self.clock
+            kube, config, residency.load(config.residency_policy_file), self.clock, open_store
         )
         policy = self.replicator.policy
         self.state = BackupStatus(kube, self.clock, self.replicator)

@@ -29,6 +29,7 @@ from nightjar.constants import (
 from nightjar.domain.retention import format_time, parse_time
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.ports import KubeAPI, list_all
+from nightjar.storage.objects import ObjectStore, S3Target
 
 log = logging.getLogger("nightjar.gc")
 
@@ -46,7 +47,10 @@ STUCK_DELETION = dt.timedelta(minutes=5)
 
 
 def gc_sweep(
-    kube: KubeAPI, now: dt.datetime, finalize: Callable[[dict[str, Any]], bool] | None = None
+    kube: KubeAPI,
+    now: dt.datetime,
+    finalize: Callable[[dict[str, Any]], bool] | None = None,
+    open_store: Callable[[S3Target], ObjectStore] | None = None,
 ) -> SweepReport:
     """Delete every Backup whose ``nightjar.dev/expires-at`` has passed, unless pinned.
 
@@ -88,7 +92,7 @@ def gc_sweep(
         ]
         for name in names:
             if (ns, name) not in reachable:
-                reachable[(ns, name)] = _storage_reachable(kube, ns, name)
+                reachable[(ns, name)] = _storage_reachable(kube, ns, name, open_store)
         if not all(reachable[(ns, name)] for name in names):
             report.deferred.append(f"{ns}/{meta['name']}")
             metrics.gc_deferred(ns)
@@ -137,9 +141,11 @@ def _tell_schedules(kube: KubeAPI, expired: dict[tuple[str, str], list[str]]) ->
         )
 
 
-def _storage_reachable(kube: KubeAPI, ns: str, name: str) -> bool:
+def _storage_reachable(
+    kube: KubeAPI, ns: str, name: str, open_store: Callable[[S3Target], ObjectStore] | None
+) -> bool:
     storage = kube.get(STORAGES, ns, name)
     if storage is None:
         return True  # nothing stored anywhere we could reach: the Backup can go
     # Missing Secret, network, refused: not reachable now, the next sweep tries again.
-    return not storage_rec.unreachable(kube, ns, storage)
+    return not storage_rec.unreachable(kube, ns, storage, open_store)

@@ -47,6 +47,7 @@ from nightjar.reconcile.replicas import (
     primary_prefix,
     replica_names,
 )
+from nightjar.storage.objects import ObjectStore, S3Target
 
 log = logging.getLogger("nightjar.replication")
 
@@ -61,12 +62,18 @@ class SweepReport:
 
 class Replicator:
     def __init__(
-        self, kube: KubeAPI, config: OperatorConfig, policy: Policy, clock: Clock | None = None
+        self,
+        kube: KubeAPI,
+        config: OperatorConfig,
+        policy: Policy,
+        clock: Clock | None = None,
+        open_store: Callable[[S3Target], ObjectStore] = storage_rec.store_of,
     ) -> None:
         self.kube = kube
         self.config = config
         self.policy = policy
         self.clock = clock or SystemClock()
+        self.open_store = open_store
         self.writer = status.StatusWriter(kube, BACKUPS, self.clock)
 
     # --- status -------------------------------------------------------------------------------
@@ -178,7 +185,7 @@ class Replicator:
                 self._finish(backup, [name], verdict.message)
                 continue
             if f"{ns}/{name}" not in cache:
-                cache[f"{ns}/{name}"] = storage_rec.unreachable(self.kube, ns, replica)
+                cache[f"{ns}/{name}"] = storage_rec.unreachable(self.kube, ns, replica, self.open_store)
             if cache[f"{ns}/{name}"]:
                 self._wait(backup, [name], cache[f"{ns}/{name}"])
                 continue

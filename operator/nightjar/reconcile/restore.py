@@ -57,7 +57,7 @@ class RestoreReconciler:
         self.config = config
         self.clock = clock or SystemClock()
         self.open_store = open_store
-        self.planner = RestorePlanner(kube)
+        self.planner = RestorePlanner(kube, open_store)
         self.writer = status.StatusWriter(kube, PLURAL, self.clock)
 
     # --- status -------------------------------------------------------------------------------
@@ -121,6 +121,8 @@ class RestoreReconciler:
             planned = self.planner.plan(restore)
             self._record_plan(restore, planned.source, planned.versions, planned.version_warning)
             if not self._app_stopped(restore):
+                # Planning got past any transient error: waiting for Pods to go is not one.
+                self._end_retrying(restore)
                 raise Retry("waiting for the app to stop", 3)
             self._start(restore, planned.plan, planned.storage_namespace, planned.storage_spec)
         except Refused as e:
@@ -130,6 +132,12 @@ class RestoreReconciler:
             raise
         except Exception as e:
             self._retry_or_fail(restore, errors.classify(e))
+
+    def _end_retrying(self, restore: dict[str, Any]) -> None:
+        if status.find_condition(restore, status.RETRYING) is not None:
+            self._set(
+                restore, status.Update({"message": "waiting for the app to stop"}, drop=(status.RETRYING,))
+            )
 
     def _retry_or_fail(self, restore: dict[str, Any], verdict: errors.Verdict) -> None:
         """Before its Job: a permanent error fails the Restore (nothing was changed); a transient
@@ -279,7 +287,11 @@ class RestoreReconciler:
                 if st_app.get("stopped")
                 else ("Normal", "JobCreated", f"created Job {jname}")
             )
-        self._set(restore, status.update(jobName=jname, message="restore Job created"), event)
+        self._set(
+            restore,
+            status.Update({"jobName": jname, "message": "restore Job created"}, drop=(status.RETRYING,)),
+            event,
+        )
 
     def sync_from_job(self, restore: dict[str, Any], job: dict[str, Any]) -> None:
         """Follow the Job: Running, then (app restarted) Completed or Failed."""

@@ -9,6 +9,7 @@ read from the primary storage when it answers, else from a replica holding a ver
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.ports import KubeAPI
 from nightjar.storage import layout
+from nightjar.storage.objects import ObjectStore, S3Target
 
 
 class Refused(Exception):
@@ -54,8 +56,9 @@ class Planned:
 
 
 class RestorePlanner:
-    def __init__(self, kube: KubeAPI) -> None:
+    def __init__(self, kube: KubeAPI, open_store: Callable[[S3Target], ObjectStore]) -> None:
         self.kube = kube
+        self.open_store = open_store
 
     def plan(self, restore: dict[str, Any]) -> Planned:
         """The Job's plan, the Backup's namespace and its BackupStorage's spec, where the snapshot
@@ -155,11 +158,13 @@ class RestorePlanner:
             if loc.get("role") == "Replica" and loc.get("state") == "Replicated"
         ]
         choice = (primary, source_of(primary, "Primary", "the primary storage"))
-        why = storage_rec.unreachable(self.kube, bns, primary) if replicas else ""
+        why = storage_rec.unreachable(self.kube, bns, primary, self.open_store) if replicas else ""
         if why:
             for loc in replicas:
                 replica = self.kube.get(STORAGES, bns, loc["storage"])
-                if replica is not None and not storage_rec.unreachable(self.kube, bns, replica):
+                if replica is not None and not storage_rec.unreachable(
+                    self.kube, bns, replica, self.open_store
+                ):
                     reason = f"the primary {primary['metadata']['name']} cannot be reached: {why}"
                     choice = (replica, source_of(replica, "Replica", reason))
                     break

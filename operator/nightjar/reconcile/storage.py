@@ -6,7 +6,7 @@ import datetime as dt
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kubernetes.client.rest import ApiException
@@ -68,13 +68,18 @@ def store_of(target: S3Target) -> ObjectStore:
     return target.store()
 
 
-def unreachable(kube: KubeAPI, namespace: str, storage: dict[str, Any]) -> str:
+def unreachable(
+    kube: KubeAPI,
+    namespace: str,
+    storage: dict[str, Any],
+    open_store: Callable[[S3Target], ObjectStore] | None = None,
+) -> str:
     """ "" when the BackupStorage's bucket answers with its credentials now, else why not."""
     try:
         target = target_for(kube, namespace, storage["spec"])
     except SecretMissing as e:
         return f"credentials: {e}"
-    return objects.unreachable(store_of(target))
+    return objects.unreachable((open_store or store_of)(target))
 
 
 def check(kube: KubeAPI, namespace: str, spec: dict[str, Any]) -> tuple[bool, str, bool]:
