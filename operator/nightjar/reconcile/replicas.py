@@ -4,6 +4,7 @@ the replica BackupStorages; :mod:`nightjar.reconcile.replication` acts on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from nightjar.constants import ANNOTATION_EXPIRES_AT, STORAGES
 from nightjar.domain.residency import Policy, Verdict
 from nightjar.domain.retention import format_time, parse_time
+from nightjar.jobs import ReplicatePlan, StorageRef
 from nightjar.reconcile import status
 from nightjar.reconcile.ports import KubeAPI
 from nightjar.storage import layout
@@ -154,3 +156,29 @@ def job_reason(job: dict[str, Any]) -> str:
         if c.get("type") == "Failed" and c.get("status") == "True":
             return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
     return "no result"
+
+
+def replicate_plan(
+    backup: dict[str, Any], primary: dict[str, Any], replica: dict[str, Any], attempt: int
+) -> ReplicatePlan:
+    """What the copy Job of ``backup`` into ``replica`` needs (attempt ``attempt``)."""
+    meta, st = backup["metadata"], backup["status"]
+    expires = (meta.get("annotations") or {}).get(ANNOTATION_EXPIRES_AT) or st.get("expiresOn") or ""
+    primary_ref = StorageRef.from_spec(primary["spec"])
+    replica_ref = StorageRef.from_spec(replica["spec"])
+    if replica_ref.lock_mode == "None" and primary_ref.lock_mode != "None":
+        # Retention as in the primary: the replica's bucket must be able to hold it.
+        replica_ref = dataclasses.replace(replica_ref, lock_mode=primary_ref.lock_mode)
+    return ReplicatePlan(
+        backup_name=meta["name"],
+        backup_uid=meta["uid"],
+        namespace=meta["namespace"],
+        replica_name=replica["metadata"]["name"],
+        attempt=attempt,
+        primary=primary_ref,
+        replica=replica_ref,
+        primary_prefix=primary_prefix(st),
+        manifest_key=st["storage"]["manifestKey"],
+        manifest_sha256=st["storage"].get("manifestSha256", ""),
+        retain_until=expires,
+    )

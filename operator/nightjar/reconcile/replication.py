@@ -17,7 +17,6 @@ Backups do not start (no data goes anywhere).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,10 +26,10 @@ from kubernetes.client.rest import ApiException
 
 from nightjar import metrics
 from nightjar.config import OperatorConfig
-from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_REPLICA, BACKUPS, STORAGES
+from nightjar.constants import ANNOTATION_REPLICA, BACKUPS, STORAGES
 from nightjar.domain.residency import Policy
 from nightjar.domain.retention import format_time, parse_time
-from nightjar.jobs import ReplicatePlan, StorageRef, build_replicate_job, replicate_job_name
+from nightjar.jobs import build_replicate_job, replicate_job_name
 from nightjar.reconcile import status
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock
@@ -44,8 +43,8 @@ from nightjar.reconcile.replicas import (
     initial_locations,
     job_reason,
     location_update,
-    primary_prefix,
     replica_names,
+    replicate_plan,
 )
 from nightjar.storage.objects import ObjectStore, S3Target
 
@@ -249,27 +248,9 @@ class Replicator:
         loc: dict[str, Any],
         attempt: int,
     ) -> bool:
-        meta, st = backup["metadata"], backup["status"]
+        meta = backup["metadata"]
         name = replica["metadata"]["name"]
-        expires = (meta.get("annotations") or {}).get(ANNOTATION_EXPIRES_AT) or st.get("expiresOn") or ""
-        primary_ref = StorageRef.from_spec(primary["spec"])
-        replica_ref = StorageRef.from_spec(replica["spec"])
-        if replica_ref.lock_mode == "None" and primary_ref.lock_mode != "None":
-            # Retention as in the primary: the replica's bucket must be able to hold it.
-            replica_ref = dataclasses.replace(replica_ref, lock_mode=primary_ref.lock_mode)
-        plan = ReplicatePlan(
-            backup_name=meta["name"],
-            backup_uid=meta["uid"],
-            namespace=meta["namespace"],
-            replica_name=name,
-            attempt=attempt,
-            primary=primary_ref,
-            replica=replica_ref,
-            primary_prefix=primary_prefix(st),
-            manifest_key=st["storage"]["manifestKey"],
-            manifest_sha256=st["storage"].get("manifestSha256", ""),
-            retain_until=expires,
-        )
+        plan = replicate_plan(backup, primary, replica, attempt)
         job = build_replicate_job(plan, self.config)
         created = self.kube.create_job(meta["namespace"], job)
         decided_on = (loc.get("jobName"), loc["state"])
