@@ -816,3 +816,26 @@ def build_verify_access(plan: VerifyPlan) -> list[dict[str, Any]]:
             "subjects": [{"kind": "ServiceAccount", "name": access, "namespace": plan.namespace}],
         },
     ]
+
+
+def build_verify_cleanup_job(
+    plan: VerifyPlan, drill_ids: list[str], config: OperatorConfig
+) -> dict[str, Any]:
+    """The Job that runs ``nightjar agent verify-cleanup``: drops the temporary databases of a
+    Verification's drills that ended without dropping their own (``drill_ids``: their Pods'
+    uids). It gets the scratch Secret only; retried like a backup (a drop is idempotent)."""
+    args = ["agent", "verify-cleanup", "--result-file", TERMINATION_MESSAGE_PATH]
+    for drill_id in drill_ids:
+        args += ["--drill-id", drill_id]
+    env: list[dict[str, Any]] = [{"name": "NIGHTJAR_SCRATCH_SECRET", "value": plan.scratch_secret}]
+    env += [
+        _secret_env(SCRATCH_KEYS[k], plan.scratch_secret, k) for k in plan.scratch_keys if k in SCRATCH_KEYS
+    ]
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job_name("verify-cleanup", plan.name), "namespace": plan.namespace},
+        "spec": {"template": {"spec": {"containers": [{"name": "agent", "args": args, "env": env}]}}},
+    }
+    owner = {"apiVersion": API_VERSION, "kind": "Verification", "name": plan.name, "uid": plan.uid}
+    return stamp(job, owner=owner, labels={LABEL_VERIFICATION: label_value(plan.name)}, config=config)

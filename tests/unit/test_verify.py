@@ -36,6 +36,7 @@ from nightjar.jobs import (
     VerifyPlan,
     build_backup_job,
     build_verify_access,
+    build_verify_cleanup_job,
     build_verify_job,
 )
 from nightjar.storage.errors import IntegrityError
@@ -366,3 +367,22 @@ def test_a_database_only_backup_is_drilled_without_reading_files_and_progress_is
         }
     ]
     assert binding["subjects"][0]["name"] == sa["metadata"]["name"] == "nightjar-verify-drill-1"
+
+
+def test_the_cleanup_job_drops_only_the_named_drills_databases_with_the_scratch_secret() -> None:
+    plan = VerifyPlan.of(VERIFICATION, BACKUP, {"spec": STORAGE_SPEC}, ("uri",))
+    job = build_verify_cleanup_job(plan, ["uid-a", "uid-b"], OperatorConfig())
+    assert job["metadata"]["name"] == "nightjar-verify-cleanup-drill-1"
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["args"][:2] == ["agent", "verify-cleanup"]
+    assert c["args"][2:] == [
+        "--result-file",
+        "/dev/termination-log",
+        "--drill-id",
+        "uid-a",
+        "--drill-id",
+        "uid-b",
+    ]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NIGHTJAR_SCRATCH_URI"]["valueFrom"]["secretKeyRef"] == {"name": "scratch-pg", "key": "uri"}
+    assert not any(k.startswith(("NIGHTJAR_S3", "NIGHTJAR_DB_")) for k in env)  # no storage, no source

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -346,6 +347,15 @@ def verify_cmd(**o: Any) -> None:
 
     started = time.monotonic()
     measured: dict[str, Any] = {}
+
+    def stopped(signum: int, _frame: Any) -> None:
+        # Pod deleted or deadline reached: the kubelet sends SIGTERM, then SIGKILL after the grace
+        # period. Raised here (once: a second one must not interrupt the cleanup), the drill's
+        # finally blocks run: the temporary database is dropped.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise VerifyFailed(f"the drill was stopped ({signal.Signals(signum).name}) before it ended")
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
         storage = _storage(o)
         if not storage.access_key or not storage.secret_key:
@@ -377,6 +387,32 @@ def verify_cmd(**o: Any) -> None:
     write_result(o["result_file"], result)
 
 
+@click.command("verify-cleanup")
+@click.option("--drill-id", "drill_ids", multiple=True, required=True, help="A drill whose database to drop.")
+@click.option("--result-file", default="/dev/termination-log", show_default=True)
+def verify_cleanup_cmd(drill_ids: tuple[str, ...], result_file: str) -> None:
+    """Drop the temporary databases (nightjar_verify_<id>) of drills that ended without dropping
+    their own, on the scratch server of NIGHTJAR_SCRATCH_* env; nothing else is dropped."""
+    from nightjar.agent.backup import DatabaseConn
+    from nightjar.agent.verify import VerifyFailed, VerifyRequest, drop_leftovers
+
+    req = VerifyRequest(
+        storage=S3Target("", "", "", "", ""),
+        manifest_key="",
+        manifest_sha256="",
+        scratch=DatabaseConn.from_env(dict(os.environ), "NIGHTJAR_SCRATCH"),
+        scratch_secret=_env("NIGHTJAR_SCRATCH_SECRET") or "scratch",
+        pg_bindir=_env("NIGHTJAR_PG_BINDIR"),
+        pg_root=_env("NIGHTJAR_PG_ROOT"),
+    )
+    try:
+        result = drop_leftovers(req, list(drill_ids))
+    except VerifyFailed as e:
+        write_result(result_file, {"error": str(e)})
+        sys.exit(1)
+    write_result(result_file, result)
+
+
 def _failed(o: dict[str, Any], message: str, measured: dict[str, Any], started: float) -> None:
     result = {"passed": False, "error": message, **measured}
     result["durationSeconds"] = round(time.monotonic() - started, 3)
@@ -389,3 +425,4 @@ def register(group: click.Group) -> None:
     group.add_command(restore_cmd)
     group.add_command(replicate_cmd)
     group.add_command(verify_cmd)
+    group.add_command(verify_cleanup_cmd)

@@ -210,7 +210,8 @@ class _Drill:
         check_server(db.server_version, version_num, db.archive_version, client, where)
         if can_create != ["t"]:
             raise VerifyFailed(
-                f"the role {env['PGUSER']} of the {where} may not create databases: give it CREATEDB "
+                f"the role {env['PGUSER']} may not create databases on the scratch server "
+                f"{env['PGHOST']}:{env['PGPORT']}: give it CREATEDB "
                 "(ALTER ROLE ... CREATEDB) or name another role in the scratch Secret "
                 f"{self.req.scratch_secret}"
             )
@@ -375,18 +376,22 @@ def run_verify(req: VerifyRequest) -> dict[str, Any]:
         with Ticker(req.reporter or Reporter("", "", ""), counters):
             counters.stage = "database"
             env, where, client, psql, version_num = drill.prepare()
-            drill.create(psql, env, name, where)
-            measured.extra["temporaryDatabase"] = name
             failure: VerifyFailed | None = None
+            created = False
+            why = ""
             try:
+                drill.create(psql, env, name, where)
+                created = True
+                measured.extra["temporaryDatabase"] = name
                 head = drill.restore(client, env, name, where)
                 counters.stage = "checks"
                 drill.check(psql, env, name, head)
             except VerifyFailed as e:
                 failure = e
             finally:
-                why = drill.drop(psql, env, name, version_num)
-                measured.extra["temporaryDatabaseDropped"] = not why
+                if created:  # whatever happened (a failed check, a SIGTERM, a bug): it goes
+                    why = drill.drop(psql, env, name, version_num)
+                    measured.extra["temporaryDatabaseDropped"] = not why
             if why:
                 drop_note = f"the temporary database {name} could not be dropped: {why}; drop it by hand"
                 raise VerifyFailed(f"{failure}; {drop_note}" if failure else drop_note)
@@ -407,3 +412,37 @@ class DrillFailed(Exception):
     def __init__(self, message: str, measured: dict[str, Any]) -> None:
         super().__init__(message)
         self.measured = measured
+
+
+def drop_leftovers(req: VerifyRequest, drill_ids: list[str]) -> dict[str, Any]:
+    """Drop the temporary databases of drills that could not drop their own (an agent killed
+    with SIGKILL, a node lost): ``nightjar_verify_<id>`` for each id given, nothing else."""
+    env, where = scratch_env(req)
+    names = [temp_database_name(i) for i in drill_ids]
+    try:
+        client = find_client("psql", env, override=req.pg_bindir, root=req.pg_root)
+        psql = client.path
+        version_num = client.server_version_num or pgclient.parse_server_version_num(
+            run_sql(psql, env, "SHOW server_version_num;")[0]
+        )
+        existing = set(
+            run_sql(
+                psql,
+                env,
+                r"SELECT datname FROM pg_catalog.pg_database WHERE datname LIKE 'nightjar\_verify\_%';",
+            )
+        )
+    except (PgClientError, SqlFailed, ValueError, IndexError) as e:
+        raise VerifyFailed(f"{where}: {e}") from e
+    force = " WITH (FORCE)" if version_num >= 130000 else ""
+    dropped, absent = [], []
+    for name in names:
+        if name not in existing:
+            absent.append(name)
+            continue
+        try:
+            run_sql(psql, env, f'DROP DATABASE IF EXISTS :"db"{force};', db=_own(name), timeout=300)
+        except SqlFailed as e:
+            raise VerifyFailed(f"could not drop {name} on the {where}: {e}") from e
+        dropped.append(name)
+    return {"dropped": dropped, "absent": absent}
