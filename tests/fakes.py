@@ -70,6 +70,8 @@ class FakeKube:
         self.job_output: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         #: Results every Job reports when it has none of its own (a test of one Job).
         self.results: list[dict[str, Any]] = []
+        #: The uids of a Job's Pods, by (namespace, job name).
+        self.pod_uids: dict[tuple[str, str], list[str]] = {}
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.claims: set[tuple[str, str]] = set()
         self.workloads: dict[tuple[str, str], Any] = {}
@@ -264,6 +266,10 @@ class FakeKube:
         self.jobs[(namespace, name)] = {**copy.deepcopy(job), "status": {}}
         self.created_jobs.append(copy.deepcopy(job))
         return True
+
+    def job_pod_uids(self, namespace: str, job: str) -> list[str]:
+        self._call("job_pod_uids")
+        return list(self.pod_uids.get((namespace, job)) or [])
 
     def job_results(self, namespace: str, job: str) -> list[dict[str, Any]]:
         self._call("job_results")

@@ -46,6 +46,7 @@ BACKUPS = "backups"
 RESTORES = "restores"
 SCHEDULES = "backupschedules"
 STORAGES = "backupstorages"
+VERIFICATIONS = "verifications"
 #: Backups of this type hold an archive brought in with ``nightjar upload``: no source, no Job.
 UPLOADED = "Uploaded"
 #: The source id uploads are stored under: ``<prefix>nightjar/v1/<ns>/uploaded/<upload-id>/<snapshot-id>/``.

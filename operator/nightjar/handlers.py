@@ -25,8 +25,10 @@ from nightjar.constants import (
     LABEL_FINISHED,
     LABEL_REPLICATION,
     LABEL_RESTORE,
+    LABEL_VERIFICATION,
     RESTORES,
     SCHEDULES,
+    VERIFICATIONS,
     VERSION,
 )
 from nightjar.domain import residency
@@ -42,6 +44,7 @@ from nightjar.reconcile.restore import RestoreReconciler
 from nightjar.reconcile.schedule import Scheduler
 from nightjar.reconcile.status import StatusConflict
 from nightjar.reconcile.sync import StorageSync
+from nightjar.reconcile.verification import VerificationReconciler
 
 log = logging.getLogger("nightjar")
 
@@ -52,6 +55,7 @@ class _State:
     kube: Kube
     backups: BackupReconciler
     restores: RestoreReconciler
+    verifications: VerificationReconciler
     scheduler: Scheduler
     replicator: Replicator
     sync: StorageSync
@@ -90,6 +94,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     STATE.replicator = Replicator(STATE.kube, config, policy)
     STATE.backups = BackupReconciler(STATE.kube, config, STATE.replicator)
     STATE.restores = RestoreReconciler(STATE.kube, config)
+    STATE.verifications = VerificationReconciler(STATE.kube, config)
     STATE.scheduler = Scheduler(STATE.kube)
     STATE.sync = StorageSync(STATE.kube, config)
     STATE.config = config
@@ -166,6 +171,10 @@ def _periodic() -> None:
             STATE.restores.retry_sweep(list_all(STATE.kube, RESTORES))
         except Exception:
             log.exception("restore retry sweep failed; the next tick retries")
+        try:
+            STATE.verifications.retry_sweep(list_all(STATE.kube, VERIFICATIONS))
+        except Exception:
+            log.exception("verification retry sweep failed; the next tick retries")
         if time.monotonic() >= next_gc:
             try:
                 started = time.monotonic()
@@ -285,6 +294,29 @@ def restore_job_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
     if restore is None:
         return
     STATE.restores.sync_from_job(restore, _plain(body))
+
+
+# --- Verification (restore drill) ---------------------------------------------------------------
+
+
+@kopf.on.create(GROUP, VERSION, VERIFICATIONS)
+@kopf.on.resume(GROUP, VERSION, VERIFICATIONS)
+def verification_reconcile(body: kopf.Body, **_: Any) -> None:
+    try:
+        STATE.verifications.reconcile(_plain(body))
+    except (Retry, StatusConflict) as e:
+        raise kopf.TemporaryError(str(e), delay=e.delay) from e
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_VERIFICATION: kopf.PRESENT})
+def verification_job_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+    verification = _owner(body, type, "Verification", VERIFICATIONS)
+    if verification is None:
+        return
+    try:  # the drill's Job or its cleanup Job: either way the drill's Job is followed
+        STATE.verifications.follow(verification)
+    except (Retry, StatusConflict) as e:  # the retry sweep follows it again
+        log.info("verification %s: %s", verification["metadata"]["name"], e)
 
 
 def _owner(body: kopf.Body, event_type: str | None, kind: str, plural: str) -> dict[str, Any] | None:

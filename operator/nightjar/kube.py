@@ -259,6 +259,10 @@ class Kube:
     def job_pods(self, namespace: str, job: str) -> list[Any]:
         return list(self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items)
 
+    def job_pod_uids(self, namespace: str, job: str) -> list[str]:
+        """The uids of the Job's Pods (a restore drill's temporary database is named by one)."""
+        return [str(p.metadata.uid) for p in self.job_pods(namespace, job)]
+
     def job_results(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """The JSON each finished agent container of the Job wrote as its termination message,
         oldest Pod first (a message that is not JSON becomes {"error": <its tail>})."""

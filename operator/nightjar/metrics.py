@@ -60,6 +60,8 @@ __all__ = [
     "start_server",
     "storage_checked",
     "storages_seen",
+    "verification_finished",
+    "verified_backup_seen",
 ]
 
 #: From a second to a day: a small database takes seconds, a large app's files take hours.
@@ -170,6 +172,23 @@ REPLICATION_OLDEST_PENDING = Gauge(
     "(as of the last replication sweep); no series for a namespace with none.",
     ["namespace"],
 )
+VERIFICATIONS_TOTAL = Counter(
+    "nightjar_verifications_total",
+    "Restore drills (Verifications) that ended, by result (Passed or Failed).",
+    ["namespace", "result"],
+)
+VERIFY_RESTORE_SECONDS = Histogram(
+    "nightjar_verification_restore_seconds",
+    "Measured restore time of passed drills (status.restoreSeconds): the database restored into a "
+    "scratch server, the files read back. What a real restore would take (the RTO).",
+    ["namespace"],
+    buckets=DURATION_BUCKETS,
+)
+LAST_VERIFIED = Gauge(
+    "nightjar_backup_last_verified_timestamp_seconds",
+    "Unix time at which a backup of each source last passed a restore drill.",
+    ["namespace", "source"],
+)
 LEADER = Gauge(
     "nightjar_leader",
     "1 while this operator process acts (holds the leader Lease, or runs without leader "
@@ -178,6 +197,8 @@ LEADER = Gauge(
 
 #: (namespace, source) -> completion time already in the gauges: they only ever move forward.
 _last: dict[tuple[str, str], float] = {}
+#: (namespace, source) -> time of the last passed drill already in the gauge.
+_last_verified: dict[tuple[str, str], float] = {}
 #: The same per (namespace, schedule).
 _last_schedule: dict[tuple[str, str], float] = {}
 _last_lock = threading.Lock()
@@ -391,3 +412,34 @@ def leader(acting: bool) -> None:
 def start_server(port: int, address: str = "0.0.0.0") -> None:  # noqa: S104 - scraped from outside the Pod
     """Serve ``/metrics`` of the default registry over HTTP from a daemon thread."""
     start_http_server(port, addr=address)
+
+
+@_safe
+def verification_finished(
+    namespace: str, source: str, result: str, restore_seconds: float, when: float
+) -> None:
+    """A drill ended (call once, after the status write that made it terminal succeeded)."""
+    VERIFICATIONS_TOTAL.labels(namespace, result).inc()
+    VERIFICATIONS_TOTAL.labels(namespace, "Failed")  # the series exists before the first failure
+    if result == "Passed":
+        VERIFY_RESTORE_SECONDS.labels(namespace).observe(max(0.0, restore_seconds))
+        _verified(namespace, source, when)
+
+
+@_safe
+def verified_backup_seen(backup: Mapping[str, Any]) -> None:
+    """Rebuild the "last verified" gauge from a Backup's status.verification (restarts)."""
+    v = (backup.get("status") or {}).get("verification") or {}
+    when = _seconds(v.get("time"))
+    source = str((backup.get("status") or {}).get("sourceId") or "")
+    if v.get("result") == "Passed" and when is not None and source:
+        _verified(backup["metadata"]["namespace"], source, when)
+
+
+def _verified(namespace: str, source: str, when: float) -> None:
+    if not source:
+        return
+    with _last_lock:
+        if _last_verified.get((namespace, source), float("-inf")) <= when:
+            _last_verified[(namespace, source)] = when
+            LAST_VERIFIED.labels(namespace, source).set(when)

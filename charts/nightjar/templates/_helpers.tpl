@@ -64,18 +64,22 @@ presigned-URL Secret of a cross-namespace restore); never list or watch.
 # Its own resources: kopf watches them, adds its finalizer and writes status; schedules create
 # Backups and garbage collection deletes expired ones.
 - apiGroups: ["nightjar.dev"]
-  resources: ["backups", "backupschedules", "backupstorages", "restores"]
+  resources: ["backups", "backupschedules", "backupstorages", "restores", "verifications"]
   verbs: ["get", "list", "watch", "patch", "update"]
 - apiGroups: ["nightjar.dev"]
   resources: ["backups"]
   verbs: ["create", "delete"]
+# Schedules that verify create the restore drills of their backups.
 - apiGroups: ["nightjar.dev"]
-  resources: ["backups/status", "backupschedules/status", "backupstorages/status", "restores/status"]
+  resources: ["verifications"]
+  verbs: ["create"]
+- apiGroups: ["nightjar.dev"]
+  resources: ["backups/status", "backupschedules/status", "backupstorages/status", "restores/status", "verifications/status"]
   verbs: ["get", "patch", "update"]
 # Jobs and a Restore's access objects are owned by their Backup/Restore with blockOwnerDeletion;
 # clusters with OwnerReferencesPermissionEnforcement (OpenShift) require update on finalizers.
 - apiGroups: ["nightjar.dev"]
-  resources: ["backups/finalizers", "restores/finalizers"]
+  resources: ["backups/finalizers", "restores/finalizers", "verifications/finalizers"]
   verbs: ["update"]
 # The backup and restore Jobs, and their Pods' termination messages (the agents' results).
 - apiGroups: ["batch"]
@@ -99,8 +103,9 @@ presigned-URL Secret of a cross-namespace restore); never list or watch.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-# A Restore's agent reports progress with a ServiceAccount of its own, allowed only to patch that
-# Restore's status (the operator can grant only what it holds: restores/status get, patch).
+# A Restore's (and a restore drill's) agent reports progress with a ServiceAccount of its own,
+# allowed only to patch that one object's status (the operator can grant only what it holds:
+# restores/status and verifications/status get, patch).
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["create"]

@@ -196,3 +196,18 @@ def decide(plan: Plan, now: dt.datetime, created: dt.datetime, existing: set[str
     if now < slot.window_end:
         return Decision("create", slot, nxt)
     return Decision("missed", slot, nxt)
+
+
+def verify_applies(verify: dict[str, Any] | None, tier: str, slot_time: dt.datetime | None) -> bool:
+    """Whether a schedule's ``spec.verify`` asks for a restore drill of its backup of ``tier``
+    taken for the slot at ``slot_time``: its tier is in ``tiers``, or the slot's day number
+    (days since 1970-01-01, UTC) is a multiple of ``everyNth`` (every N days for a nightly
+    schedule; stable whatever was deleted since)."""
+    if not verify:
+        return False
+    if tier in (verify.get("tiers") or []):
+        return True
+    nth = int(verify.get("everyNth") or 0)
+    if nth >= 1 and slot_time is not None:
+        return (slot_time.astimezone(dt.UTC).date() - dt.date(1970, 1, 1)).days % nth == 0
+    return False

@@ -27,7 +27,6 @@ from nightjar.constants import (
     ANNOTATION_EXPIRES_AT,
     API_VERSION,
     BACKUPS,
-    GROUP,
     LABEL_MANAGED_BY,
     LABEL_SCHEDULE,
     LABEL_TIER,
@@ -36,6 +35,7 @@ from nightjar.constants import (
 )
 from nightjar.domain import schedule as sch
 from nightjar.domain.retention import format_time, parse_time
+from nightjar.reconcile import drills
 from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock, list_all
 from nightjar.reconcile.status import StatusWriter, condition, conditions
 from nightjar.storage import layout
@@ -57,6 +57,7 @@ class TickReport:
     created: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
+    drills: list[str] = field(default_factory=list)
 
 
 class Scheduler:
@@ -70,6 +71,7 @@ class Scheduler:
         """One pass over all Backups (paged) and all schedules: O(schedules + backups) a tick."""
         by_schedule: dict[tuple[str, str], list[BackupInfo]] = defaultdict(list)
         busy: set[tuple[str, str]] = set()
+        undrilled: dict[tuple[str, str], list[drills.Candidate]] = defaultdict(list)
         for b in list_all(self.kube, BACKUPS):
             meta = b["metadata"]
             labels = meta.get("labels") or {}
@@ -78,6 +80,9 @@ class Scheduler:
             if source is not None and st.get("phase") in (None, "Queued", "Running"):
                 busy.add((meta["namespace"], st.get("sourceId") or layout.source_id(source)))
             metrics.completed_backup_seen(b)  # rebuilds the "last completed" gauges after a restart
+            metrics.verified_backup_seen(b)
+            if (c := drills.candidate(b, now)) is not None:
+                undrilled[(c.namespace, c.schedule)].append(c)
             if LABEL_SCHEDULE in labels:
                 by_schedule[(meta["namespace"], labels[LABEL_SCHEDULE])].append(
                     BackupInfo(
@@ -95,6 +100,8 @@ class Scheduler:
             seen.append((*key, s["metadata"].get("creationTimestamp", ""), bool(s["spec"].get("suspend"))))
             try:
                 self.reconcile(s, by_schedule.get(key, []), now, report, busy=busy)
+                if key in undrilled:
+                    report.drills += drills.start_drills(self.kube, s, undrilled[key])
             except Exception:
                 log.exception("schedule %s/%s", *key)
         metrics.schedules_seen(seen)
@@ -261,12 +268,15 @@ class Scheduler:
                 "labels": {LABEL_SCHEDULE: meta["name"], LABEL_TIER: slot.tier, LABEL_MANAGED_BY: MANAGED_BY},
                 "annotations": {
                     ANNOTATION_EXPIRES_AT: format_time(slot.expires),
-                    f"{GROUP}/slot": format_time(slot.time),
+                    drills.ANNOTATION_SLOT: format_time(slot.time),
                 },
             },
             "spec": {
                 "storageRef": spec["storageRef"],
-                "source": spec["source"],
+                # A backup its schedule will drill records its exact row counts for the drill.
+                "source": {**spec["source"], "rowCounts": True}
+                if sch.verify_applies(spec.get("verify"), slot.tier, slot.time)
+                else spec["source"],
                 "type": slot.tier,
                 "contents": spec.get("contents") or "Full",
             },

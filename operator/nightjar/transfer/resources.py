@@ -213,6 +213,7 @@ def follow(
     timeout: float | None = None,
     interval: float = 1.0,
     progress: Callable[[dict[str, Any]], tuple[float | None, str]] = lambda _: (None, ""),
+    terminal: tuple[str, ...] = TERMINAL,
 ) -> dict[str, Any]:
     """Poll the object until its phase is Completed or Failed; returns it."""
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -224,7 +225,7 @@ def follow(
             st = obj.get("status") or {}
             pct, detail = progress(obj)
             follower.update(st.get("phase") or "", st.get("message") or "", pct, detail)
-            if st.get("phase") in TERMINAL:
+            if st.get("phase") in terminal:
                 return obj
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandError(
