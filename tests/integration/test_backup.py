@@ -184,6 +184,7 @@ def test_backup_of_a_seeded_app_restores_to_the_same_rows_and_files(
         "MODEL",
         "COMMENT",
         "REPLICATED",
+        "VERIFIED",
         "AGE",
         "SNAPSHOT",
     ]

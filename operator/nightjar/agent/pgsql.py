@@ -83,6 +83,7 @@ def parse_counts(out: bytes) -> dict[str, int]:
 
 
 def count_script() -> bytes:
+    """The count statements, written by the server and run by psql (``\\gexec``)."""
     return (COUNT_STATEMENTS.strip() + " \\gexec\n").encode()
 
 
@@ -91,7 +92,7 @@ def count_rows(psql: str, libpq: dict[str, str], timeout: float = COUNT_TIMEOUT)
     try:
         out = subprocess.run(
             psql_argv(psql),
-            input=count_script(),
+            input=b"SET statement_timeout = 0;\n" + count_script(),
             capture_output=True,
             check=False,
             env=tool_env(libpq),
@@ -192,7 +193,10 @@ class ExportedSnapshot:
 
         self._err_thread = threading.Thread(target=drain, args=(stderr,), daemon=True)
         self._err_thread.start()
+        # The session waits, idle in its transaction, while pg_dump runs: a server's
+        # idle_in_transaction_session_timeout must not end it (nor statement_timeout the counts).
         self._send(
+            "SET idle_in_transaction_session_timeout = 0;\nSET statement_timeout = 0;\n"
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;\nSELECT pg_catalog.pg_export_snapshot();\n"
         )
         value = self._read_record()
