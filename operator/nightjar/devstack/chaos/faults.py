@@ -53,8 +53,17 @@ class Injector:
         elif fault.kind in PROCESS:
             self.stack.up(with_operator=True, node=self.node)
 
-    def heal(self, timeout: float = 180) -> None:
-        """Every component of the stack runs again (both S3 servers, all processes)."""
+    def heal(self, timeout: float = 180, fresh_controllers: bool = False) -> None:
+        """Every component of the stack runs again (both S3 servers, all processes).
+
+        ``fresh_controllers`` also restarts kube-controller-manager: after the API server was
+        killed under it many times, its Job informer can stay behind what it wrote, and Kubernetes'
+        job controller then refuses to sync those Jobs ("read version ... is not as new as written
+        version", a rate-limited retry of up to ~16 min) — a Job whose Pod was killed gets no new
+        Pod. That is the control plane's state, not the operator's: a restarted controller lists
+        everything afresh."""
+        if fresh_controllers:
+            self.stack.kill("kube-controller-manager", signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while True:
             try:

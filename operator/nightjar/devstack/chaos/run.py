@@ -161,7 +161,7 @@ class Run:
         finally:
             stop.set()
             self.stack_lines = True
-            injector.heal()
+            injector.heal(fresh_controllers=True)
         t = self._phase("faults", t)
         self.log("faults done, every component runs; waiting for the lanes' last operations")
         for th in threads:
