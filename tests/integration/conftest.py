@@ -18,7 +18,7 @@ import pytest
 from botocore.config import Config
 from kubernetes import client
 
-from tests.integration.helpers import psql
+from tests.integration.helpers import SCRATCH_SECRET, psql
 from tests.support import hostpath_claim, wait_for
 
 
@@ -183,3 +183,33 @@ def acceptance(core: client.CoreV1Api, env: dict[str, str], tmp_path: Path) -> I
     core.delete_persistent_volume(pv)
     core.delete_namespace(ns)
     psql(env, "postgres", f"drop database if exists {db} with (force)")
+
+
+@pytest.fixture
+def scratch(env: dict[str, str], namespace: str, core: client.CoreV1Api) -> Iterator[str]:
+    """A role on the stack's PostgreSQL that may create databases, in the Secret "scratch-pg"
+    (no dbname: the drill connects to postgres first)."""
+    role = f"drill_{namespace.replace('-', '_')}"
+    password = uuid.uuid4().hex
+    psql(env, "postgres", f"create role {role} login createdb password '{password}'")
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": SCRATCH_SECRET},
+            "stringData": {
+                "host": env["NIGHTJAR_PG_HOST"],
+                "port": env["NIGHTJAR_PG_PORT"],
+                "user": role,
+                "password": password,
+            },
+        },
+    )
+    yield role
+    owned = psql(
+        env,
+        "postgres",
+        f"select datname from pg_database where pg_get_userbyid(datdba) = '{role}'",
+    )
+    for db in owned.splitlines():
+        psql(env, "postgres", f'drop database if exists "{db}" with (force)')
+    psql(env, "postgres", f"drop role if exists {role}")

@@ -126,3 +126,15 @@ def take_backup(
     status: dict[str, Any] = wait_terminal(custom, ns, body["metadata"]["name"], timeout)["status"]
     assert status["phase"] == "Completed", status.get("message")
     return status
+
+
+SCRATCH_SECRET = "scratch-pg"
+
+
+def temp_databases(env: dict[str, str]) -> list[str]:
+    out = psql(
+        env,
+        "postgres",
+        r"select datname from pg_database where datname like 'nightjar\_verify\_%' order by 1",
+    )
+    return [ln for ln in out.splitlines() if ln]

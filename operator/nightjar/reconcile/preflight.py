@@ -28,6 +28,21 @@ def database_keys(kube: KubeAPI, namespace: str, secret: str) -> tuple[str, ...]
     return tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
 
 
+def scratch_keys(kube: KubeAPI, namespace: str, secret: str) -> tuple[str, ...]:
+    """The keys of a restore drill's scratch-server Secret: uri, or host/user (port, dbname,
+    password when given; the drill connects to the postgres database by default)."""
+    try:
+        data = kube.secret_data(namespace, secret)
+    except SecretMissing as e:
+        raise Missing(str(e)) from e
+    if "uri" in data:
+        return ("uri",)
+    missing = [k for k in ("host", "user") if k not in data]
+    if missing:
+        raise Missing(f'Secret "{secret}" has no key uri, nor the key(s) {", ".join(missing)}')
+    return tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
+
+
 def files(kube: KubeAPI, namespace: str, spec: dict[str, Any]) -> None:
     """A ``files`` spec: its PersistentVolumeClaim, or its S3 credentials Secret, exists."""
     if "persistentVolumeClaim" in spec:

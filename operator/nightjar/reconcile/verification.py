@@ -91,10 +91,17 @@ class VerificationReconciler:
             self.kube.event(done.before, *event)
         return done
 
-    def _end(self, v: dict[str, Any], result: str, message: str, reason: str, **fields: Any) -> None:
-        """Passed or Failed: the Verification, then its Backup, the metrics, the Events."""
+    def _end(
+        self, v: dict[str, Any], result: str, message: str, reason: str, record: bool = True, **fields: Any
+    ) -> None:
+        """Passed or Failed: the Backup first (``record``: a drill that ran; a refusal learned
+        nothing about the backup and leaves it alone), then the Verification, the metrics."""
+        if status.phase_of(v) in TERMINAL:
+            return
         now = self.clock.now()
         ok = result == PASSED
+        seconds = float(fields.get("restoreSeconds") or 0)
+        backup = self._record_on_backup(v, result, message, reason, seconds, now) if record else None
         change = status.Update(
             {**fields, "phase": result, "message": message, "finishedAt": format_time(now)},
             (status.condition(VERIFIED, ok, reason, message),),
@@ -103,8 +110,6 @@ class VerificationReconciler:
         done = self._set(v, change, ("Normal" if ok else "Warning", result, message))
         if done is None or not done.transition:
             return  # another writer ended it: it told
-        seconds = float(fields.get("restoreSeconds") or 0)
-        backup = self._record_on_backup(v, result, message, reason, seconds, now)
         source = str(((backup or {}).get("status") or {}).get("sourceId") or "")
         metrics.verification_finished(v["metadata"]["namespace"], source, result, seconds, now.timestamp())
 
@@ -114,6 +119,8 @@ class VerificationReconciler:
         """The Backup shows its last drill: status.verification, the Verified condition, and a
         Warning Event when it failed. A terminal Backup's other status never changes."""
         ns, name = v["metadata"]["namespace"], v["spec"]["backupName"]
+        # An API error here raises before the drill is terminal: the next follow (or the sweep)
+        # records it, so a drill never ends without its Backup showing it.
         backup = self.kube.get(BACKUPS, ns, name)
         if backup is None:
             return None
@@ -132,10 +139,7 @@ class VerificationReconciler:
             cond = status.condition(VERIFIED, result == PASSED, reason, message)
             return {"verification": record, "conditions": status.conditions(old, [cond], now)}
 
-        try:
-            self.backups.write(backup, decide)
-        except Exception:
-            log.exception("recording the drill of backup %s/%s", ns, name)
+        self.backups.write(backup, decide)
         if result != PASSED:
             self.kube.event(
                 backup, "Warning", "VerificationFailed", f"restore drill {v['metadata']['name']}: {message}"
@@ -173,11 +177,14 @@ class VerificationReconciler:
             created = self.kube.create_job(ns, body)
             self._set(
                 v,
-                status.update(jobName=body["metadata"]["name"], message="drill Job created"),
+                status.Update(
+                    {"jobName": body["metadata"]["name"], "message": "drill Job created"},
+                    drop=(status.RETRYING,),
+                ),
                 ("Normal", "JobCreated", f"created Job {body['metadata']['name']}") if created else None,
             )
         except Refused as e:
-            self._end(v, FAILED, f"{e}; nothing was created", "Refused")
+            self._end(v, FAILED, f"{e}; nothing was created", "Refused", record=False)
         except (Retry, status.StatusConflict):
             raise
         except Exception as e:
@@ -204,20 +211,21 @@ class VerificationReconciler:
         if not scratch:
             raise Refused("spec.scratch.database.secretRef names no Secret (a scratch server is required)")
         try:
-            db_keys = preflight.database_keys(self.kube, ns, scratch)
+            db_keys = preflight.scratch_keys(self.kube, ns, scratch)
         except preflight.Missing as e:
             raise Refused(f"scratch database: {e}") from e
         return backup, storage, db_keys
 
     def _retry_or_fail(self, v: dict[str, Any], verdict: errors.Verdict) -> None:
         if isinstance(verdict, errors.Permanent):
-            self._end(v, FAILED, f"{verdict.message}; nothing was created", verdict.reason)
+            self._end(v, FAILED, f"{verdict.message}; nothing was created", verdict.reason, record=False)
             return
         now = self.clock.now()
         cond = status.find_condition(v, status.RETRYING)
         since = parse_time(cond["lastTransitionTime"]) if cond and cond.get("lastTransitionTime") else now
         if now - since >= RETRY_DEADLINE:
-            self._end(v, FAILED, f"{verdict.message} (still failing after 15 min)", verdict.reason)
+            message = f"{verdict.message} (still failing after 15 min); nothing was created"
+            self._end(v, FAILED, message, verdict.reason, record=False)
             return
         delay = errors.backoff((now - since).total_seconds())
         message = f"{verdict.message}; retrying in {delay:.0f} s"
@@ -259,7 +267,14 @@ class VerificationReconciler:
     ) -> None:
         measured = {
             k: result[k]
-            for k in ("restoreSeconds", "tablesChecked", "rowsChecked", "filesChecked", "bytesChecked")
+            for k in (
+                "restoreSeconds",
+                "tablesChecked",
+                "rowsChecked",
+                "exactCounts",
+                "filesChecked",
+                "bytesChecked",
+            )
             if k in result
         }
         if "Complete" in conds and result.get("passed") is True and "error" not in result:
@@ -296,7 +311,13 @@ class VerificationReconciler:
             if backup is None or storage is None or not drills:
                 return True, "its temporary database (nightjar_verify_*) may be left on the scratch server"
             scratch = ((v["spec"].get("scratch") or {}).get("database") or {}).get("secretRef") or {}
-            keys = preflight.database_keys(self.kube, ns, str(scratch.get("name") or ""))
+            try:
+                keys = preflight.scratch_keys(self.kube, ns, str(scratch.get("name") or ""))
+            except preflight.Missing as e:
+                return (
+                    True,
+                    f"its temporary database (nightjar_verify_*) may be left on the scratch server: {e}",
+                )
             plan = VerifyPlan.of(v, backup, storage, keys)
             self.kube.create_job(ns, build_verify_cleanup_job(plan, drills, self.config))
             message = "the drill ended without dropping its temporary database: dropping it"
