@@ -277,8 +277,12 @@ def test_truthful_restores_violate_nothing() -> None:
         (restore("Completed", "", Content("db-a", "files-b")), "the files differs"),
         (restore("Failed", "Unchanged", Content("db-a", "files-stale")), "reported Unchanged, but"),
         (restore("Failed", "PartiallyRestored", STALE), "reported PartiallyRestored, but"),
-        (restore("Failed", "Unknown", STALE), "neither Unchanged nor PartiallyRestored"),
-        (restore("Failed", "", A), "neither Unchanged nor PartiallyRestored"),
+        (restore("Failed", "Unknown", STALE), "in fact database as before, files as before"),
+        (restore("Failed", "", A), "in fact database the Backup's, files the Backup's"),
+        (
+            restore("Failed", "Unknown", Content("db-stale", "files-half")),
+            "in fact database as before, files neither as before nor the Backup's",
+        ),
         (restore("Running", "", STALE), "never finished"),
     ],
 )

@@ -199,12 +199,7 @@ def check_restores(seen: Iterable[RestoreSeen]) -> list[Violation]:
                         "restore-truthful",
                         r.ref,
                         f"{what}, target state {r.target_state or '(none)'} is neither Unchanged nor "
-                        f"PartiallyRestored ({r.message}); the target is "
-                        + (
-                            "unchanged"
-                            if r.after == r.before
-                            else _diff(r.before, r.after).replace("the ", "its ")
-                        ),
+                        f"PartiallyRestored ({r.message}); in fact {_state(r)}",
                     )
                 )
         else:
@@ -215,3 +210,17 @@ def check_restores(seen: Iterable[RestoreSeen]) -> list[Violation]:
 def _diff(want: Content, got: Content) -> str:
     parts = [f"the {name} differs" for name in ("db", "files") if getattr(want, name) != getattr(got, name)]
     return " and ".join(parts).replace("db", "database") or "nothing differs"
+
+
+def _state(r: RestoreSeen) -> str:
+    """What the target really holds after a restore, part by part."""
+
+    def part(name: str) -> str:
+        got = getattr(r.after, name)
+        if got == getattr(r.expected, name):
+            return "the Backup's"
+        if got == getattr(r.before, name):
+            return "as before"
+        return "neither as before nor the Backup's"
+
+    return f"database {part('db')}, files {part('files')}"
