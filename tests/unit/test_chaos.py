@@ -31,6 +31,7 @@ from nightjar.devstack.chaos.plan import (
 )
 from nightjar.storage import layout
 from nightjar.storage.manifest import Database, Manifest, StoredObject, Stream
+from nightjar.storage.objects import StorageError
 from tests.memstore import MemoryStore
 
 PREFIX = "chaos"
@@ -164,7 +165,7 @@ def test_an_unreachable_store_is_no_verdict() -> None:
     mem = MemoryStore()
     key, sha = snapshot(mem, "u1", {"000001.pack": b"abc"})
     mem.down = "connection refused"
-    with pytest.raises(Exception, match="connection refused"):
+    with pytest.raises(StorageError, match="connection refused"):
         verify_snapshot(mem, key, sha)
 
 
