@@ -12,6 +12,10 @@
 #   --local-base       do not try to pull the base image; use the stand-in
 #   --pg-majors "N.."  PG_MAJORS (the newest becomes PG_MAJOR); default the Dockerfile's, or the
 #                      majors Debian's own archive has (15) when the stand-in is used
+#   --scratch-majors "N.."  also build the scratch PostgreSQL server image of each major
+#                      (images/scratch-postgres: nightjar-postgres:<major>, restore drills without a
+#                      scratch Secret run it); default the majors Debian's own archive has (bookworm:
+#                      15); "" builds none
 #   --no-host-ca       do not give the build the host's CA bundle (see certs/README.md)
 #   --import SOCKET    then import the image and the pause image into the containerd at SOCKET
 #                      (namespace k8s.io), as `ctr -a SOCKET -n k8s.io images import`
@@ -51,6 +55,8 @@ imgcache=$cache/images
 base=""
 local_base=0
 pg_majors=""
+scratch_majors=default
+scratch_repo=nightjar-postgres
 host_ca=1
 import_socket=""
 build=1
@@ -69,6 +75,7 @@ while [ $# -gt 0 ]; do
     --base) base=${2:?--base needs an image}; shift 2 ;;
     --local-base) local_base=1; shift ;;
     --pg-majors) pg_majors=${2:?--pg-majors needs majors}; shift 2 ;;
+    --scratch-majors) scratch_majors=${2?--scratch-majors needs majors (or "")}; shift 2 ;;
     --no-host-ca) host_ca=0; shift ;;
     --import) import_socket=${2:?--import needs a containerd socket}; shift 2 ;;
     --no-build) build=0; shift ;;
@@ -470,6 +477,36 @@ build_project() {
   log "$tag: $id, $((size / 1000000)) MB"
 }
 
+# The scratch PostgreSQL server images (images/scratch-postgres/Dockerfile), one per major, FROM the
+# same base as the project image: a warm build is all layer cache. Each is saved to
+# <state>/nightjar-postgres-<major>.tar (its id beside it) only when its id changed.
+build_scratch() {
+  local major
+  for major in $scratch_majors; do
+    local stag=$scratch_repo:$major slog=$state/build-postgres-$major.log start=$SECONDS rc=0
+    local star=$state/nightjar-postgres-$major.tar sid=$state/nightjar-postgres-$major.id
+    DOCKER_BUILDKIT=0 "$DOCKER" build --build-arg "BASE_IMAGE=$base" --build-arg "PG_MAJOR=$major" \
+      -t "$stag" -f "$repo/images/scratch-postgres/Dockerfile" "$repo" >"$slog" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then
+      tail -n 40 "$slog" | sed 's/\x1b\[[0-9;]*m//g' >&2
+      die "docker build of $stag failed (exit $rc); the whole log: $slog"
+    fi
+    local id
+    id=$("$DOCKER" image inspect -f '{{.Id}}' "$stag")
+    if [ -f "$star" ] && [ "$(cat "$sid" 2>/dev/null)" = "$id" ]; then
+      log "$stag built in $((SECONDS - start)) s; $star already holds it"
+    else
+      local tmp
+      tmp=$(mktemp "$state/.postgres.XXXXXX")
+      cleanup_paths+=("$tmp")
+      "$DOCKER" save -o "$tmp" "$stag" || die "docker save $stag failed"
+      mv -f "$tmp" "$star"
+      printf '%s\n' "$id" >"$sid"
+      log "$stag built and saved to $star in $((SECONDS - start)) s"
+    fi
+  done
+}
+
 import_into() { # socket
   local sock=$1 ptar
   need ctr containerd
@@ -478,7 +515,9 @@ import_into() { # socket
   ptar=$(cat "$state/pause.tar.path" 2>/dev/null || true)
   [ -f "$ptar" ] || die "no pause image tarball (${ptar:-none recorded}): build first (without --no-build)"
   local t start=$SECONDS
-  for t in "$image_tar" "$ptar"; do
+  local scratch_tars=()
+  for t in "$state"/nightjar-postgres-*.tar; do [ -f "$t" ] && scratch_tars+=("$t"); done
+  for t in "$image_tar" "$ptar" "${scratch_tars[@]}"; do
     ctr -a "$sock" -n k8s.io images import "$t" >/dev/null \
       || die "ctr -a $sock -n k8s.io images import $t failed"
   done
@@ -517,6 +556,10 @@ if [ "$build" = 1 ]; then
   printf '%s/%s-%s.tar\n' "$imgcache" "$(printf '%s' "$pause_tag" | tr '/:' '__')" "$pause_key" >"$state/pause.tar.path"
   log "base images ready in $((SECONDS - phase)) s"
   build_project
+  if [ "$scratch_majors" = default ]; then
+    scratch_majors=$(case "$release" in bookworm) echo 15 ;; trixie) echo 17 ;; *) echo "" ;; esac)
+  fi
+  build_scratch
 fi
 if [ -n "$import_socket" ]; then
   import_into "$import_socket"

@@ -9,6 +9,7 @@ monkeypatching the code under test.
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime as dt
 from collections import defaultdict
@@ -80,6 +81,10 @@ class FakeKube:
         self.terminating: set[str] = set()
         self.created_jobs: list[dict[str, Any]] = []
         self.made: list[dict[str, Any]] = []  # create_if_absent
+        #: Pods the reconcilers create (a drill's scratch server), by (namespace, name); a test
+        #: plays the kubelet by setting their status.
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.deleted: list[tuple[str, str, str]] = []  # (kind, namespace, name)
         self.scaled: list[tuple[str, str, int]] = []
         self.calls: defaultdict[str, int] = defaultdict(int)
         self._faults: defaultdict[str, list[int]] = defaultdict(list)
@@ -251,6 +256,9 @@ class FakeKube:
         if any((o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) == key for o in self.made):
             return False
         self.made.append(copy.deepcopy(obj))
+        if obj["kind"] == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+            self.secrets[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = data
         return True
 
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -274,6 +282,45 @@ class FakeKube:
     def job_results(self, namespace: str, job: str) -> list[dict[str, Any]]:
         self._call("job_results")
         return list(self.job_output.get((namespace, job)) or self.results)
+
+    def create_pod(self, namespace: str, pod: dict[str, Any]) -> bool:
+        self._call("create_pod")
+        if (namespace, pod["metadata"]["name"]) in self.pods:
+            return False
+        self.pods[(namespace, pod["metadata"]["name"])] = {
+            **copy.deepcopy(pod),
+            "status": {"phase": "Pending"},
+        }
+        return True
+
+    def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self._call("read_pod")
+        pod = self.pods.get((namespace, name))
+        return copy.deepcopy(pod) if pod is not None else None
+
+    def delete_pod(self, namespace: str, name: str) -> bool:
+        self._call("delete_pod")
+        self.deleted.append(("Pod", namespace, name))
+        return self.pods.pop((namespace, name), None) is not None
+
+    def patch_secret_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        self._call("patch_secret_data")
+        if (namespace, name) not in self.secrets:
+            raise SecretMissing(f'Secret "{name}" not found in namespace {namespace}')
+        self.secrets[(namespace, name)].update({k: base64.b64decode(v).decode() for k, v in data.items()})
+
+    def delete_secret(self, namespace: str, name: str) -> bool:
+        self._call("delete_secret")
+        self.deleted.append(("Secret", namespace, name))
+        self.made = [
+            o
+            for o in self.made
+            if not (
+                o["kind"] == "Secret"
+                and (o["metadata"]["namespace"], o["metadata"]["name"]) == (namespace, name)
+            )
+        ]
+        return self.secrets.pop((namespace, name), None) is not None
 
     def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
         self.events.append((obj["metadata"]["name"], etype, reason, message))

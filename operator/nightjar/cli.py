@@ -437,9 +437,10 @@ def _finish(kind: str, name: str, obj: dict[str, Any]) -> None:
 @click.option("-n", "--namespace", help=_NS_HELP)
 @click.option(
     "--scratch-secret",
-    required=True,
+    default="",
     help="Secret of the scratch PostgreSQL server the drill restores into (a database Secret's shape; "
-    "its role must be allowed to create databases).",
+    "its role must be allowed to create databases). Default: an ephemeral server the operator runs "
+    "for the drill and deletes afterwards.",
 )
 @click.option("--name", help="Name of the Verification (default verify-<backup>-<yyyymmddhhmmss>).")
 @click.option(
@@ -478,11 +479,14 @@ def verify(
                 f'Backup "{backup}" is {phase or "not started yet"}: only a Completed backup can be verified'
             )
         name = name or object_name(f"verify-{backup}", _now())
+        spec: dict[str, Any] = {"backupName": backup}
+        if scratch_secret:  # else the operator runs an ephemeral scratch server
+            spec["scratch"] = {"database": {"secretRef": {"name": scratch_secret}}}
         body = {
             "apiVersion": API_VERSION,
             "kind": "Verification",
             "metadata": {"name": name, "namespace": ns},
-            "spec": {"backupName": backup, "scratch": {"database": {"secretRef": {"name": scratch_secret}}}},
+            "spec": spec,
         }
         try:
             kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, VERIFICATIONS, body)

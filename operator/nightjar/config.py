@@ -53,6 +53,18 @@ class OperatorConfig:
     residency_policy_file: str = ""
     #: Environment passed to every agent container (e.g. NIGHTJAR_PG_BINDIR on the dev stack).
     agent_extra_env: dict[str, str] = field(default_factory=dict)
+    #: The ephemeral scratch PostgreSQL server of a restore drill without spec.scratch: its image,
+    #: "{major}" standing for the Backup's server major; empty: none (such a drill fails).
+    scratch_image: str = ""
+    #: The majors that image exists for; empty: every major.
+    scratch_majors: tuple[str, ...] = ()
+    scratch_image_pull_policy: str = "IfNotPresent"
+    #: Resources of the scratch server's container.
+    scratch_cpu_request: str = "100m"
+    scratch_memory_request: str = "128Mi"
+    scratch_memory_limit: str = "1Gi"
+    #: A scratch server not Ready this long after its Pod was created fails the drill.
+    scratch_start_timeout_seconds: int = 300
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -95,4 +107,17 @@ class OperatorConfig:
             gc_interval_seconds=_int("NIGHTJAR_GC_INTERVAL_SECONDS", cls.gc_interval_seconds),
             attempts=_int("NIGHTJAR_BACKUP_ATTEMPTS", cls.attempts),
             agent_extra_env=extra,
+            scratch_image=os.environ.get("NIGHTJAR_SCRATCH_IMAGE", cls.scratch_image),
+            scratch_majors=tuple(os.environ.get("NIGHTJAR_SCRATCH_MAJORS", "").replace(",", " ").split()),
+            scratch_image_pull_policy=os.environ.get(
+                "NIGHTJAR_SCRATCH_IMAGE_PULL_POLICY", cls.scratch_image_pull_policy
+            ),
+            scratch_cpu_request=os.environ.get("NIGHTJAR_SCRATCH_CPU_REQUEST", cls.scratch_cpu_request),
+            scratch_memory_request=os.environ.get(
+                "NIGHTJAR_SCRATCH_MEMORY_REQUEST", cls.scratch_memory_request
+            ),
+            scratch_memory_limit=os.environ.get("NIGHTJAR_SCRATCH_MEMORY_LIMIT", cls.scratch_memory_limit),
+            scratch_start_timeout_seconds=_int(
+                "NIGHTJAR_SCRATCH_START_TIMEOUT_SECONDS", cls.scratch_start_timeout_seconds
+            ),
         )

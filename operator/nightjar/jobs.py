@@ -651,9 +651,11 @@ class VerifyPlan:
         scratch_keys: tuple[str, ...],
         *,
         report_progress: bool = False,
+        scratch_secret: str = "",
     ) -> VerifyPlan:
         """From the Verification, its Completed Backup, the Backup's BackupStorage and the keys of
-        the scratch Secret (the reconciler checked they exist)."""
+        the scratch Secret (the reconciler checked they exist): ``scratch_secret``, or else the one
+        the spec names (a drill without one gets the Secret of its ephemeral scratch server)."""
         meta, spec = verification["metadata"], verification["spec"]
         bst = backup.get("status") or {}
         stored = bst.get("storage") or {}
@@ -666,7 +668,7 @@ class VerifyPlan:
             storage=StorageRef.from_spec(storage["spec"]),
             manifest_key=stored["manifestKey"],
             manifest_sha256=stored.get("manifestSha256") or "",
-            scratch_secret=scratch.get("name", ""),
+            scratch_secret=scratch_secret or scratch.get("name", ""),
             scratch_keys=tuple(scratch_keys),
             contents=(backup.get("spec") or {}).get("contents") or "Full",
             report_progress=report_progress,

@@ -282,6 +282,58 @@ class Kube:
         out.sort(key=lambda pr: pr[0])
         return [r for _, r in out]
 
+    # --- a restore drill's scratch server -----------------------------------------------------
+
+    def create_pod(self, namespace: str, pod: dict[str, Any]) -> bool:
+        """Create; False when one of that name exists (a retry or a restarted operator)."""
+        try:
+            self.core.create_namespaced_pod(namespace, pod)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Pod as a dict in API form (camelCase), or None when it does not exist."""
+        try:
+            pod = self.core.read_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        out: dict[str, Any] = self.api.sanitize_for_serialization(pod)
+        return out
+
+    def delete_pod(self, namespace: str, name: str) -> bool:
+        """Ask for the Pod's deletion; False when it is gone already."""
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def patch_secret_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Merge ``data`` (base64 values) into the Secret's data."""
+        try:
+            self.core.patch_namespaced_secret(name, namespace, {"data": data})
+        except ApiException as e:
+            if e.status == 404:
+                raise SecretMissing(f'Secret "{name}" not found in namespace {namespace}') from e
+            raise
+
+    def delete_secret(self, namespace: str, name: str) -> bool:
+        """Ask for the Secret's deletion; False when it is gone already."""
+        try:
+            self.core.delete_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
     def event(self, obj: dict[str, Any], etype: str, reason: str, message: str) -> None:
         """Post a Kubernetes Event about ``obj``; failures are logged, never raised."""
         meta = obj["metadata"]

@@ -160,7 +160,27 @@ def test_watched_namespaces_get_roles_and_nothing_cluster_wide(helm: Helm) -> No
     assert not any(k in ("ClusterRole", "ClusterRoleBinding") for k, _ in kinds)
     role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "a")
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}]
+    # patch and delete: a restore drill's ephemeral scratch server's Secret (its address, its end).
+    assert secrets == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch", "delete"]}
+    ]
+    pods = [r for r in role["rules"] if "pods" in r["resources"]]
+    assert pods == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "get", "create", "delete"]}]
+
+
+def test_the_scratch_server_image_reaches_the_operator(helm: Helm) -> None:
+    docs = render(
+        helm,
+        "--set=verification.scratchImage=reg.example/pg:{major}",
+        "--set=verification.scratchMajors={15,16}",
+        "--set=verification.scratchPullPolicy=Never",
+    )
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NIGHTJAR_SCRATCH_IMAGE"] == "reg.example/pg:{major}"
+    assert env["NIGHTJAR_SCRATCH_MAJORS"] == "15 16"
+    assert env["NIGHTJAR_SCRATCH_IMAGE_PULL_POLICY"] == "Never"
+    assert env["NIGHTJAR_SCRATCH_START_TIMEOUT_SECONDS"] == "300"
 
 
 # --- the installed release ------------------------------------------------------------------

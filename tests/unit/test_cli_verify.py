@@ -114,10 +114,11 @@ def test_a_drill_still_running_after_the_timeout_exits_1(fake: FakeCluster) -> N
     assert "is still Queued after 0s (is the operator running?)" in out.output
 
 
-def test_verify_needs_a_scratch_secret(fake: FakeCluster) -> None:
-    out = verify("b1", "-n", "shop")
-    assert out.exit_code == 2 and "--scratch-secret" in out.output
-    assert fake.created == []
+def test_verify_without_a_scratch_secret_asks_for_an_ephemeral_server(fake: FakeCluster) -> None:
+    out = verify("b1", "-n", "shop", "--name", "drill-2", "--no-wait")
+    assert out.exit_code == 0, out.output
+    (created,) = fake.created
+    assert created[4]["spec"] == {"backupName": "b1"}  # no spec.scratch: the operator runs one
 
 
 @pytest.mark.parametrize(

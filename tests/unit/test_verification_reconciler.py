@@ -384,7 +384,6 @@ def _scratch_lacks_keys(w: World) -> None:
         (_storage_gone, "scratch", 'BackupStorage "s3" no longer exists'),
         (_scratch_missing, "scratch", 'scratch database: Secret "scratch" not found'),
         (_scratch_lacks_keys, "scratch", 'Secret "scratch" has no key uri, nor the key(s) host'),
-        (lambda w: None, None, "names no Secret (a scratch server is required)"),
     ],
     ids=[
         "backup-missing",
@@ -393,7 +392,6 @@ def _scratch_lacks_keys(w: World) -> None:
         "storage-gone",
         "no-secret",
         "no-keys",
-        "no-scratch",
     ],
 )
 def test_a_refused_drill_fails_at_once_and_creates_nothing(

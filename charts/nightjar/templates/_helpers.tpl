@@ -85,12 +85,14 @@ presigned-URL Secret of a cross-namespace restore); never list or watch.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create"]
+# A restore drill without a scratch Secret: its ephemeral scratch server, a Pod and a Secret the
+# operator creates, reads, gives the Pod's address (patch) and deletes when the drill ends.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "get", "create", "delete"]
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create"]
+  verbs: ["get", "create", "patch", "delete"]
 # A Backup's files source is checked before its Job starts.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]

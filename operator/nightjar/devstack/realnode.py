@@ -60,6 +60,20 @@ PROJECT_IMAGE = "nightjar:dev"
 PROJECT_IMAGE_TAR = REPO_ROOT / ".local" / "image" / "image.tar"
 #: The image's id as containerd reports it (the digest of its config): a Pod's imageID.
 PROJECT_IMAGE_ID = PROJECT_IMAGE_TAR.parent / "image.id"
+#: The scratch PostgreSQL servers of restore drills `make image` builds, one per major
+#: (images/scratch-postgres), each saved as nightjar-postgres-<major>.tar beside the project image.
+SCRATCH_IMAGE = "nightjar-postgres:{major}"
+
+
+def scratch_image_tars() -> list[Path]:
+    return sorted(PROJECT_IMAGE_TAR.parent.glob("nightjar-postgres-*.tar"))
+
+
+def scratch_majors() -> list[str]:
+    """The majors of the scratch server images `make image` built."""
+    return [t.stem.removeprefix("nightjar-postgres-") for t in scratch_image_tars()]
+
+
 CNI_BIN_DIR = Path("/usr/lib/cni")
 # A command (or a file) each package provides, and the Debian package.
 PACKAGES = (
@@ -437,6 +451,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         images = [pause]
         if PROJECT_IMAGE_TAR.is_file():
             images.append(PROJECT_IMAGE_TAR)
+        images += scratch_image_tars()
         return images
 
     def import_image(self, tar: Path) -> None:

@@ -1199,6 +1199,10 @@ class Stack:
             return {
                 "NIGHTJAR_AGENT_IMAGE": realnode.PROJECT_IMAGE,
                 "NIGHTJAR_AGENT_IMAGE_PULL_POLICY": "Never",
+                # Restore drills without a scratch Secret: the scratch servers `make image` built.
+                "NIGHTJAR_SCRATCH_IMAGE": realnode.SCRATCH_IMAGE,
+                "NIGHTJAR_SCRATCH_MAJORS": " ".join(realnode.scratch_majors()),
+                "NIGHTJAR_SCRATCH_IMAGE_PULL_POLICY": "Never",
             }
         return {"NIGHTJAR_AGENT_ENV_NIGHTJAR_PG_BINDIR": str(postgres_bindir())}
 

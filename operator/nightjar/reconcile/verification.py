@@ -10,6 +10,8 @@ a drill fails, in a Warning Event on the Backup.
 
 Refusals (the Backup missing or not Completed, the scratch Secret missing) fail at once: nothing
 is created. The drill never touches the source database: the Job gets only the scratch Secret.
+A Verification that names no scratch Secret gets an ephemeral scratch server (reconcile.scratch):
+started before the Job, deleted before the drill is terminal.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from nightjar import metrics
+from nightjar import metrics, scratchpod
 from nightjar.config import OperatorConfig
 from nightjar.constants import BACKUPS, STORAGES, VERIFICATIONS
 from nightjar.domain.retention import format_time, parse_time
@@ -31,7 +33,7 @@ from nightjar.jobs import (
     job_name,
     verify_access_name,
 )
-from nightjar.reconcile import errors, preflight, status
+from nightjar.reconcile import errors, preflight, scratch, status
 from nightjar.reconcile.errors import Retry
 from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock
 
@@ -72,6 +74,7 @@ class VerificationReconciler:
         self.clock = clock or SystemClock()
         self.writer = status.StatusWriter(kube, VERIFICATIONS, self.clock)
         self.backups = status.StatusWriter(kube, BACKUPS, self.clock)
+        self.scratch = scratch.ScratchServers(kube, config, self.clock)
 
     # --- status -------------------------------------------------------------------------------
 
@@ -98,6 +101,8 @@ class VerificationReconciler:
         nothing about the backup and leaves it alone), then the Verification, the metrics."""
         if status.phase_of(v) in TERMINAL:
             return
+        if scratch.ephemeral(v):  # before the phase: a terminal drill has no scratch server left
+            self.scratch.teardown(v)
         now = self.clock.now()
         ok = result == PASSED
         seconds = float(fields.get("restoreSeconds") or 0)
@@ -169,8 +174,8 @@ class VerificationReconciler:
             self.sync_from_job(v, job)
             return
         try:
-            backup, storage, db_keys = self._check(v)
-            plan = VerifyPlan.of(v, backup, storage, db_keys, report_progress=True)
+            backup, storage, secret, db_keys = self._check(v)
+            plan = VerifyPlan.of(v, backup, storage, db_keys, report_progress=True, scratch_secret=secret)
             for obj in build_verify_access(plan):  # the agent reports progress to this drill only
                 self.kube.create_if_absent(obj)
             body = build_verify_job(plan, self.config)
@@ -185,12 +190,18 @@ class VerificationReconciler:
             )
         except Refused as e:
             self._end(v, FAILED, f"{e}; nothing was created", "Refused", record=False)
+        except scratch.ScratchFailed as e:
+            self._end(v, FAILED, str(e), "ScratchServerFailed", record=False)
+        except scratch.Starting as e:
+            if (v.get("status") or {}).get("message") != str(e):
+                self._set(v, status.update(message=str(e)))
+            raise
         except (Retry, status.StatusConflict):
             raise
         except Exception as e:
             self._retry_or_fail(v, errors.classify(e))
 
-    def _check(self, v: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
+    def _check(self, v: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str, tuple[str, ...]]:
         ns, spec = v["metadata"]["namespace"], v["spec"]
         backup = self.kube.get(BACKUPS, ns, spec["backupName"])
         if backup is None:
@@ -207,14 +218,21 @@ class VerificationReconciler:
         storage = self.kube.get(STORAGES, ns, storage_name)
         if storage is None:
             raise Refused(f'the Backup\'s BackupStorage "{storage_name}" no longer exists in {ns}')
-        scratch = ((spec.get("scratch") or {}).get("database") or {}).get("secretRef", {}).get("name")
-        if not scratch:
-            raise Refused("spec.scratch.database.secretRef names no Secret (a scratch server is required)")
+        secret = self._scratch_secret(v)
+        if scratch.ephemeral(v):
+            secret = self.scratch.ready(v, backup)  # Starting until it is Ready
         try:
-            db_keys = preflight.scratch_keys(self.kube, ns, scratch)
+            db_keys = preflight.scratch_keys(self.kube, ns, secret)
         except preflight.Missing as e:
             raise Refused(f"scratch database: {e}") from e
-        return backup, storage, db_keys
+        return backup, storage, secret, db_keys
+
+    @staticmethod
+    def _scratch_secret(v: dict[str, Any]) -> str:
+        """The scratch Secret the spec names, or the ephemeral scratch server's."""
+        if scratch.ephemeral(v):
+            return scratchpod.scratch_name(v["metadata"]["name"])
+        return str(v["spec"]["scratch"]["database"]["secretRef"]["name"])
 
     def _retry_or_fail(self, v: dict[str, Any], verdict: errors.Verdict) -> None:
         if isinstance(verdict, errors.Permanent):
@@ -310,15 +328,15 @@ class VerificationReconciler:
             drills = self.kube.job_pod_uids(ns, job["metadata"]["name"])
             if backup is None or storage is None or not drills:
                 return True, "its temporary database (nightjar_verify_*) may be left on the scratch server"
-            scratch = ((v["spec"].get("scratch") or {}).get("database") or {}).get("secretRef") or {}
+            secret = self._scratch_secret(v)
             try:
-                keys = preflight.scratch_keys(self.kube, ns, str(scratch.get("name") or ""))
+                keys = preflight.scratch_keys(self.kube, ns, secret)
             except preflight.Missing as e:
                 return (
                     True,
                     f"its temporary database (nightjar_verify_*) may be left on the scratch server: {e}",
                 )
-            plan = VerifyPlan.of(v, backup, storage, keys)
+            plan = VerifyPlan.of(v, backup, storage, keys, scratch_secret=secret)
             self.kube.create_job(ns, build_verify_cleanup_job(plan, drills, self.config))
             message = "the drill ended without dropping its temporary database: dropping it"
             self._set(v, status.update(message=message))
