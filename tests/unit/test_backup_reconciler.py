@@ -331,6 +331,35 @@ def test_a_succeeded_job_that_reported_no_snapshot_fails(w: World) -> None:
     assert w.conds()["Failed"]["reason"] == "NoResult"
 
 
+def test_a_succeeded_job_whose_pod_is_gone_completes_from_the_snapshot_in_the_bucket(w: World) -> None:
+    """Found by make chaos: the agent's Pod deleted after it wrote and verified its snapshot, before
+    the operator read its result. The snapshot (manifest written last) is there: Completed."""
+    w.running()
+    result = w.taken_snapshot()
+    w.kube.job_output[(NS, JOB)] = []  # no Pod left: no termination message
+    w.rec.sync_from_job(w.get(), w.finished_job())
+    st = w.st()
+    assert st["phase"] == "Completed", st.get("message")
+    assert st["storage"]["manifestKey"] == result["manifestKey"]
+    assert st["storage"]["manifestSha256"] == result["manifestSha256"]
+    assert (st["snapshotId"], st["createdOn"]) == ("a1", result["createdOn"])
+    assert st["database"]["serverVersion"] == "16" and st["message"].startswith(
+        "snapshot a1 stored and verified"
+    )
+
+
+def test_a_lost_result_over_a_snapshot_missing_an_object_fails_it(w: World) -> None:
+    w.running()
+    result = w.taken_snapshot()
+    w.kube.job_output[(NS, JOB)] = []
+    listed = next(k for k in w.bk.objects if k != result["manifestKey"])
+    del w.bk.objects[listed]
+    w.rec.sync_from_job(w.get(), w.finished_job())
+    st = w.st()
+    assert st["phase"] == "Failed" and "missing or short in the bucket" in st["message"]
+    assert w.conds()["Failed"]["reason"] == "VerificationFailed"
+
+
 def test_a_manifest_that_is_not_what_the_agent_wrote_fails_at_once(w: World) -> None:
     w.running()
     result = w.taken_snapshot()

@@ -22,7 +22,7 @@ from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_SYNCED_FROM, ST
 from nightjar.domain.residency import Policy
 from nightjar.domain.retention import format_time, parse_time
 from nightjar.jobs import build_backup_job, job_name
-from nightjar.reconcile import backup_plan, errors, status
+from nightjar.reconcile import backup_plan, errors, preflight, snapshots, status
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup_plan import PreflightFailed
 from nightjar.reconcile.backup_status import BackupStatus
@@ -209,10 +209,15 @@ class TakenBackups:
                 if "manifestKey" in r
             ]
             if not results:
-                self.state.fail(
-                    backup, "the backup Job succeeded but reported no snapshot", attempts, "NoResult"
-                )
-                return
+                # Its Pod went (deleted, evicted, a node lost) after the agent finished: the
+                # snapshot it wrote is in the bucket, manifest last, or there is none.
+                found = self.find_snapshot(backup)
+                if found is None:
+                    self.state.fail(
+                        backup, "the backup Job succeeded but reported no snapshot", attempts, "NoResult"
+                    )
+                    return
+                results = [found]
             result = results[-1]
             self.verify_manifest(backup, result)
         except Retry:
@@ -246,6 +251,32 @@ class TakenBackups:
         )
         event = ("Normal", "Completed", f"snapshot {result['snapshotId']} completed, {size / 1e6:.2f} MB")
         self.state.complete(backup, done, event)
+
+    def find_snapshot(self, backup: dict[str, Any]) -> dict[str, Any] | None:
+        """The snapshot this Backup's Job wrote, read from the bucket when its result is lost:
+        the newest manifest under the Backup's own prefix, parsed (keys checked) and with every
+        object it lists present at its size. None when there is none; raises what reading
+        raises (the caller classifies: retried, or failed)."""
+        meta, ns = backup["metadata"], backup["metadata"]["namespace"]
+        storage = self.kube.get(STORAGES, ns, backup["spec"]["storageRef"]["name"])
+        if storage is None:
+            raise storage_rec.StorageUnavailable(
+                f'BackupStorage "{backup["spec"]["storageRef"]["name"]}" is gone'
+            )
+        target = storage_rec.target_for(self.kube, ns, storage["spec"])
+        store = self.open_store(target)
+        mine = layout.backup_prefix(
+            target.prefix, ns, layout.source_id(backup["spec"]["source"]), meta["uid"]
+        )
+        found = snapshots.newest_snapshot(store, mine, preflight.keyring(self.kube, ns, storage["spec"]))
+        if found is not None:
+            log.warning(
+                "backup %s/%s: its Job's result is lost (the Pod is gone); found snapshot %s in the bucket",
+                ns,
+                meta["name"],
+                found["manifestKey"],
+            )
+        return found
 
     def retry_verification(
         self, backup: dict[str, Any], verdict: errors.Transient, finished: dt.datetime, attempts: int

@@ -3,12 +3,15 @@ another snapshot of the same source still uses. Pure but for the object store it
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 from typing import Any
 
 from nightjar.constants import ANNOTATION_SYNCED_FROM
 from nightjar.storage import layout
+from nightjar.storage.crypto import KeyRing
 from nightjar.storage.errors import IntegrityError
-from nightjar.storage.manifest import PublicManifest
+from nightjar.storage.manifest import Manifest, PublicManifest
 from nightjar.storage.objects import ObjectStore
 
 
@@ -87,3 +90,33 @@ def delete_snapshot(
     doomed = sorted((own | referenced) - keep)
     deleted, locked = store.delete(doomed)
     return deleted, len(doomed), locked
+
+
+def newest_snapshot(store: ObjectStore, mine: str, keyring: KeyRing | None) -> dict[str, Any] | None:
+    """The newest snapshot written under a Backup's own prefix ``mine`` (manifest last: one with a
+    manifest is complete), checked: the manifest parses with the storage's keys and every object
+    it lists is there at its size. As the agent reports it; None when there is none."""
+    manifests = [i for i in store.list(mine) if layout.is_manifest(i.key)]
+    if not manifests:
+        return None
+    oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
+    newest = max(manifests, key=lambda i: (i.last_modified or oldest, i.key))
+    raw = store.read(newest.key)
+    manifest = Manifest.parse(raw, keyring, f"manifest {newest.key}")
+    if manifest.database is None:
+        raise IntegrityError(f"{newest.key} is not a snapshot manifest")
+    for o in manifest.objects:
+        head = store.head(o.key)
+        if head is None or head.size != o.bytes:
+            raise IntegrityError(f"{o.key}, listed by {newest.key}, is missing or short in the bucket")
+    files = manifest.files
+    return {
+        "snapshotId": manifest.snapshot_id,
+        "manifestKey": newest.key,
+        "manifestSha256": hashlib.sha256(raw).hexdigest(),
+        "createdOn": manifest.created_on,
+        "sizeUncompressedBytes": manifest.size_uncompressed,
+        "database": manifest.database.summary(),
+        "files": {"count": files.count, "bytes": files.bytes} if files else None,
+        "objects": len(manifest.objects),
+    }
