@@ -371,6 +371,10 @@ class RestorePlan:
     primary_prefix: str | None = None
 
 
+#: New Pods a restore Job gets after its Pod was killed (never after the agent reported a failure).
+RESTORE_DISRUPTIONS = 2
+
+
 def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, Any]:
     """The Job that runs ``nightjar agent restore`` for one Restore, in the target namespace."""
     st = plan.storage
@@ -454,9 +458,17 @@ def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, An
     }
     owner = {"apiVersion": API_VERSION, "kind": "Restore", "name": plan.name, "uid": plan.uid}
     stamp(job, owner=owner, labels={LABEL_RESTORE: plan.name}, config=config)
-    # One attempt: a restore that failed has said what state the target is in; running it
-    # again is the user's call (a new Restore), not a silent retry over half-restored data.
-    job["spec"]["backoffLimit"] = 0
+    # A restore that failed has said what state the target is in (the agent exits 1 with its
+    # result): running it again is the user's call (a new Restore), never a silent retry over
+    # half-restored data. A Pod that was killed (deleted, evicted, its node lost: no result) is
+    # another matter: the restore is idempotent (the database in one transaction, rolled back
+    # when its connection dies; the files written exactly), so a new Pod finishes it.
+    job["spec"]["backoffLimit"] = RESTORE_DISRUPTIONS
+    job["spec"]["podFailurePolicy"] = {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "agent", "operator": "In", "values": [1]}}
+        ]
+    }
     return job
 
 

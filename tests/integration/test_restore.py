@@ -596,3 +596,42 @@ def test_a_hand_built_mendix_archive_uploads_and_restores(
     assert st["phase"] == "Completed", st.get("message")
     assert psql(env, acceptance.db, TABLE_CHECKSUMS) == psql(env, app_db, TABLE_CHECKSUMS)
     assert regular_files(acceptance.files) == {k: hashlib.sha256(v).hexdigest() for k, v in documents.items()}
+
+
+def test_a_restore_pod_killed_mid_way_is_replaced_and_the_restore_completes_identically(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    batch: client.BatchV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+) -> None:
+    """Found by make chaos: a restore whose Pod was deleted mid-way ended Failed with target state
+    Unknown. The restore is idempotent, so a killed Pod (no result) gets a new one; only a failure
+    the agent reports ends the Job."""
+    psql(
+        env,
+        app_db,
+        f"set role {app_db}; create table blobs (id int primary key, body text);"
+        " insert into blobs select g, md5(g::text) || md5((g * 7)::text) from generate_series(1, 1500000) g;",
+    )
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("big", files=False), timeout=300)
+    want = psql(env, app_db, TABLE_CHECKSUMS)
+    psql(env, app_db, "delete from orders where id > 10; delete from blobs where id % 3 = 0")
+    custom.create_namespaced_custom_object(G, V, namespace, "restores", restore_body("again", "big"))
+
+    def restoring() -> Any:
+        st = get_restore(custom, namespace, "again").get("status") or {}
+        p = st.get("progress") or {}
+        return (st.get("phase") == "Running" and 0 < p.get("bytesDone", 0) < p.get("bytesTotal", 0)) or None
+
+    wait_for("the restore to be part way", restoring, 180, interval=0.1)
+    (pod,) = core.list_namespaced_pod(namespace, label_selector="job-name=nightjar-restore-again").items
+    core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=0)
+    st = wait_restore(custom, namespace, "again", 300)
+    assert st["phase"] == "Completed", st.get("message")
+    assert psql(env, app_db, TABLE_CHECKSUMS) == want
+    assert psql(env, app_db, "select count(*) from blobs") == "1500000"
+    job = batch.read_namespaced_job("nightjar-restore-again", namespace)
+    assert job.status.succeeded == 1 and (job.status.failed or 0) == 1  # one Pod killed, one finished

@@ -50,12 +50,22 @@ def plan(**kw: Any) -> RestorePlan:
     return RestorePlan(**base)
 
 
-def test_same_namespace_job_uses_the_storage_secret_by_reference_and_runs_once() -> None:
+def test_same_namespace_job_uses_the_storage_secret_by_reference_and_never_retries_a_reported_failure() -> (
+    None
+):
     job = build_restore_job(plan(namespace="prod"), OperatorConfig())
     pod = job["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert job["metadata"]["name"] == "nightjar-restore-from-prod"
-    assert job["spec"]["backoffLimit"] == 0
+    # The agent's own failure (exit 1, its result says the target's state) ends the Job; a killed
+    # Pod (no result) gets a new one, twice at most: the restore is idempotent.
+    assert job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["podFailurePolicy"] == {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "agent", "operator": "In", "values": [1]}}
+        ]
+    }
+    assert pod["restartPolicy"] == "Never"  # what a pod failure policy needs
     assert pod["serviceAccountName"] == "nightjar-restore-from-prod"
     assert pod["automountServiceAccountToken"] is False  # only the explicit, scoped token volume
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
