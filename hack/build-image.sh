@@ -420,9 +420,13 @@ pause_prepare() {
   pause_key=$({ declare -f build_pause; sha256sum <"$pause_c"; echo "$pause_version"; } | key_of)
 }
 
+debian_key() {
+  { declare -f build_debian; echo "$release $(dpkg --print-architecture 2>/dev/null || uname -m)"; } | key_of
+}
+
 base_images() {
   local dkey pkey
-  dkey=$({ declare -f build_debian; echo "$release $(dpkg --print-architecture 2>/dev/null || uname -m)"; } | key_of)
+  dkey=$(debian_key)
   pkey=$({ echo "$dkey"; declare -f build_python python_standin_dockerfile; } | key_of)
   # The stand-in's cache holds every layer: the Debian base is only needed to build it.
   if [ "$(label_of "$standin_tag")" != "$pkey" ] && [ ! -f "$imgcache/$(printf '%s' "$standin_tag" | tr '/:' '__')-$pkey.tar" ]; then
@@ -477,15 +481,21 @@ build_project() {
   log "$tag: $id, $((size / 1000000)) MB"
 }
 
-# The scratch PostgreSQL server images (images/scratch-postgres/Dockerfile), one per major, FROM the
-# same base as the project image: a warm build is all layer cache. Each is saved to
+# The scratch PostgreSQL server images (images/scratch-postgres/Dockerfile), one per major: FROM
+# the Debian base of the stand-in (local/debian, cached like it) when the stand-in is used, else
+# FROM the project image's base; a warm build is all layer cache. Each is saved to
 # <state>/nightjar-postgres-<major>.tar (its id beside it) only when its id changed.
 build_scratch() {
-  local major
+  local major sbase=$base
+  [ -n "$scratch_majors" ] || return 0
+  if [ "$base" = "$standin_tag" ]; then
+    cached_image "$debian_tag" build_debian "$(debian_key)"
+    sbase=$debian_tag
+  fi
   for major in $scratch_majors; do
     local stag=$scratch_repo:$major slog=$state/build-postgres-$major.log start=$SECONDS rc=0
     local star=$state/nightjar-postgres-$major.tar sid=$state/nightjar-postgres-$major.id
-    DOCKER_BUILDKIT=0 "$DOCKER" build --build-arg "BASE_IMAGE=$base" --build-arg "PG_MAJOR=$major" \
+    DOCKER_BUILDKIT=0 "$DOCKER" build --build-arg "BASE_IMAGE=$sbase" --build-arg "PG_MAJOR=$major" \
       -t "$stag" -f "$repo/images/scratch-postgres/Dockerfile" "$repo" >"$slog" 2>&1 || rc=$?
     if [ "$rc" != 0 ]; then
       tail -n 40 "$slog" | sed 's/\x1b\[[0-9;]*m//g' >&2
