@@ -7,6 +7,8 @@ Nothing mocked: the stack's API server, operator, PostgreSQL, MinIO and real nod
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from nightjar.devstack.stack import Stack, State
 from nightjar.domain.retention import parse_time
 from nightjar.scratchpod import scratch_name
 from tests.integration.helpers import G, V, backup_body, make_storage, psql, take_backup
@@ -106,3 +109,60 @@ def test_a_drill_without_a_scratch_secret_passes_on_an_ephemeral_server_that_is_
         f"(restoreSeconds {vs['restoreSeconds']:.2f}); finishedAt {finished.isoformat()}; messages {messages}"
     )
     assert psql(env, app_db, "select count(*) from orders") == "5000"  # the source untouched
+
+
+def test_the_operator_killed_while_the_scratch_server_starts_converges_on_that_one_server(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("eph2", files=False))
+    drill = {
+        "apiVersion": f"{G}/{V}",
+        "kind": "Verification",
+        "metadata": {"name": "eph-restart"},
+        "spec": {"backupName": "eph2"},
+    }
+    custom.create_namespaced_custom_object(G, V, namespace, "verifications", drill)
+    pod_name = scratch_name("eph-restart")
+    pod = wait_for(
+        "the scratch Pod to exist",
+        lambda: (
+            core.read_namespaced_pod(pod_name, namespace)
+            if _exists(core.read_namespaced_pod, pod_name, namespace)
+            else None
+        ),
+        60,
+        0.05,
+    )
+    uid = pod.metadata.uid
+    stack = Stack(Path(env["NIGHTJAR_STATE_DIR"]))
+    state = State.load(stack.dir)
+    assert state is not None
+    os.kill(next(p for p in state.procs if p.name == "operator").pid, signal.SIGKILL)
+    stack.restart_operator()
+    uids = {uid}
+    deadline = time.monotonic() + 300
+    v: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        v = custom.get_namespaced_custom_object(G, V, namespace, "verifications", "eph-restart")
+        if (v.get("status") or {}).get("phase") in ("Passed", "Failed"):
+            break
+        try:
+            uids.add(core.read_namespaced_pod(pod_name, namespace).metadata.uid)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        time.sleep(0.5)
+    assert v["status"]["phase"] == "Passed", v["status"].get("message")
+    assert uids == {uid}  # the restarted operator went on with the server it found
+    wait_for(
+        "the scratch Pod to be gone",
+        lambda: not _exists(core.read_namespaced_pod, pod_name, namespace),
+        60,
+    )
+    assert not _exists(core.read_namespaced_secret, pod_name, namespace)
