@@ -1,7 +1,8 @@
 """The chart's alerts and dashboard read metrics the operator really exports: after a backup, a
-failure, a replication, a restore and garbage collection (a deletion and a deferral) on the real
-stack, the dev operator's /metrics has every metric name the rules and the dashboard use, with the
-labels they use, for this test's namespace. A renamed metric or label breaks this, not the pager.
+failure, a replication, a restore, restore drills (one passed, one refused) and garbage collection
+(a deletion and a deferral) on the real stack, the dev operator's /metrics has every metric name
+the rules and the dashboard use, with the labels they use, for this test's namespace. A renamed
+metric or label breaks this, not the pager.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.chartmetrics import all_uses
 from tests.integration.helpers import G, V, backup_body, get_backup, make_storage, take_backup, wait_terminal
 from tests.integration.test_replication import storage, storage_status
+from tests.integration.test_verification import verification, wait_ended
 from tests.support import wait_for
 
 
@@ -71,6 +73,7 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported_with_its_label
     env: dict[str, str],
     namespace: str,
     app_db: str,
+    scratch: str,
 ) -> None:
     ns = namespace
     # Storages: "dr" a real replica, "dead" one nobody answers at (replica of "s3", so its copies
@@ -175,6 +178,12 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported_with_its_label
 
     assert wait_for("restore r to finish", restored, 180)["phase"] == "Completed"
 
+    # Restore drills: one of the scheduled Backup that passes, one of a missing Backup (refused).
+    for name, backup in (("drill", "nightly-manual"), ("ghost", "nope")):
+        custom.create_namespaced_custom_object(G, V, ns, "verifications", verification(name, backup))
+    assert wait_ended(custom, ns, "drill")["status"]["phase"] == "Passed"
+    assert wait_ended(custom, ns, "ghost", 60)["status"]["phase"] == "Failed"
+
     wait_for("GC deleted old", lambda: value(env, "nightjar_gc_deletions_total", namespace=ns) >= 1, 60)
     wait_for("GC deferred lost", lambda: value(env, "nightjar_gc_deferred_total", namespace=ns) >= 1, 60)
     # Everything the alerts and the dashboard read, for this namespace, with its labels.
@@ -193,4 +202,12 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported_with_its_label
     assert value(env, "nightjar_schedule_last_successful_backup_timestamp_seconds", namespace=ns) == when
     assert value(env, "nightjar_replication_oldest_pending_timestamp_seconds", namespace=ns) == when
     assert value(env, "nightjar_replications_total", namespace=ns, replica="dr", result="Replicated") == 1
+    assert value(env, "nightjar_verifications_total", namespace=ns, result="Passed") == 1
+    assert value(env, "nightjar_verifications_total", namespace=ns, result="Failed") == 1
+    assert value(env, "nightjar_verification_restore_seconds_count", namespace=ns) == 1
+    source = get_backup(custom, ns, "nightly-manual")["status"]["sourceId"]
+    drilled = get_backup(custom, ns, "nightly-manual")["status"]["verification"]["time"]
+    at = dt.datetime.strptime(drilled, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+    last = value(env, "nightjar_backup_last_verified_timestamp_seconds", namespace=ns, source=source)
+    assert at <= last < at + 1  # the drill's end; status.verification.time is whole seconds
     assert value(env, "nightjar_leader") == 1
