@@ -372,7 +372,7 @@ class RestorePlan:
 
 
 #: New Pods a restore Job gets after its Pod was killed (never after the agent reported a failure).
-RESTORE_DISRUPTIONS = 2
+RESTORE_DISRUPTIONS = 4
 
 
 def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, Any]:

@@ -348,6 +348,39 @@ def test_a_succeeded_job_whose_pod_is_gone_completes_from_the_snapshot_in_the_bu
     )
 
 
+def test_a_failed_job_whose_earlier_attempt_wrote_a_complete_snapshot_completes(w: World) -> None:
+    """Found by make chaos: attempt 1 wrote its snapshot and lost its Pod before it exited, the
+    next attempts failed (PostgreSQL restarting): the complete snapshot is the backup."""
+    w.running()
+    result = w.taken_snapshot()
+    w.kube.job_output[(NS, JOB)] = [{"error": "pg_dump failed: connection refused"}]
+    w.rec.sync_from_job(w.get(), w.finished_job("Failed", reason="BackoffLimitExceeded", failed=3))
+    st = w.st()
+    assert st["phase"] == "Completed", st.get("message")
+    assert st["storage"]["manifestKey"] == result["manifestKey"] and st["attempts"] == 3
+
+
+def test_a_failed_job_with_nothing_in_the_bucket_fails_with_the_agents_error(w: World) -> None:
+    w.running()
+    w.kube.job_output[(NS, JOB)] = [{"error": "pg_dump failed: connection refused"}]
+    w.rec.sync_from_job(w.get(), w.finished_job("Failed", reason="BackoffLimitExceeded", failed=3))
+    st = w.st()
+    assert st["phase"] == "Failed" and st["message"] == "pg_dump failed: connection refused"
+
+
+def test_a_failed_job_while_the_bucket_is_unreachable_waits_instead_of_failing(w: World) -> None:
+    w.running()
+    w.taken_snapshot()
+    w.kube.job_output[(NS, JOB)] = [{"error": "pg_dump failed: connection refused"}]
+    w.bk.down = "cannot connect to the S3 endpoint"
+    with pytest.raises(Retry):
+        w.rec.sync_from_job(w.get(), w.finished_job("Failed", reason="BackoffLimitExceeded", failed=3))
+    assert w.st()["phase"] == "Running" and "retrying in" in w.st()["message"]
+    w.bk.down = ""
+    w.rec.sync_from_job(w.get(), w.finished_job("Failed", reason="BackoffLimitExceeded", failed=3))
+    assert w.st()["phase"] == "Completed"
+
+
 def test_a_lost_result_over_a_snapshot_missing_an_object_fails_it(w: World) -> None:
     w.running()
     result = w.taken_snapshot()

@@ -45,15 +45,6 @@ SETTLE = dt.timedelta(seconds=15)
 #: test can stop the S3 server between the agent's last write and the operator's verification.
 ANNOTATION_TEST_VERIFY_DELAY = "nightjar.dev/test-verify-delay-seconds"
 
-#: How a retried verification's message names the kind of transient error.
-WHAT = {
-    errors.STORAGE_UNAVAILABLE: "storage unreachable",
-    errors.NETWORK: "storage unreachable",
-    errors.NOT_THERE_YET: "something it needs is not there (yet)",
-    errors.CONFLICT: "the Kubernetes API failed",
-    errors.KUBERNETES_UNAVAILABLE: "the Kubernetes API failed",
-}
-
 
 class TakenBackups:
     def __init__(
@@ -152,6 +143,8 @@ class TakenBackups:
         if "Complete" in conds:
             self.complete(backup, job, attempts=failed + 1)
         elif "Failed" in conds:
+            if self.complete_from_bucket(backup, job, attempts=max(failed, 1)):
+                return
             reason = conds["Failed"].get("reason") or "JobFailed"
             message = (
                 self.last_failure(backup, name) or conds["Failed"].get("message") or "the backup Job failed"
@@ -190,7 +183,27 @@ class TakenBackups:
         ]
         return str(msgs[-1]) if msgs else ""
 
-    def complete(self, backup: dict[str, Any], job: dict[str, Any], attempts: int) -> None:
+    def complete_from_bucket(self, backup: dict[str, Any], job: dict[str, Any], attempts: int) -> bool:
+        """A Job that failed may still have written a complete snapshot (an attempt that wrote it
+        and then lost its Pod before it exited, a later attempt failing): manifest last, so one
+        with every object is a good backup, never Failed. True when it completed the Backup from
+        it; a transient error reading the bucket is retried (Running, said), never a failure."""
+        try:
+            found = self.find_snapshot(backup)
+        except Exception as e:
+            verdict = errors.classify(e)
+            if isinstance(verdict, errors.Transient):
+                finished = job_finished_at(job) or self.clock.now()
+                self.retry_verification(backup, verdict, finished, attempts)
+            return False
+        if found is None:
+            return False
+        self.complete(backup, job, attempts, found=found)
+        return True
+
+    def complete(
+        self, backup: dict[str, Any], job: dict[str, Any], attempts: int, found: dict[str, Any] | None = None
+    ) -> None:
         """The Job succeeded: verify the snapshot it reported and complete the Backup.
 
         A transient error while verifying (storage unreachable, a 503, a Secret not there yet; see
@@ -203,11 +216,15 @@ class TakenBackups:
         if hold > 0:
             raise Retry(f"test hook {ANNOTATION_TEST_VERIFY_DELAY}: verification held {hold:.0f} s", hold)
         try:
-            results = [
-                r
-                for r in self.kube.job_results(backup["metadata"]["namespace"], job["metadata"]["name"])
-                if "manifestKey" in r
-            ]
+            results = (
+                [found]
+                if found is not None
+                else [
+                    r
+                    for r in self.kube.job_results(backup["metadata"]["namespace"], job["metadata"]["name"])
+                    if "manifestKey" in r
+                ]
+            )
             if not results:
                 # Its Pod went (deleted, evicted, a node lost) after the agent finished: the
                 # snapshot it wrote is in the bucket, manifest last, or there is none.
@@ -260,9 +277,7 @@ class TakenBackups:
         meta, ns = backup["metadata"], backup["metadata"]["namespace"]
         storage = self.kube.get(STORAGES, ns, backup["spec"]["storageRef"]["name"])
         if storage is None:
-            raise storage_rec.StorageUnavailable(
-                f'BackupStorage "{backup["spec"]["storageRef"]["name"]}" is gone'
-            )
+            return None  # nothing to look in
         target = storage_rec.target_for(self.kube, ns, storage["spec"])
         store = self.open_store(target)
         mine = layout.backup_prefix(
@@ -285,7 +300,7 @@ class TakenBackups:
         deadline, fail the Backup saying so."""
         now = self.clock.now()
         deadline = finished + VERIFY_DEADLINE
-        what = WHAT.get(verdict.reason, "an unexpected error")
+        what = errors.WHAT.get(verdict.reason, "an unexpected error")
         if now >= deadline:
             self.state.fail(
                 backup,

@@ -186,3 +186,13 @@ def backoff(elapsed: float, base: float = 10.0, cap: float = 60.0) -> float:
     waits double: 10, 10, 20, 40 s ...), at least ``base``, at most ``cap``. Stateless: the same
     answer after an operator restart."""
     return max(base, min(cap, elapsed))
+
+
+#: How a retry's message names the kind of transient error.
+WHAT = {
+    STORAGE_UNAVAILABLE: "storage unreachable",
+    NETWORK: "storage unreachable",
+    NOT_THERE_YET: "something it needs is not there (yet)",
+    CONFLICT: "the Kubernetes API failed",
+    KUBERNETES_UNAVAILABLE: "the Kubernetes API failed",
+}
