@@ -29,6 +29,7 @@ from tests.integration.helpers import (
     take_backup,
     temp_databases,
 )
+from tests.integration.test_verify_agent import pg_dump_bytes, store_snapshot
 from tests.support import wait_for
 
 
@@ -136,6 +137,82 @@ def test_a_drill_of_a_backup_that_is_not_completed_or_missing_fails_and_creates_
     assert v["phase"] == "Failed"
     assert v["message"] == f'Backup "nope" not found in namespace {namespace}; nothing was created'
     assert batch.list_namespaced_job(namespace).items == []
+
+
+def uploaded(custom: client.CustomObjectsApi, ns: str, name: str, snapshot: dict[str, Any]) -> None:
+    """A Backup of a snapshot written here (as ``nightjar upload`` stores one), adopted by the
+    operator: Completed once every digest in it is right."""
+    stored = snapshot["status"]["storage"]
+    custom.create_namespaced_custom_object(
+        G,
+        V,
+        ns,
+        "backups",
+        {
+            "apiVersion": f"{G}/{V}",
+            "kind": "Backup",
+            "metadata": {"name": name},
+            "spec": {
+                "type": "Uploaded",
+                "storageRef": {"name": "s3"},
+                "upload": {"manifestKey": stored["manifestKey"], "manifestSha256": stored["manifestSha256"]},
+            },
+        },
+    )
+    st = wait_for(
+        f"the uploaded Backup {name} adopted",
+        lambda: (
+            (s := get_backup(custom, ns, name).get("status") or {}).get("phase") in ("Completed", "Failed")
+            and s
+        ),
+        120,
+    )
+    assert st["phase"] == "Completed", st.get("message")
+
+
+def test_an_intact_but_unrestorable_snapshot_or_a_wrong_count_fails_the_drill_saying_why(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    scratch: str,
+) -> None:
+    """Every digest right, as an agent bug would write it: a dump cut short (k8up#1109), and a
+    recorded row count that differs from the dump. The operator adopts each as a Completed
+    Backup; only the drill shows they do not restore as recorded."""
+    make_storage(custom, core, env, namespace)
+    dump = pg_dump_bytes(env, app_db)
+    short = store_snapshot(env, namespace, dump[: len(dump) * 2 // 3], None, source="uploaded")
+    uploaded(custom, namespace, "short", short)
+    wrong = store_snapshot(
+        env, namespace, dump, {"public.customers": 500, "public.orders": 5001}, source="uploaded"
+    )
+    uploaded(custom, namespace, "wrong", wrong)
+    before = temp_databases(env)
+    for name in ("short", "wrong"):
+        custom.create_namespaced_custom_object(
+            G, V, namespace, "verifications", verification(f"{name}-drill", name)
+        )
+    cut = wait_ended(custom, namespace, "short-drill")["status"]
+    assert cut["phase"] == "Failed"
+    assert cut["message"].startswith("the dump does not restore: pg_restore into the scratch server"), cut
+    assert "could not read from input file" in cut["message"] or "end of file" in cut["message"]
+    off = wait_ended(custom, namespace, "wrong-drill")["status"]
+    assert off["phase"] == "Failed"
+    assert off["message"] == (
+        "the restored database differs from the backup: table public.orders has 5000 rows after the "
+        "restore, the backup recorded 5001"
+    )
+    assert off["restoreSeconds"] > 0 and off["exactCounts"] is True
+    for name in ("short", "wrong"):
+        b = get_backup(custom, namespace, name)["status"]
+        assert b["phase"] == "Completed" and b["verification"]["result"] == "Failed"
+        (cond,) = [c for c in b["conditions"] if c["type"] == "Verified"]
+        assert cond["status"] == "False"
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=wrong").items
+    assert any(e.reason == "VerificationFailed" and "5001" in e.message for e in events)
+    assert temp_databases(env) == before
 
 
 def test_a_schedule_that_verifies_weekly_backups_drills_the_weekly_one_not_the_nightly(

@@ -141,6 +141,7 @@ def store_snapshot(
     dump: bytes,
     row_counts: dict[str, int] | None,
     server_version: str = "",
+    source: str = "handmade",
 ) -> dict[str, Any]:
     """A snapshot written through the storage seam as the backup agent writes one (every digest
     right), of ``dump`` whatever it holds; a Backup-shaped dict that names it."""
@@ -153,7 +154,7 @@ def store_snapshot(
         prefix=f"tests/{ns}",
     )
     uid, attempt = uuid.uuid4().hex, uuid.uuid4().hex
-    loc = layout.SnapshotLocation(target.prefix, ns, "handmade", uid, attempt)
+    loc = layout.SnapshotLocation(target.prefix, ns, source, uid, attempt)
     w = SnapshotWriter(target.store(), loc)
     stream = w.dump_stream()
     stream.write(dump)
@@ -173,7 +174,7 @@ def store_snapshot(
         database=database,
         files=None,
         backup={"namespace": ns, "name": "handmade", "uid": uid, "type": "OnDemand"},
-        source="handmade",
+        source=source,
         contents="DatabaseOnly",
         model_version="",
     )
