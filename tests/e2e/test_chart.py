@@ -160,10 +160,8 @@ def test_watched_namespaces_get_roles_and_nothing_cluster_wide(helm: Helm) -> No
     assert not any(k in ("ClusterRole", "ClusterRoleBinding") for k, _ in kinds)
     role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "a")
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
-    # patch and delete: a restore drill's ephemeral scratch server's Secret (its address, its end).
-    assert secrets == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch", "delete"]}
-    ]
+    # patch: a restore drill's ephemeral scratch server's Secret (its address); never delete.
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]}]
     pods = [r for r in role["rules"] if "pods" in r["resources"]]
     assert pods == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "get", "create", "delete"]}]
 

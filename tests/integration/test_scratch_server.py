@@ -96,13 +96,15 @@ def test_a_drill_without_a_scratch_secret_passes_on_an_ephemeral_server_that_is_
     assert c.allow_privilege_escalation is False
     assert pod.metadata.owner_references[0].kind == "Verification"
     assert ready_after is not None
-    # Once terminal, the Pod and its Secret are gone (asked for before the phase was written).
+    # Once terminal, the Pod is gone (asked for before the phase was written); its Secret is owned
+    # by the Verification and goes with it (the operator may not delete Secrets).
     wait_for(
         "the scratch Pod to be gone",
         lambda: not _exists(core.read_namespaced_pod, pod_name, namespace),
         60,
     )
-    assert not _exists(core.read_namespaced_secret, pod_name, namespace)
+    secret = core.read_namespaced_secret(pod_name, namespace)
+    assert secret.metadata.owner_references[0].kind == "Verification"
     finished = parse_time(vs["finishedAt"])
     print(
         f"\nscratch server: Pod created to Ready {ready_after:.1f} s; drill {drill_seconds:.1f} s "
@@ -165,4 +167,5 @@ def test_the_operator_killed_while_the_scratch_server_starts_converges_on_that_o
         lambda: not _exists(core.read_namespaced_pod, pod_name, namespace),
         60,
     )
-    assert not _exists(core.read_namespaced_secret, pod_name, namespace)
+    owner = core.read_namespaced_secret(pod_name, namespace).metadata.owner_references[0]
+    assert owner.kind == "Verification"  # the Secret goes with it

@@ -126,12 +126,13 @@ def test_the_lifecycle_created_waited_for_drilled_and_deleted_before_the_drill_e
     (job,) = w.kube.created_jobs
     assert env_secrets(job) == {POD, "s3"}
     assert w.st["jobName"] == JOB
-    # The drill ends: the server and its Secret are deleted, then the drill is terminal.
+    # The drill ends: the server is deleted, then the drill is terminal; its Secret goes with the
+    # Verification (owned by it: the operator may not delete Secrets).
     w.job(complete(), PASSED_RESULT)
     w.rec.follow(w.get())
     assert w.st["phase"] == "Passed"
-    assert (w.ns, POD) not in w.kube.pods and (w.ns, POD) not in w.kube.secrets
-    assert ("Pod", w.ns, POD) in w.kube.deleted and ("Secret", w.ns, POD) in w.kube.deleted
+    assert (w.ns, POD) not in w.kube.pods and ("Pod", w.ns, POD) in w.kube.deleted
+    assert ("Secret", w.ns, POD) not in w.kube.deleted
 
 
 def test_no_image_for_the_backups_major_fails_naming_it_and_the_chart_value() -> None:
@@ -170,7 +171,7 @@ def test_a_server_that_never_becomes_ready_fails_the_drill_and_is_deleted() -> N
     assert st["phase"] == "Failed"
     assert st["message"].startswith(f"the scratch PostgreSQL 15 server (Pod {POD}) was not Ready after 300 s")
     assert "ErrImageNeverPull" in st["message"]
-    assert (w.ns, POD) not in w.kube.pods and (w.ns, POD) not in w.kube.secrets
+    assert (w.ns, POD) not in w.kube.pods
     assert w.kube.created_jobs == []
 
 
@@ -193,14 +194,14 @@ def test_an_operator_restarted_midway_converges_on_one_server_and_deletes_it() -
     third.reconcile(w.get())
     assert len(w.kube.created_jobs) == 1
     w.job(complete(), PASSED_RESULT)
-    w.kube.fail("delete_secret", 500)
+    w.kube.fail("delete_pod", 500)
     with pytest.raises(Exception, match="injected"):
         third.follow(w.get())
-    assert w.st["phase"] != "Passed" and (w.ns, POD) not in w.kube.pods
+    assert w.st["phase"] != "Passed" and (w.ns, POD) in w.kube.pods
     w.clock.advance(60)
     assert third.retry_sweep([w.get()]) == [f"{w.ns}/v1"]
     assert w.st["phase"] == "Passed"
-    assert (w.ns, POD) not in w.kube.secrets
+    assert (w.ns, POD) not in w.kube.pods
 
 
 def test_a_drill_with_a_scratch_secret_starts_no_server() -> None:

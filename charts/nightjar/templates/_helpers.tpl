@@ -92,7 +92,7 @@ presigned-URL Secret of a cross-namespace restore); never list or watch.
   verbs: ["list", "get", "create", "delete"]
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch"]
 # A Backup's files source is checked before its Job starts.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
