@@ -34,6 +34,10 @@ class OperatorConfig:
     job_ttl_seconds_after_finished: int = 24 * 3600
     #: Attempts per backup: Mendix retries a failed nightly two more times.
     attempts: int = 3
+    #: How long an agent waits for a database that does not answer (restarting, failing over:
+    #: refused, starting up, too many clients ...) before its attempt fails; a refusal (bad
+    #: password, no such database) is not waited on.
+    db_wait_seconds: int = 300
     #: Seconds between scheduler ticks (one sweep over all schedules, not a timer each).
     scheduler_interval_seconds: int = 30
     #: Seconds between garbage-collection sweeps over all Backups.
@@ -106,6 +110,7 @@ class OperatorConfig:
             ),
             gc_interval_seconds=_int("NIGHTJAR_GC_INTERVAL_SECONDS", cls.gc_interval_seconds),
             attempts=_int("NIGHTJAR_BACKUP_ATTEMPTS", cls.attempts),
+            db_wait_seconds=_int("NIGHTJAR_DB_WAIT_SECONDS", cls.db_wait_seconds),
             agent_extra_env=extra,
             scratch_image=os.environ.get("NIGHTJAR_SCRATCH_IMAGE", cls.scratch_image),
             scratch_majors=tuple(os.environ.get("NIGHTJAR_SCRATCH_MAJORS", "").replace(",", " ").split()),

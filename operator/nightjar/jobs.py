@@ -290,6 +290,8 @@ def build_backup_job(plan: BackupPlan, config: OperatorConfig) -> dict[str, Any]
         # Each attempt (Pod) writes under its own prefix: nothing is ever overwritten.
         "--attempt",
         "$(NIGHTJAR_POD_UID)",
+        "--db-wait-seconds",
+        str(config.db_wait_seconds),
         "--result-file",
         TERMINATION_MESSAGE_PATH,
     ]
@@ -402,6 +404,8 @@ def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, An
         plan.name,
         "--api-dir",
         API_DIR,
+        "--db-wait-seconds",
+        str(config.db_wait_seconds),
         "--result-file",
         TERMINATION_MESSAGE_PATH,
     ]

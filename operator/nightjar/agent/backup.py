@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from nightjar.agent import files as filesmod
-from nightjar.agent.pgsql import ExportedSnapshot, SqlFailed
-from nightjar.agent.pgtools import PgClient, PgClientError, find_client, tool_env
+from nightjar.agent.pgsql import ExportedSnapshot, SqlFailed, wait_for_server
+from nightjar.agent.pgtools import PgClient, PgClientError, find_client, probe_psql, tool_env
 from nightjar.domain import pgdump
 from nightjar.storage import layout
 from nightjar.storage.crypto import KeyProblem, KeyRing
@@ -143,6 +143,9 @@ class BackupRequest:
     compression_level: int = 3
     #: Count each table's rows in the dump's snapshot into the manifest (source.rowCounts).
     row_counts: bool = False
+    #: How long to wait for a database that is not reachable (restarting, failing over) before
+    #: the attempt fails.
+    db_wait_seconds: float = 300.0
 
 
 def _dump_client(req: BackupRequest, env: dict[str, str], display: str) -> PgClient:
@@ -178,6 +181,11 @@ def _export_snapshot(
 
 def _dump_database(req: BackupRequest, w: SnapshotWriter) -> tuple[Database, dict[str, Any], str]:
     env, display = req.db.libpq_env()
+    try:
+        psql = probe_psql(override=req.pg_bindir, root=req.pg_root)
+        wait_for_server(psql, env, display, req.db_wait_seconds)
+    except SqlFailed as e:
+        raise BackupFailed(f"pg_dump of {display} failed: {e}") from e
     client = _dump_client(req, env, display)
     session, note = _export_snapshot(req, client, env, display)
     try:

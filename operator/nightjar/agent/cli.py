@@ -94,6 +94,13 @@ def _storage(o: dict[str, Any], role: str = "") -> S3Target:
     is_flag=True,
     help="Count each table's rows in the dump's snapshot into the manifest (what a restore drill checks).",
 )
+@click.option(
+    "--db-wait-seconds",
+    type=click.FloatRange(0, 86400),
+    default=300.0,
+    show_default=True,
+    help="How long to wait for a database that does not answer (restarting, failing over) before failing.",
+)
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def backup_cmd(**o: Any) -> None:
     """Take one snapshot: pg_dump plus files, into the bucket; result to --result-file."""
@@ -127,6 +134,7 @@ def backup_cmd(**o: Any) -> None:
             keyring=_keyring(o["keys_dir"], BackupFailed),
             compression_level=o["compression_level"],
             row_counts=o["row_counts"],
+            db_wait_seconds=o["db_wait_seconds"],
         )
         result = run_backup(req)
     except BackupFailed as e:
@@ -206,6 +214,13 @@ def _files_s3(o: dict[str, Any]) -> S3Target | None:
     default=None,
     help="The encryption key Secret, mounted: opens an encrypted snapshot.",
 )
+@click.option(
+    "--db-wait-seconds",
+    type=click.FloatRange(0, 86400),
+    default=300.0,
+    show_default=True,
+    help="How long to wait for a database that does not answer (restarting, failing over) before failing.",
+)
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def restore_cmd(**o: Any) -> None:
     """Restore one snapshot into a database (and files); result to --result-file."""
@@ -242,6 +257,7 @@ def restore_cmd(**o: Any) -> None:
             primary_prefix=o["primary_prefix"],
             keyring=_keyring(o["keys_dir"], lambda m: RestoreFailed(m + "; nothing was restored", UNCHANGED)),
             data_keys=data_keys,
+            db_wait_seconds=o["db_wait_seconds"],
         )
         result = run_restore(req)
     except RestoreFailed as e:

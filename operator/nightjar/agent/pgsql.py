@@ -1,6 +1,6 @@
 """The SQL the agent runs itself, through ``psql`` (the image's client; no driver in the agent).
 
-Two things:
+Three things:
 
 * :class:`ExportedSnapshot`: a ``REPEATABLE READ`` transaction kept open in one ``psql`` session
   whose ``pg_export_snapshot()`` id ``pg_dump --snapshot`` imports, so the dump and the row
@@ -20,9 +20,12 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import IO
 
-from nightjar.agent.pgtools import tool_env
+from nightjar.agent.pgtools import say, tool_env
+from nightjar.domain import pgerrors
 
 #: The user tables pg_dump dumps the rows of (ordinary and partitioned tables outside the system
 #: schemas, not members of an extension), each as a count statement written by the server.
@@ -269,3 +272,47 @@ class ExportedSnapshot:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+#: The first waits for a server that is not there (s): doubling, capped at ``WAIT_CAP``.
+WAIT_FIRST, WAIT_CAP = 2.0, 30.0
+
+
+def wait_for_server(
+    psql: str,
+    libpq: dict[str, str],
+    display: str,
+    patience: float,
+    *,
+    log: Callable[[str], None] = say,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Wait while the server ``libpq`` names is not there; the number of waits it took.
+
+    Returns as soon as ``SELECT 1`` answers, or fails with an error no wait gets past (a refused
+    password, a database that does not exist ...): the tool run next reports that in its own words.
+    A transient error (refused connection, starting up, shutting down, too many clients ...) is
+    waited out with doubling waits (2 s up to 30 s), each logged with the reason, for up to
+    ``patience`` seconds; then :class:`SqlFailed` says what the server answered last."""
+    started = clock()
+    delay, waits = WAIT_FIRST, 0
+    while True:
+        try:
+            # libpq gives up on a silent host itself and says "timeout expired" (transient).
+            run_sql(psql, {"PGCONNECT_TIMEOUT": "10", **libpq}, "SELECT 1;\n", timeout=60.0)
+        except SqlFailed as e:
+            message = str(e)
+            if not pgerrors.is_transient(message):
+                return waits
+            waited = clock() - started
+            if waited + delay > patience:
+                raise SqlFailed(f"{message} (still not reachable after waiting {waited:.0f}s)") from e
+            log(f"database {display} is not reachable ({message}); retrying in {delay:.0f}s")
+            sleep(delay)
+            waits += 1
+            delay = min(WAIT_CAP, delay * 2)
+            continue
+        if waits:
+            log(f"database {display} answers again after {clock() - started:.0f}s")
+        return waits

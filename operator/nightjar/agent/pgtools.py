@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nightjar.domain import pgclient
@@ -106,6 +107,17 @@ def server_version_num(psql: str, libpq: dict[str, str]) -> int:
         raise PgClientError(f"could not read the server's version: {e}") from e
 
 
+def probe_psql(*, override: str = "", root: str = "") -> str:
+    """A psql to reach the server with before its version is known: NIGHTJAR_PG_BINDIR's, else the
+    newest installed major's, else the one on PATH ("psql" when there is none: running it says so)."""
+    if override and (Path(override) / "psql").is_file():
+        return str(Path(override) / "psql")
+    probe = pgclient.probe_bindir(pgclient.installed_majors(root or pgclient.DEFAULT_ROOT, "psql"), "psql")
+    if probe is not None:
+        return str(probe / "psql")
+    return shutil.which("psql") or "psql"
+
+
 def find_client(tool: str, libpq: dict[str, str], *, override: str = "", root: str = "") -> PgClient:
     """The ``tool`` to run against the server ``libpq`` names; logs the choice to stderr."""
     if override:
@@ -142,6 +154,11 @@ def find_client(tool: str, libpq: dict[str, str], *, override: str = "", root: s
     )
     _log(client)
     return client
+
+
+def say(line: str) -> None:
+    """One line to the agent's log (stderr: ``kubectl logs`` of the Job shows it)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _log(client: PgClient) -> None:

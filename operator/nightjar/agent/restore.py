@@ -45,7 +45,8 @@ from typing import Any
 
 from nightjar.agent.backup import BackupFailed, DatabaseConn
 from nightjar.agent.files import walk
-from nightjar.agent.pgtools import PgClientError, find_client, tool_env
+from nightjar.agent.pgsql import SqlFailed, wait_for_server
+from nightjar.agent.pgtools import PgClientError, find_client, probe_psql, tool_env
 from nightjar.agent.progress import Counters, Reporter, Ticker
 from nightjar.domain import pgclient
 from nightjar.storage import layout
@@ -94,6 +95,8 @@ class RestoreRequest:
     keyring: KeyRing | None = None
     #: Data keys of this one snapshot (a restore into another namespace never gets the keyring).
     data_keys: dict[str, bytes] | None = None
+    #: How long to wait for a target database that is not reachable (restarting, failing over).
+    db_wait_seconds: float = 300.0
 
 
 def conninfo_dbname(name: str) -> str:
@@ -115,8 +118,10 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
         )
 
     try:
+        psql = probe_psql(override=req.pg_bindir, root=req.pg_root)
+        wait_for_server(psql, env, display, req.db_wait_seconds)
         client = find_client("pg_restore", env, override=req.pg_bindir, root=req.pg_root)
-    except PgClientError as e:
+    except (PgClientError, SqlFailed) as e:
         raise RestoreFailed(
             f"pg_restore into {display} failed: {e}; the database is unchanged and the files were "
             "not touched",

@@ -22,13 +22,13 @@ retried until the caller's deadline, so a surprise never fails a good backup at 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 import urllib3.exceptions
 from kubernetes.client.rest import ApiException
 
+from nightjar.domain import pgerrors
 from nightjar.kube import SecretMissing
 from nightjar.reconcile import preflight
 from nightjar.reconcile import storage as storage_rec
@@ -143,33 +143,13 @@ def _kubernetes(err: ApiException) -> Verdict:
     return Permanent(REFUSED, message)  # 400, 403 (RBAC), 410, 422: the same request, the same answer
 
 
-#: libpq / PostgreSQL messages (as the agent reports them) a retry may get past.
-_PG_TRANSIENT = re.compile(
-    r"could not connect to server|connection refused|connection timed out|timeout expired|"
-    r"server closed the connection unexpectedly|connection to server .* failed: (?!FATAL)|"
-    r"the database system is (starting up|shutting down|in recovery mode)|"
-    r"too many (connections|clients)|remaining connection slots are reserved|"
-    r"could not receive data from server|SSL SYSCALL error|no route to host|"
-    r"temporary failure in name resolution|could not translate host name|"
-    r"canceling statement due to conflict with recovery|deadlock detected|"
-    r"could not serialize access",
-    re.IGNORECASE,
-)
-_PG_PERMANENT = re.compile(
-    r"password authentication failed|no pg_hba\.conf entry|permission denied|"
-    r"role .* does not exist|database .* does not exist|must be owner|"
-    r"server version mismatch|aborting because of server version mismatch|"
-    r"unsupported (frontend )?protocol|invalid (connection option|URI)",
-    re.IGNORECASE,
-)
-
-
 def classify_text(message: str) -> Verdict:
     """Classify an error the agent reported as text (its libpq, pg_dump and S3 failures reach the
     operator only as the message in its termination record). Permanent wins when both match."""
-    if _PG_PERMANENT.search(message):
+    kind = pgerrors.classify(message)
+    if kind is pgerrors.PgErrorKind.PERMANENT:
         return Permanent(REFUSED, message)
-    if _PG_TRANSIENT.search(message):
+    if kind is pgerrors.PgErrorKind.TRANSIENT:
         return Transient(NETWORK, message)
     low = message.lower()
     if "sha256" in low and ("mismatch" in low or "does not match" in low):

@@ -1,0 +1,148 @@
+"""A database that restarts (or fails over) while Nightjar needs it: the agent waits for it, the
+backup or restore goes on once it answers. The stack's real PostgreSQL is stopped (fast shutdown,
+as a restart does) and started again on its port and data; nothing mocked.
+
+Without the wait a backup burnt its three attempts within ~35 s of Kubernetes' Pod backoff and
+ended Failed, and a restore (whose Job fails on the first error) failed at once."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from nightjar.devstack.stack import Stack, State
+from tests.integration.helpers import (
+    TABLE_CHECKSUMS,
+    G,
+    V,
+    backup_body,
+    get_backup,
+    make_storage,
+    psql,
+    take_backup,
+    wait_terminal,
+)
+from tests.integration.test_restore import get_restore, restore_body, wait_restore
+
+#: Longer than the three attempts' Pod backoff (10 s + 20 s) that used to end such a backup.
+OUTAGE = 45.0
+
+
+class Outage:
+    """Stop the stack's PostgreSQL; ``end`` starts it again (always, at the latest on teardown)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.stack = Stack(Path(env["NIGHTJAR_STATE_DIR"]))
+        st = State.load(self.stack.dir)
+        assert st is not None
+        self.node = st.node
+        self.down = False
+
+    def begin(self) -> None:
+        assert self.stack.kill("postgres", signal.SIGINT), "the stack runs no PostgreSQL"
+        self.down = True
+
+    def end(self) -> None:
+        if self.down:
+            self.stack.up(with_operator=True, node=self.node)
+            self.down = False
+
+
+@pytest.fixture
+def outage(env: dict[str, str]) -> Iterator[Outage]:
+    o = Outage(env)
+    try:
+        yield o
+    finally:
+        o.end()
+
+
+def agent_log(core: client.CoreV1Api, ns: str, job: str) -> str:
+    """The log of the Job's (one) Pod, "" while there is none to read."""
+    text = ""
+    for pod in core.list_namespaced_pod(ns, label_selector=f"job-name={job}").items:
+        try:
+            text += core.read_namespaced_pod_log(pod.metadata.name, ns, container="agent")
+        except ApiException:
+            pass
+    return text
+
+
+def hold_while(seconds: float, check: Any) -> None:
+    """Call ``check`` every second for ``seconds`` (it asserts what must hold meanwhile)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        check()
+        time.sleep(1)
+
+
+def test_a_backup_started_while_the_database_restarts_waits_for_it_and_completes(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    batch: client.BatchV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    outage: Outage,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    checksums = psql(env, app_db, TABLE_CHECKSUMS)
+    outage.begin()
+    custom.create_namespaced_custom_object(G, V, namespace, "backups", backup_body("patient"))
+
+    def not_failed() -> None:
+        st = get_backup(custom, namespace, "patient").get("status") or {}
+        assert st.get("phase") != "Failed", st.get("message")
+
+    hold_while(OUTAGE, not_failed)
+    log = agent_log(core, namespace, "nightjar-backup-patient")
+    assert "is not reachable (" in log and "retrying in" in log, log
+    outage.end()
+
+    st = wait_terminal(custom, namespace, "patient")["status"]
+    assert st["phase"] == "Completed", st.get("message")
+    assert st["attempts"] == 1  # waited within the first attempt, no attempt burnt
+    pods = core.list_namespaced_pod(namespace, label_selector="job-name=nightjar-backup-patient").items
+    assert len(pods) == 1
+    assert "answers again after" in agent_log(core, namespace, "nightjar-backup-patient")
+    assert psql(env, app_db, TABLE_CHECKSUMS) == checksums
+
+
+def test_a_restore_started_while_the_database_restarts_waits_for_it_and_restores_identically(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    outage: Outage,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    take_backup(custom, namespace, backup_body("good"))
+    checksums = psql(env, app_db, TABLE_CHECKSUMS)
+    psql(env, app_db, "delete from orders where id > 5; update customers set name = 'lost'")
+    assert psql(env, app_db, TABLE_CHECKSUMS) != checksums
+
+    outage.begin()
+    custom.create_namespaced_custom_object(
+        G, V, namespace, "restores", restore_body("back", "good", contents="DatabaseOnly")
+    )
+
+    def not_failed() -> None:
+        st = get_restore(custom, namespace, "back").get("status") or {}
+        assert st.get("phase") != "Failed", st.get("message")
+
+    hold_while(30, not_failed)
+    outage.end()
+
+    st = wait_restore(custom, namespace, "back")
+    assert st["phase"] == "Completed", st.get("message")
+    assert psql(env, app_db, TABLE_CHECKSUMS) == checksums
