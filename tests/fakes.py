@@ -303,12 +303,6 @@ class FakeKube:
         self.deleted.append(("Pod", namespace, name))
         return self.pods.pop((namespace, name), None) is not None
 
-    def patch_secret_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
-        self._call("patch_secret_data")
-        if (namespace, name) not in self.secrets:
-            raise SecretMissing(f'Secret "{name}" not found in namespace {namespace}')
-        self.secrets[(namespace, name)].update({k: base64.b64decode(v).decode() for k, v in data.items()})
-
     def delete_secret(self, namespace: str, name: str) -> bool:
         self._call("delete_secret")
         self.deleted.append(("Secret", namespace, name))

@@ -652,6 +652,9 @@ class VerifyPlan:
     #: would keep the Pod from starting; the agent says which are missing instead).
     scratch_secret: str
     scratch_keys: tuple[str, ...]
+    #: The address of the drill's ephemeral scratch server (its Pod's IP), handed to the agent as
+    #: plain environment: the operator writes no Secret it did not create whole.
+    scratch_host: str = ""
     #: The Backup's contents: a DatabaseOnly snapshot has no files to read back.
     contents: str = "Full"
     #: Wire the projected token so the agent reports progress (the caller made the access
@@ -668,6 +671,7 @@ class VerifyPlan:
         *,
         report_progress: bool = False,
         scratch_secret: str = "",
+        scratch_host: str = "",
     ) -> VerifyPlan:
         """From the Verification, its Completed Backup, the Backup's BackupStorage and the keys of
         the scratch Secret (the reconciler checked they exist): ``scratch_secret``, or else the one
@@ -686,9 +690,21 @@ class VerifyPlan:
             manifest_sha256=stored.get("manifestSha256") or "",
             scratch_secret=scratch_secret or scratch.get("name", ""),
             scratch_keys=tuple(scratch_keys),
+            scratch_host=scratch_host,
             contents=(backup.get("spec") or {}).get("contents") or "Full",
             report_progress=report_progress,
         )
+
+
+def _scratch_env(plan: VerifyPlan) -> list[dict[str, Any]]:
+    """The scratch server's settings: from its Secret's keys, the address of an ephemeral one as
+    a value."""
+    env: list[dict[str, Any]] = [{"name": "NIGHTJAR_SCRATCH_SECRET", "value": plan.scratch_secret}]
+    keys = [k for k in plan.scratch_keys if k in SCRATCH_KEYS and not (plan.scratch_host and k == "host")]
+    env += [_secret_env(SCRATCH_KEYS[k], plan.scratch_secret, k) for k in keys]
+    if plan.scratch_host:
+        env.append({"name": SCRATCH_KEYS["host"], "value": plan.scratch_host})
+    return env
 
 
 def verify_access_name(verification_name: str) -> str:
@@ -728,10 +744,7 @@ def build_verify_job(plan: VerifyPlan, config: OperatorConfig) -> dict[str, Any]
         args.append("--database-only")
     pod = _Wiring(args)
     pod.env.append({"name": "NIGHTJAR_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})
-    pod.env.append({"name": "NIGHTJAR_SCRATCH_SECRET", "value": plan.scratch_secret})
-    pod.env += [
-        _secret_env(SCRATCH_KEYS[k], plan.scratch_secret, k) for k in plan.scratch_keys if k in SCRATCH_KEYS
-    ]
+    pod.env += _scratch_env(plan)
     pod.storage_credentials(st)
     pod.encryption_keys(st)
     pod_spec: dict[str, Any] = {}
@@ -845,10 +858,7 @@ def build_verify_cleanup_job(
     args = ["agent", "verify-cleanup", "--result-file", TERMINATION_MESSAGE_PATH]
     for drill_id in drill_ids:
         args += ["--drill-id", drill_id]
-    env: list[dict[str, Any]] = [{"name": "NIGHTJAR_SCRATCH_SECRET", "value": plan.scratch_secret}]
-    env += [
-        _secret_env(SCRATCH_KEYS[k], plan.scratch_secret, k) for k in plan.scratch_keys if k in SCRATCH_KEYS
-    ]
+    env = _scratch_env(plan)
     job: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -315,15 +315,6 @@ class Kube:
             raise
         return True
 
-    def patch_secret_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
-        """Merge ``data`` (base64 values) into the Secret's data."""
-        try:
-            self.core.patch_namespaced_secret(name, namespace, {"data": data})
-        except ApiException as e:
-            if e.status == 404:
-                raise SecretMissing(f'Secret "{name}" not found in namespace {namespace}') from e
-            raise
-
     def delete_secret(self, namespace: str, name: str) -> bool:
         """Ask for the Secret's deletion; False when it is gone already."""
         try:

@@ -168,8 +168,3 @@ def build_pod(verification: dict[str, Any], image: str, major: str, config: Oper
             ],
         },
     }
-
-
-def host_patch(pod_ip: str) -> dict[str, str]:
-    """The Secret's ``host`` key once the Pod has an address (data, base64)."""
-    return {"host": _b64(pod_ip)}

@@ -161,7 +161,7 @@ def test_watched_namespaces_get_roles_and_nothing_cluster_wide(helm: Helm) -> No
     role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "a")
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
     # patch: a restore drill's ephemeral scratch server's Secret (its address); never delete.
-    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]}]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}]
     pods = [r for r in role["rules"] if "pods" in r["resources"]]
     assert pods == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "get", "create", "delete"]}]
 

@@ -7,6 +7,7 @@ ended Failed, and a restore (whose Job fails on the first error) failed at once.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -68,10 +69,8 @@ def agent_log(core: client.CoreV1Api, ns: str, job: str) -> str:
     """The log of the Job's (one) Pod, "" while there is none to read."""
     text = ""
     for pod in core.list_namespaced_pod(ns, label_selector=f"job-name={job}").items:
-        try:
+        with contextlib.suppress(ApiException):
             text += core.read_namespaced_pod_log(pod.metadata.name, ns, container="agent")
-        except ApiException:
-            pass
     return text
 
 

@@ -17,7 +17,7 @@ from nightjar.config import OperatorConfig
 from nightjar.reconcile import scratch
 from nightjar.reconcile.verification import VerificationReconciler
 from tests.fakes import FakeKube
-from tests.unit.test_verification_reconciler import JOB, PASSED_RESULT, World, complete, env_secrets
+from tests.unit.test_verification_reconciler import JOB, PASSED_RESULT, World, complete, env_secrets, failed
 
 POD = "nightjar-scratch-v1"
 CONFIG = OperatorConfig(scratch_image="reg.test/nightjar-postgres:{major}", scratch_majors=("14", "15"))
@@ -115,16 +115,15 @@ def test_the_lifecycle_created_waited_for_drilled_and_deleted_before_the_drill_e
     assert w.kube.calls["create_pod"] == 1 and w.kube.created_jobs == []
     ready(w)
     w.rec.reconcile(w.get())
+    # The Secret is as the operator created it (it may not change a Secret); the Pod's address
+    # goes to the drill's Job as a plain value, the rest from the Secret.
     secret = w.kube.secrets[(w.ns, POD)]
-    assert secret == {
-        "host": "10.244.0.9",
-        "port": "5432",
-        "dbname": "postgres",
-        "user": "postgres",
-        "password": password,
-    }
+    assert secret == {"port": "5432", "dbname": "postgres", "user": "postgres", "password": password}
     (job,) = w.kube.created_jobs
     assert env_secrets(job) == {POD, "s3"}
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NIGHTJAR_SCRATCH_HOST"] == {"name": "NIGHTJAR_SCRATCH_HOST", "value": "10.244.0.9"}
+    assert env["NIGHTJAR_SCRATCH_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": POD, "key": "password"}
     assert w.st["jobName"] == JOB
     # The drill ends: the server is deleted, then the drill is terminal; its Secret goes with the
     # Verification (owned by it: the operator may not delete Secrets).
@@ -223,3 +222,36 @@ def test_config_reads_the_scratch_image_from_the_environment(monkeypatch: pytest
         ("15", "16"),
         "Never",
     )
+
+
+def _killed_drill(w: World) -> None:
+    """An ephemeral-server drill whose agent was killed (its temporary database may be left)."""
+    with pytest.raises(scratch.Starting):
+        w.rec.reconcile(w.verification(scratch=None))
+    ready(w)
+    w.rec.reconcile(w.get())
+    w.job(failed(), {"error": "exit code 137"}, pods=("pod-uid-1",))
+
+
+def test_a_killed_agent_on_an_ephemeral_server_gets_a_cleanup_job_with_its_address() -> None:
+    w = world()
+    _killed_drill(w)
+    w.rec.follow(w.get())
+    assert [j["metadata"]["name"] for j in w.kube.created_jobs] == [JOB, "nightjar-verify-cleanup-v1"]
+    cleanup = w.kube.created_jobs[1]
+    env = {e["name"]: e for e in cleanup["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NIGHTJAR_SCRATCH_HOST"]["value"] == "10.244.0.9"
+    assert env_secrets(cleanup) == {POD}
+    assert w.st["phase"] not in ("Passed", "Failed")  # not terminal while its database may exist
+    assert (w.ns, POD) in w.kube.pods  # the server stays until its database is dropped
+
+
+def test_a_killed_agent_whose_ephemeral_server_is_gone_needs_no_cleanup() -> None:
+    w = world()
+    _killed_drill(w)
+    del w.kube.pods[(w.ns, POD)]
+    w.rec.follow(w.get())
+    assert [j["metadata"]["name"] for j in w.kube.created_jobs] == [JOB]
+    st = w.st
+    assert st["phase"] == "Failed"
+    assert st["message"] == "exit code 137; the scratch server is gone, and its temporary database with it"

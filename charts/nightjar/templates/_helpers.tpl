@@ -85,14 +85,15 @@ presigned-URL Secret of a cross-namespace restore); never list or watch.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create"]
-# A restore drill without a scratch Secret: its ephemeral scratch server, a Pod and a Secret the
-# operator creates, reads, gives the Pod's address (patch) and deletes when the drill ends.
+# A restore drill without a scratch Secret: its ephemeral scratch server, a Pod and a Secret (its
+# password) the operator creates and reads; the Pod is deleted when the drill ends, the Secret goes
+# with its Verification (owner reference). The operator never changes nor deletes a Secret.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "get", "create", "delete"]
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "create"]
 # A Backup's files source is checked before its Job starts.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]

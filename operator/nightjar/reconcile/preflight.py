@@ -28,16 +28,17 @@ def database_keys(kube: KubeAPI, namespace: str, secret: str) -> tuple[str, ...]
     return tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)
 
 
-def scratch_keys(kube: KubeAPI, namespace: str, secret: str) -> tuple[str, ...]:
+def scratch_keys(kube: KubeAPI, namespace: str, secret: str, *, host_given: bool = False) -> tuple[str, ...]:
     """The keys of a restore drill's scratch-server Secret: uri, or host/user (port, dbname,
-    password when given; the drill connects to the postgres database by default)."""
+    password when given; the drill connects to the postgres database by default). ``host_given``:
+    the host comes from elsewhere (an ephemeral scratch server's Pod address)."""
     try:
         data = kube.secret_data(namespace, secret)
     except SecretMissing as e:
         raise Missing(str(e)) from e
     if "uri" in data:
         return ("uri",)
-    missing = [k for k in ("host", "user") if k not in data]
+    missing = [k for k in ("host", "user") if k not in data and not (host_given and k == "host")]
     if missing:
         raise Missing(f'Secret "{secret}" has no key uri, nor the key(s) {", ".join(missing)}')
     return tuple(k for k in ("host", "port", "dbname", "user", "password") if k in data)

@@ -3,8 +3,9 @@ Secret: a Secret with a generated password and a Pod of the scratch image of the
 major, both owned by the Verification.
 
 :meth:`ScratchServers.ready` makes them (once: names are deterministic, so a restarted operator
-finds them) and, once the Pod is Ready, writes its address into the Secret and returns the
-Secret's name: the drill's Job then reads it like any scratch Secret. Until then it raises
+finds them) and, once the Pod is Ready, returns the Pod's address: the drill's Job reads the
+Secret of the same name like any scratch Secret, and gets the address as a plain value (the
+operator may create Secrets, never change one). Until then it raises
 :class:`Starting` (a :class:`Retry`, with what happens in its message). :meth:`teardown` deletes
 both; the Verification calls it before it becomes terminal, so a terminal drill has no server
 left (and a crash in between leaves a non-terminal drill that the next follow ends again).
@@ -66,7 +67,8 @@ class ScratchServers:
         self.clock = clock
 
     def ready(self, verification: dict[str, Any], backup: dict[str, Any]) -> str:
-        """The name of the Secret of a Ready scratch server for this drill; raises
+        """The address of this drill's Ready scratch server (its Secret is named
+        :func:`scratchpod.scratch_name`); raises
         :class:`Starting` while it starts, :class:`ScratchFailed` when it cannot."""
         meta = verification["metadata"]
         ns, name = meta["namespace"], scratchpod.scratch_name(meta["name"])
@@ -112,8 +114,14 @@ class ScratchServers:
                 f"starting a scratch PostgreSQL {major} server (Pod {name}{', ' + why if why else ''})",
                 POLL_SECONDS,
             )
-        self.kube.patch_secret_data(ns, name, scratchpod.host_patch(str(st["podIP"])))
-        return name
+        return str(st["podIP"])
+
+    def address(self, verification: dict[str, Any]) -> str:
+        """The address of the drill's scratch server while its Pod runs; "" when it is gone."""
+        meta = verification["metadata"]
+        pod = self.kube.read_pod(meta["namespace"], scratchpod.scratch_name(meta["name"]))
+        st = (pod or {}).get("status") or {}
+        return str(st.get("podIP") or "") if st.get("phase") == "Running" else ""
 
     def teardown(self, verification: dict[str, Any]) -> None:
         """Delete the drill's scratch server (nothing when it is gone). Its Secret (the password of

@@ -174,8 +174,10 @@ class VerificationReconciler:
             self.sync_from_job(v, job)
             return
         try:
-            backup, storage, secret, db_keys = self._check(v)
-            plan = VerifyPlan.of(v, backup, storage, db_keys, report_progress=True, scratch_secret=secret)
+            backup, storage, secret, db_keys, host = self._check(v)
+            plan = VerifyPlan.of(
+                v, backup, storage, db_keys, report_progress=True, scratch_secret=secret, scratch_host=host
+            )
             for obj in build_verify_access(plan):  # the agent reports progress to this drill only
                 self.kube.create_if_absent(obj)
             body = build_verify_job(plan, self.config)
@@ -201,7 +203,8 @@ class VerificationReconciler:
         except Exception as e:
             self._retry_or_fail(v, errors.classify(e))
 
-    def _check(self, v: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str, tuple[str, ...]]:
+    def _check(self, v: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str, tuple[str, ...], str]:
+        """The Backup, its storage, the scratch Secret, its keys and (ephemeral server) address."""
         ns, spec = v["metadata"]["namespace"], v["spec"]
         backup = self.kube.get(BACKUPS, ns, spec["backupName"])
         if backup is None:
@@ -218,14 +221,14 @@ class VerificationReconciler:
         storage = self.kube.get(STORAGES, ns, storage_name)
         if storage is None:
             raise Refused(f'the Backup\'s BackupStorage "{storage_name}" no longer exists in {ns}')
-        secret = self._scratch_secret(v)
+        secret, host = self._scratch_secret(v), ""
         if scratch.ephemeral(v):
-            secret = self.scratch.ready(v, backup)  # Starting until it is Ready
+            host = self.scratch.ready(v, backup)  # Starting until it is Ready
         try:
-            db_keys = preflight.scratch_keys(self.kube, ns, secret)
+            db_keys = preflight.scratch_keys(self.kube, ns, secret, host_given=bool(host))
         except preflight.Missing as e:
             raise Refused(f"scratch database: {e}") from e
-        return backup, storage, secret, db_keys
+        return backup, storage, secret, db_keys, host
 
     @staticmethod
     def _scratch_secret(v: dict[str, Any]) -> str:
@@ -328,15 +331,19 @@ class VerificationReconciler:
             drills = self.kube.job_pod_uids(ns, job["metadata"]["name"])
             if backup is None or storage is None or not drills:
                 return True, "its temporary database (nightjar_verify_*) may be left on the scratch server"
-            secret = self._scratch_secret(v)
+            secret, host = self._scratch_secret(v), ""
+            if scratch.ephemeral(v):
+                host = self.scratch.address(v)
+                if not host:
+                    return True, "the scratch server is gone, and its temporary database with it"
             try:
-                keys = preflight.scratch_keys(self.kube, ns, secret)
+                keys = preflight.scratch_keys(self.kube, ns, secret, host_given=bool(host))
             except preflight.Missing as e:
                 return (
                     True,
                     f"its temporary database (nightjar_verify_*) may be left on the scratch server: {e}",
                 )
-            plan = VerifyPlan.of(v, backup, storage, keys, scratch_secret=secret)
+            plan = VerifyPlan.of(v, backup, storage, keys, scratch_secret=secret, scratch_host=host)
             self.kube.create_job(ns, build_verify_cleanup_job(plan, drills, self.config))
             message = "the drill ended without dropping its temporary database: dropping it"
             self._set(v, status.update(message=message))
