@@ -13,6 +13,7 @@ from nightjar.constants import ANNOTATION_EXPIRES_AT, ANNOTATION_SYNCED_FROM, LA
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.sync import StorageSync
 from nightjar.storage import layout
+from nightjar.storage.crypto import new_key_text
 from nightjar.storage.manifest import Database, Manifest, StoredObject, Stream
 from nightjar.storage.objects import S3Target
 from tests.fakes import FakeKube
@@ -182,3 +183,27 @@ def test_a_failed_listing_is_reported_in_status_not_raised(mem: MemoryStore) -> 
     report = run(kube, st, mem)
     assert report.error.startswith("sync failed:") and "cannot connect" in report.error
     assert kube.status_of("backupstorages", "shop", st["metadata"]["name"])["sync"]["message"] == report.error
+
+
+def test_a_missing_encryption_key_skips_recreation_once_said_and_the_sweep_goes_on(mem: MemoryStore) -> None:
+    snapshot(mem, "uid-1", expires=FUTURE, record=full_record("uid-1", name="one"))
+    snapshot(mem, "uid-2", expires=FUTURE, record=full_record("uid-2", name="two"))
+    expired = snapshot(mem, "uid-3", expires=NOW - dt.timedelta(days=1), record=full_record("uid-3"))
+    st = storage(encryption={"keySecretRef": {"name": "backup-keys"}})
+    kube = a_kube([], [st])
+    report = run(kube, st, mem)
+    assert report.error == ""
+    assert created(kube) == []
+    assert report.skipped == 2 and report.expired_deleted == 1
+    assert not any(o.key == expired for o in mem.list(PREFIX))
+    assert kube.calls["secret_data"] == 1  # read once per pass, not once per snapshot
+    warnings = [e for e in kube.events if e[2] == "CannotRecreate"]
+    assert len(warnings) == 1 and 'encryption key Secret "backup-keys" not found' in warnings[0][3]
+    message = kube.status_of("backupstorages", "shop", "primary")["sync"]["message"]
+    assert message.endswith(
+        'skipped 2 (cannot read their manifests: encryption key Secret "backup-keys" not found in namespace shop)'
+    )
+    # The Secret appears: the next pass re-creates both.
+    kube.add_secret("shop", "backup-keys", current="1", **{"key-1": new_key_text()})
+    report = run(kube, st, mem)
+    assert sorted(report.created) == ["one", "two"] and report.key_problem == ""

@@ -57,6 +57,7 @@ from nightjar.reconcile.sync_plan import (
     snapshots,
 )
 from nightjar.storage import layout
+from nightjar.storage.crypto import KeyRing
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.manifest import Manifest, PublicManifest
 from nightjar.storage.objects import ObjectStore, S3Target, StorageError
@@ -80,6 +81,9 @@ class StorageSync:
         self.config = config
         self.open_store = open_store
         self.writer = StatusWriter(kube, STORAGES)
+        #: The key ring of the storage being synced, once read in this pass (a 1-tuple: None is a
+        #: storage without encryption).
+        self._keys: tuple[KeyRing | None] | None = None
 
     def due(self, storage: dict[str, Any], now: dt.datetime) -> bool:
         last = ((storage.get("status") or {}).get("sync") or {}).get("lastSyncTime")
@@ -121,6 +125,7 @@ class StorageSync:
         return report
 
     def _run(self, storage: dict[str, Any], now: dt.datetime, report: SyncReport) -> None:
+        self._keys = None
         meta, spec = storage["metadata"], storage["spec"]
         ns = meta["namespace"]
         opts = spec.get("sync") or {}
@@ -233,8 +238,25 @@ class StorageSync:
     ) -> None:
         meta = storage["metadata"]
         ns = meta["namespace"]
+        if report.key_problem:
+            report.skipped += 1
+            return
+        if self._keys is None:  # read once per pass, and only when a snapshot needs it
+            try:
+                self._keys = (preflight.keyring(self.kube, ns, storage["spec"]),)
+            except preflight.Missing as e:
+                report.key_problem = str(e)
+                report.skipped += 1
+                self.kube.event(
+                    storage,
+                    "Warning",
+                    "CannotRecreate",
+                    f"snapshots no Backup stands for are not re-created while the storage's {e} "
+                    "(the next sync tries again)",
+                )
+                return
         try:
-            manifest = Manifest.parse(raw, preflight.keyring(self.kube, ns, storage["spec"]), snap.manifest)
+            manifest = Manifest.parse(raw, self._keys[0], snap.manifest)
         except IntegrityError as e:
             report.skipped += 1
             self.kube.event(storage, "Warning", "BadManifest", f"skipped {snap.manifest}: {e}")

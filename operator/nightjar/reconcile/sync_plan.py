@@ -105,12 +105,16 @@ class SyncReport:
     leftovers_deleted: int = 0
     skipped: int = 0
     error: str = ""
+    #: Why snapshots of an encrypting storage could not be re-created in this pass (its key
+    #: Secret is missing or bad); the rest of the pass goes on.
+    key_problem: str = ""
 
     def status(self, now: dt.datetime) -> dict[str, Any]:
         msg = self.error or (
             f"{self.snapshots} snapshots; re-created {len(self.created)} Backups, deleted "
             f"{self.expired_deleted} expired and {self.leftovers_deleted} leftover snapshots"
             + (f", skipped {self.skipped}" if self.skipped else "")
+            + (f" (cannot read their manifests: {self.key_problem})" if self.key_problem else "")
         )
         return {
             "lastSyncTime": format_time(now),
