@@ -201,7 +201,8 @@ def test_a_missing_encryption_key_skips_recreation_once_said_and_the_sweep_goes_
     assert len(warnings) == 1 and 'encryption key Secret "backup-keys" not found' in warnings[0][3]
     message = kube.status_of("backupstorages", "shop", "primary")["sync"]["message"]
     assert message.endswith(
-        'skipped 2 (cannot read their manifests: encryption key Secret "backup-keys" not found in namespace shop)'
+        'skipped 2 (cannot read their manifests: encryption key Secret "backup-keys" '
+        "not found in namespace shop)"
     )
     # The Secret appears: the next pass re-creates both.
     kube.add_secret("shop", "backup-keys", current="1", **{"key-1": new_key_text()})
