@@ -1,5 +1,6 @@
-"""Waiting for a database that is not there: libpq's errors read once (domain.pgerrors), and the
-agent's wait (agent.pgsql.wait_for_server) run against a stand-in psql that fails as told."""
+"""Waiting for a database or bucket that is not there: libpq's errors read once (domain.pgerrors),
+the agent's wait (agent.patience, agent.pgsql.wait_for_server) run against a stand-in psql that
+fails as told and an in-memory bucket that goes down."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from nightjar.agent.patience import StillUnreachable, storage_probe, wait_for
 from nightjar.agent.pgsql import SqlFailed, wait_for_server
 from nightjar.agent.pgtools import probe_psql
 from nightjar.domain.pgerrors import PgErrorKind, classify, is_transient
+from nightjar.storage.objects import AccessDenied
+from tests.memstore import MemoryStore
 
 REFUSED = (
     'psql: error: connection to server at "db.shop" (10.0.0.5), port 5432 failed: Connection refused\n'
@@ -155,3 +159,24 @@ def test_the_probe_psql_is_the_override_then_the_newest_installed_major(tmp_path
     assert probe_psql(root=root) == f"{root}/17/bin/psql"
     assert probe_psql(override=f"{root}/15/bin", root=root) == f"{root}/15/bin/psql"
     assert probe_psql(override=str(tmp_path / "nothing"), root=root) == f"{root}/17/bin/psql"
+
+
+def test_a_bucket_that_blinks_is_waited_for_and_a_refusal_is_not() -> None:
+    store = MemoryStore("bk")
+    store.down = "cannot connect to the S3 endpoint"
+    clock, logged = Clock(), []
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        if clock.now - 1000 >= 6:
+            store.down = ""
+
+    assert wait_for("storage", storage_probe(store), 300, log=logged.append, sleep=sleep, clock=clock) == 2
+    down = "storage is not reachable (bucket bk at memory://: cannot connect to the S3 endpoint)"
+    assert logged == [f"{down}; retrying in 2s", f"{down}; retrying in 4s", "storage answers again after 6s"]
+    refusing = MemoryStore("bk")
+    refusing.check = lambda: (_ for _ in ()).throw(AccessDenied("bucket bk: access denied"))  # type: ignore[method-assign]
+    assert wait_for("storage", storage_probe(refusing), 300, log=logged.append, sleep=sleep, clock=clock) == 0
+    store.down = "503 SlowDown"
+    with pytest.raises(StillUnreachable, match=r"503 SlowDown \(still not reachable after waiting 0s\)"):
+        wait_for("storage", storage_probe(store), 1, log=logged.append, sleep=sleep, clock=clock)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from nightjar.agent import files as filesmod
+from nightjar.agent.patience import StillUnreachable, storage_probe, wait_for
 from nightjar.agent.pgsql import ExportedSnapshot, SqlFailed, wait_for_server
 from nightjar.agent.pgtools import PgClient, PgClientError, find_client, probe_psql, tool_env
 from nightjar.domain import pgdump
@@ -143,8 +144,8 @@ class BackupRequest:
     compression_level: int = 3
     #: Count each table's rows in the dump's snapshot into the manifest (source.rowCounts).
     row_counts: bool = False
-    #: How long to wait for a database that is not reachable (restarting, failing over) before
-    #: the attempt fails.
+    #: How long to wait for a database (or bucket) that is not reachable (restarting, failing
+    #: over) before the attempt fails.
     db_wait_seconds: float = 300.0
 
 
@@ -317,7 +318,10 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
     )
     store = req.storage.store()
     try:
+        wait_for("storage", storage_probe(store), req.db_wait_seconds)
         store.check()
+    except StillUnreachable as e:
+        raise BackupFailed(f"storage: {e}") from e
     except StorageError as e:
         raise BackupFailed(f"storage: {e}") from e
     try:

@@ -99,7 +99,8 @@ def _storage(o: dict[str, Any], role: str = "") -> S3Target:
     type=click.FloatRange(0, 86400),
     default=300.0,
     show_default=True,
-    help="How long to wait for a database that does not answer (restarting, failing over) before failing.",
+    help="How long to wait for a database or bucket that does not answer (restarting, failing over) "
+    "before failing.",
 )
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def backup_cmd(**o: Any) -> None:
@@ -219,7 +220,8 @@ def _files_s3(o: dict[str, Any]) -> S3Target | None:
     type=click.FloatRange(0, 86400),
     default=300.0,
     show_default=True,
-    help="How long to wait for a database that does not answer (restarting, failing over) before failing.",
+    help="How long to wait for a database or bucket that does not answer (restarting, failing over) "
+    "before failing.",
 )
 @click.option("--result-file", default="/dev/termination-log", show_default=True)
 def restore_cmd(**o: Any) -> None:

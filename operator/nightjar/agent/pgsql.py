@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
+from nightjar.agent import patience as patience_
 from nightjar.agent.pgtools import say, tool_env
 from nightjar.domain import pgerrors
 
@@ -274,10 +275,6 @@ class ExportedSnapshot:
             proc.stdout.close()
 
 
-#: The first waits for a server that is not there (s): doubling, capped at ``WAIT_CAP``.
-WAIT_FIRST, WAIT_CAP = 2.0, 30.0
-
-
 def wait_for_server(
     psql: str,
     libpq: dict[str, str],
@@ -288,31 +285,22 @@ def wait_for_server(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
-    """Wait while the server ``libpq`` names is not there; the number of waits it took.
+    """Wait while the server ``libpq`` names is not there (:func:`patience.wait_for`); the number
+    of waits it took. Returns as soon as ``SELECT 1`` answers, or fails with an error no wait gets
+    past (a refused password, a database that does not exist ...): the tool run next reports that
+    in its own words. A transient error (refused connection, starting up, shutting down, too many
+    clients ...) is waited out for up to ``patience`` seconds; then :class:`SqlFailed` says what
+    the server answered last."""
 
-    Returns as soon as ``SELECT 1`` answers, or fails with an error no wait gets past (a refused
-    password, a database that does not exist ...): the tool run next reports that in its own words.
-    A transient error (refused connection, starting up, shutting down, too many clients ...) is
-    waited out with doubling waits (2 s up to 30 s), each logged with the reason, for up to
-    ``patience`` seconds; then :class:`SqlFailed` says what the server answered last."""
-    started = clock()
-    delay, waits = WAIT_FIRST, 0
-    while True:
+    def probe() -> str:
         try:
             # libpq gives up on a silent host itself and says "timeout expired" (transient).
             run_sql(psql, {"PGCONNECT_TIMEOUT": "10", **libpq}, "SELECT 1;\n", timeout=60.0)
         except SqlFailed as e:
-            message = str(e)
-            if not pgerrors.is_transient(message):
-                return waits
-            waited = clock() - started
-            if waited + delay > patience:
-                raise SqlFailed(f"{message} (still not reachable after waiting {waited:.0f}s)") from e
-            log(f"database {display} is not reachable ({message}); retrying in {delay:.0f}s")
-            sleep(delay)
-            waits += 1
-            delay = min(WAIT_CAP, delay * 2)
-            continue
-        if waits:
-            log(f"database {display} answers again after {clock() - started:.0f}s")
-        return waits
+            return str(e) if pgerrors.is_transient(str(e)) else ""
+        return ""
+
+    try:
+        return patience_.wait_for(f"database {display}", probe, patience, log=log, sleep=sleep, clock=clock)
+    except patience_.StillUnreachable as e:
+        raise SqlFailed(str(e)) from e

@@ -45,6 +45,7 @@ from typing import Any
 
 from nightjar.agent.backup import BackupFailed, DatabaseConn
 from nightjar.agent.files import walk
+from nightjar.agent.patience import StillUnreachable, storage_probe, wait_for
 from nightjar.agent.pgsql import SqlFailed, wait_for_server
 from nightjar.agent.pgtools import PgClientError, find_client, probe_psql, tool_env
 from nightjar.agent.progress import Counters, Reporter, Ticker
@@ -95,7 +96,7 @@ class RestoreRequest:
     keyring: KeyRing | None = None
     #: Data keys of this one snapshot (a restore into another namespace never gets the keyring).
     data_keys: dict[str, bytes] | None = None
-    #: How long to wait for a target database that is not reachable (restarting, failing over).
+    #: How long to wait for a target database (or the bucket) that is not reachable.
     db_wait_seconds: float = 300.0
 
 
@@ -579,9 +580,13 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
                 data_keys=req.data_keys,
             )
         else:
+            store = req.storage.store()
+            wait_for("storage", storage_probe(store), req.db_wait_seconds)
             reader = SnapshotReader(
-                req.storage.store(), req.manifest_key, req.manifest_sha256, rebase=rebase, keyring=req.keyring
+                store, req.manifest_key, req.manifest_sha256, rebase=rebase, keyring=req.keyring
             )
+    except StillUnreachable as e:
+        raise RestoreFailed(f"storage: {e}; nothing was restored", UNCHANGED) from e
     except IntegrityError as e:
         raise RestoreFailed(f"snapshot: {e}; nothing was restored", UNCHANGED) from e
     files = reader.files if req.contents == "Full" else None
