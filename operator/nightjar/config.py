@@ -34,9 +34,9 @@ class OperatorConfig:
     job_ttl_seconds_after_finished: int = 24 * 3600
     #: Attempts per backup: Mendix retries a failed nightly two more times.
     attempts: int = 3
-    #: How long an agent waits for a database that does not answer (restarting, failing over:
-    #: refused, starting up, too many clients ...) before its attempt fails; a refusal (bad
-    #: password, no such database) is not waited on.
+    #: How long an agent waits for a database (restarting, failing over: refused, starting up,
+    #: too many clients ...) or a bucket (unreachable, 5xx) that does not answer before its
+    #: attempt fails; a refusal (bad password, no such database or bucket) is not waited on.
     db_wait_seconds: int = 300
     #: Seconds between scheduler ticks (one sweep over all schedules, not a timer each).
     scheduler_interval_seconds: int = 30
