@@ -1,6 +1,7 @@
-"""A database that restarts (or fails over) while Nightjar needs it: the agent waits for it, the
-backup or restore goes on once it answers. The stack's real PostgreSQL is stopped (fast shutdown,
-as a restart does) and started again on its port and data; nothing mocked.
+"""A database that restarts (or fails over), or an S3 server that is down, just as Nightjar needs
+it: the agent waits for it, the backup or restore goes on once it answers. The stack's real
+PostgreSQL is stopped (fast shutdown, as a restart does) and started again on its port and data;
+the real S3 server is killed and started again; nothing mocked.
 
 Without the wait a backup burnt its three attempts within ~35 s of Kubernetes' Pod backoff and
 ended Failed, and a restore (whose Job fails on the first error) failed at once."""
@@ -37,23 +38,29 @@ OUTAGE = 45.0
 
 
 class Outage:
-    """Stop the stack's PostgreSQL; ``end`` starts it again (always, at the latest on teardown)."""
+    """Stop the stack's PostgreSQL (or its primary S3 server); ``end`` starts it again (always, at
+    the latest on teardown)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.stack = Stack(Path(env["NIGHTJAR_STATE_DIR"]))
         st = State.load(self.stack.dir)
         assert st is not None
         self.node = st.node
-        self.down = False
+        self.down = ""
 
-    def begin(self) -> None:
-        assert self.stack.kill("postgres", signal.SIGINT), "the stack runs no PostgreSQL"
-        self.down = True
+    def begin(self, what: str = "postgres") -> None:
+        if what == "s3":
+            self.stack.stop_s3("primary")
+        else:
+            assert self.stack.kill("postgres", signal.SIGINT), "the stack runs no PostgreSQL"
+        self.down = what
 
     def end(self) -> None:
-        if self.down:
+        if self.down == "s3":
+            self.stack.start_s3("primary")
+        elif self.down:
             self.stack.up(with_operator=True, node=self.node)
-            self.down = False
+        self.down = ""
 
 
 @pytest.fixture
@@ -113,6 +120,33 @@ def test_a_backup_started_while_the_database_restarts_waits_for_it_and_completes
     assert len(pods) == 1
     assert "answers again after" in agent_log(core, namespace, "nightjar-backup-patient")
     assert psql(env, app_db, TABLE_CHECKSUMS) == checksums
+
+
+def test_a_backup_started_while_the_s3_server_is_down_waits_for_it_and_completes(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    outage: Outage,
+) -> None:
+    make_storage(custom, core, env, namespace)
+    outage.begin("s3")
+    custom.create_namespaced_custom_object(G, V, namespace, "backups", backup_body("blink"))
+
+    def not_failed() -> None:
+        st = get_backup(custom, namespace, "blink").get("status") or {}
+        assert st.get("phase") != "Failed", st.get("message")
+
+    hold_while(OUTAGE, not_failed)
+    log = agent_log(core, namespace, "nightjar-backup-blink")
+    assert "storage is not reachable (" in log, log
+    outage.end()
+
+    st = wait_terminal(custom, namespace, "blink")["status"]
+    assert st["phase"] == "Completed", st.get("message")
+    assert st["attempts"] == 1
 
 
 def test_a_restore_started_while_the_database_restarts_waits_for_it_and_restores_identically(
