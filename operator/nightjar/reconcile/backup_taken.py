@@ -27,6 +27,7 @@ from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.backup_plan import PreflightFailed
 from nightjar.reconcile.backup_status import BackupStatus
 from nightjar.reconcile.errors import Retry
+from nightjar.reconcile.jobstate import finished_at
 from nightjar.reconcile.ports import Clock, KubeAPI
 from nightjar.storage import layout
 from nightjar.storage.errors import IntegrityError
@@ -193,7 +194,7 @@ class TakenBackups:
         except Exception as e:
             verdict = errors.classify(e)
             if isinstance(verdict, errors.Transient):
-                finished = job_finished_at(job) or self.clock.now()
+                finished = finished_at(job) or self.clock.now()
                 self.retry_verification(backup, verdict, finished, attempts)
             return False
         if found is None:
@@ -211,7 +212,7 @@ class TakenBackups:
         raises Retry, until ``VERIFY_DEADLINE`` after the Job finished; a permanent one (the
         manifest missing or not what the agent wrote, credentials refused) fails it at once.
         """
-        finished = job_finished_at(job) or self.clock.now()
+        finished = finished_at(job) or self.clock.now()
         hold = verify_hold(backup, finished, self.clock.now())
         if hold > 0:
             raise Retry(f"test hook {ANNOTATION_TEST_VERIFY_DELAY}: verification held {hold:.0f} s", hold)
@@ -362,7 +363,7 @@ class TakenBackups:
                 continue
             try:
                 job = self.kube.read_job(meta["namespace"], st["jobName"])
-                finished = job_finished_at(job) if job is not None else None
+                finished = finished_at(job) if job is not None else None
                 if job is None or finished is None:
                     continue
                 retrying = status.find_condition(backup, status.RETRYING) is not None
@@ -378,16 +379,6 @@ class TakenBackups:
             except Exception:
                 log.exception("following the Job of backup %s/%s", meta["namespace"], meta["name"])
         return followed
-
-
-def job_finished_at(job: dict[str, Any]) -> dt.datetime | None:
-    """When the Job succeeded or failed for good, or None while it has not."""
-    js = job.get("status") or {}
-    for c in js.get("conditions") or []:
-        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
-            when = js.get("completionTime") or c.get("lastTransitionTime")
-            return parse_time(when) if when else dt.datetime.now(dt.UTC)
-    return None
 
 
 def verify_hold(backup: dict[str, Any], finished: dt.datetime, now: dt.datetime) -> float:

@@ -14,6 +14,7 @@ from nightjar.domain.residency import Policy, Verdict
 from nightjar.domain.retention import format_time, parse_time
 from nightjar.jobs import ReplicatePlan, StorageRef
 from nightjar.reconcile import status
+from nightjar.reconcile.jobstate import failure_reason
 from nightjar.reconcile.ports import KubeAPI
 from nightjar.storage import layout
 
@@ -151,11 +152,30 @@ def primary_prefix(status: dict[str, Any]) -> str:
     return key[:at] if at >= 0 else (status.get("storage") or {}).get("prefix") or ""
 
 
-def job_reason(job: dict[str, Any]) -> str:
-    for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Failed" and c.get("status") == "True":
-            return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
-    return "no result"
+def copy_outcome(
+    job: dict[str, Any], result: dict[str, Any], replica: str, now: dt.datetime
+) -> tuple[dict[str, Any], tuple[str, str, str]]:
+    """What a finished replication Job makes of its location (the fields it takes) and the Event
+    that says so. Copied only when the Job succeeded and reported the manifest it verified."""
+    copied, skipped = result.get("copiedObjects", 0), result.get("skippedObjects", 0)
+    if (job.get("status") or {}).get("succeeded") and "manifestKey" in result:
+        fields = {
+            "state": REPLICATED,
+            "replicatedAt": format_time(now),
+            "copiedObjects": int(copied or 0),
+            "skippedObjects": int(skipped or 0),
+            "copiedBytes": int(result.get("copiedBytes") or 0),
+            "message": f"verified: {copied} objects copied, {skipped} already there",
+        }
+        mb = int(result.get("copiedBytes") or 0) / 1e6
+        text = (
+            f"snapshot verified in {replica}: {copied} objects ({mb:.2f} MB) copied, {skipped} already there"
+        )
+        return fields, ("Normal", "Replicated", text)
+    why = result.get("error") or f"the replication Job failed ({failure_reason(job)})"
+    fields = {"state": FAILED, "message": f"{str(why)[:900]}; retried with backoff"}
+    event_why = result.get("error") or failure_reason(job)
+    return fields, ("Warning", "ReplicationFailed", f"copy to {replica} failed: {event_why}; it is retried")
 
 
 def replicate_plan(

@@ -38,10 +38,10 @@ from nightjar.reconcile.replicas import (
     PENDING,
     REPLICATED,
     check_replicas,
+    copy_outcome,
     due,
     expired,
     initial_locations,
-    job_reason,
     location_update,
     replica_names,
     replicate_plan,
@@ -299,44 +299,19 @@ class Replicator:
         job_name = job["metadata"]["name"]
         ns = backup["metadata"]["namespace"]
         results = self.kube.job_results(ns, job_name)
-        result = results[-1] if results else {}
-        ok = bool(s.get("succeeded")) and "manifestKey" in result
         now = self.clock.now()
         completed_on = (backup.get("status") or {}).get("completedOn")
+        fields, said = copy_outcome(job, results[-1] if results else {}, name, now)
+        ok = fields["state"] == REPLICATED
 
         def change(locs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
             for loc in locs:
-                if loc["storage"] != name or loc.get("jobName") != job_name or loc["state"] != PENDING:
-                    continue
-                if ok:
-                    loc.update(
-                        state=REPLICATED,
-                        replicatedAt=format_time(now),
-                        copiedObjects=int(result.get("copiedObjects") or 0),
-                        skippedObjects=int(result.get("skippedObjects") or 0),
-                        copiedBytes=int(result.get("copiedBytes") or 0),
-                        message=f"verified: {result.get('copiedObjects', 0)} objects copied, "
-                        f"{result.get('skippedObjects', 0)} already there",
-                    )
-                else:
-                    why = result.get("error") or f"the replication Job failed ({job_reason(job)})"
-                    loc.update(state=FAILED, message=f"{str(why)[:900]}; retried with backoff")
-                return locs
+                if loc["storage"] == name and loc.get("jobName") == job_name and loc["state"] == PENDING:
+                    loc.update(fields)
+                    return locs
             return None
 
-        def event(fresh: dict[str, Any]) -> tuple[str, str, str]:
-            if ok:
-                return (
-                    "Normal",
-                    "Replicated",
-                    f"snapshot verified in {name}: {result.get('copiedObjects', 0)} objects "
-                    f"({int(result.get('copiedBytes') or 0) / 1e6:.2f} MB) copied, "
-                    f"{result.get('skippedObjects', 0)} already there",
-                )
-            why = result.get("error") or job_reason(job)
-            return ("Warning", "ReplicationFailed", f"copy to {name} failed: {why}; it is retried")
-
-        if self._update(backup, change, event) is not None:
+        if self._update(backup, change, lambda _fresh: said) is not None:
             if ok:
                 lag = (now - parse_time(completed_on)).total_seconds() if completed_on else None
                 metrics.replication_done(ns, name, lag)

@@ -35,6 +35,7 @@ from nightjar.jobs import (
 )
 from nightjar.reconcile import errors, preflight, scratch, status
 from nightjar.reconcile.errors import Retry
+from nightjar.reconcile.jobstate import finished_at
 from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock
 
 log = logging.getLogger("nightjar.verification")
@@ -380,16 +381,8 @@ class VerificationReconciler:
                 continue
             try:
                 job = self.kube.read_job(meta["namespace"], st["jobName"])
-                js = (job or {}).get("status") or {}
-                ended = js.get("completionTime") or next(
-                    (
-                        c.get("lastTransitionTime")
-                        for c in js.get("conditions") or []
-                        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                    ),
-                    None,
-                )
-                if job is None or not ended or now < parse_time(ended) + SETTLE:
+                ended = finished_at(job) if job is not None else None
+                if job is None or ended is None or now < ended + SETTLE:
                     continue
                 followed.append(f"{meta['namespace']}/{meta['name']}")
                 self.sync_from_job(v, job)
