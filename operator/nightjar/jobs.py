@@ -466,7 +466,9 @@ def build_restore_job(plan: RestorePlan, config: OperatorConfig) -> dict[str, An
     # result): running it again is the user's call (a new Restore), never a silent retry over
     # half-restored data. A Pod that was killed (deleted, evicted, its node lost: no result) is
     # another matter: the restore is idempotent (the database in one transaction, rolled back
-    # when its connection dies; the files written exactly), so a new Pod finishes it.
+    # when its connection dies; the files written exactly), so a new Pod finishes it. So is a
+    # failure that changed nothing and may pass (the S3 server or the database connection lost
+    # mid-way): the agent exits 75 and a new Pod runs it again.
     job["spec"]["backoffLimit"] = RESTORE_DISRUPTIONS
     job["spec"]["podFailurePolicy"] = {
         "rules": [

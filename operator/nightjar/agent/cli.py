@@ -19,6 +19,9 @@ from nightjar.storage.objects import S3Target
 
 #: A termination message is cut at 4096 bytes by the kubelet.
 RESULT_LIMIT = 4000
+#: A restore's exit code when it failed without changing anything for a cause that may pass
+#: (EX_TEMPFAIL): the restore Job gives it a new Pod (see ``nightjar.jobs.build_restore_job``).
+RETRY_EXIT = 75
 
 
 def write_result(path: str, result: dict[str, Any]) -> None:
@@ -264,7 +267,9 @@ def restore_cmd(**o: Any) -> None:
         result = run_restore(req)
     except RestoreFailed as e:
         write_result(o["result_file"], {"error": str(e), "targetState": e.target_state})
-        sys.exit(1)
+        # Nothing changed and the cause may pass: the Job runs it again in a new Pod (its pod
+        # failure policy ends the Job at once on exit code 1 only).
+        sys.exit(RETRY_EXIT if e.retry_safe else 1)
     except Exception as e:  # unexpected: the target's state is not known
         write_result(
             o["result_file"], {"error": f"unexpected {type(e).__name__}: {e}", "targetState": "Unknown"}

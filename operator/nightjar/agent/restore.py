@@ -49,7 +49,7 @@ from nightjar.agent.patience import StillUnreachable, storage_probe, wait_for
 from nightjar.agent.pgsql import SqlFailed, wait_for_server
 from nightjar.agent.pgtools import PgClientError, find_client, probe_psql, tool_env
 from nightjar.agent.progress import Counters, Reporter, Ticker
-from nightjar.domain import pgclient
+from nightjar.domain import pgclient, pgerrors
 from nightjar.storage import layout
 from nightjar.storage.crypto import KeyRing
 from nightjar.storage.index import Entry
@@ -68,11 +68,29 @@ PARTIAL = "PartiallyRestored"
 
 
 class RestoreFailed(Exception):
-    """The restore cannot finish; says why and what state the target is in."""
+    """The restore cannot finish; says why and what state the target is in. ``transient``: the
+    cause may pass (a database connection lost mid-way), besides a retryable storage error among
+    its causes, which :attr:`retry_safe` finds itself."""
 
-    def __init__(self, message: str, target_state: str) -> None:
+    def __init__(self, message: str, target_state: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.target_state = target_state
+        self.transient = transient
+
+    @property
+    def retry_safe(self) -> bool:
+        """Whether another Pod may simply run the restore again: nothing was changed (the target
+        is Unchanged) and the cause may pass — a storage error a retry may get past (the S3
+        server blinked mid-way, after the client's own retries) or a lost database connection.
+        Not after a wait for the database or the bucket ran out: that patience was the retry."""
+        if self.target_state != UNCHANGED:
+            return False
+        cause = self.__cause__
+        while cause is not None:
+            if isinstance(cause, StorageError):
+                return cause.retryable
+            cause = cause.__cause__
+        return self.transient
 
 
 @dataclass
@@ -111,11 +129,12 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
     except BackupFailed as e:
         raise RestoreFailed(f"{e}; nothing was restored", UNCHANGED) from e
 
-    def failed(what: str) -> RestoreFailed:
+    def failed(what: str, transient: bool = False) -> RestoreFailed:
         return RestoreFailed(
             f"{what}; the database {display} is unchanged (the restore ran in one transaction "
             "and was rolled back) and the files were not touched",
             UNCHANGED,
+            transient=transient,
         )
 
     try:
@@ -193,7 +212,10 @@ def restore_database(req: RestoreRequest, reader: SnapshotReader, counters: Coun
         errors = [ln for ln in err_lines if ln]
         last = errors[-1] if errors else f"exit code {code}"
         detail = next((ln for ln in errors if "error" in ln.lower()), last)
-        raise failed(f"pg_restore into {display} failed: {detail.removeprefix('pg_restore: error: ')}")
+        raise failed(
+            f"pg_restore into {display} failed: {detail.removeprefix('pg_restore: error: ')}",
+            transient=pgerrors.is_transient(detail),
+        )
     return {"database": display, "bytes": reader.database["bytes"], "pgClient": client.summary()}
 
 
