@@ -44,7 +44,7 @@ def integrity_from(cause: BaseException) -> IntegrityError:
         (caused(RestoreFailed("snapshot", UNCHANGED), IntegrityError("sha256 mismatch")), False),
         (RestoreFailed("pg_restore failed: permission denied", UNCHANGED), False),
         # The wait for the database or the bucket ran out: that patience was the retry.
-        (caused(RestoreFailed("storage: ... (still not reachable)", UNCHANGED), StillUnreachable("x")), False),
+        (caused(RestoreFailed("storage: ... (waited)", UNCHANGED), StillUnreachable("x")), False),
         # Something was changed: never run again silently.
         (caused(RestoreFailed("files", PARTIAL), StorageError("cannot connect")), False),
         (caused(RestoreFailed("files", DATABASE_RESTORED), StorageError("cannot connect")), False),
