@@ -206,6 +206,28 @@ def test_a_failed_job_fails_the_restore_with_the_target_state_it_reports(w: Worl
     assert w.kube.reasons("r1")[-1] == "Failed"
 
 
+def test_attempts_that_changed_nothing_then_one_that_succeeded_complete_the_restore(w: World) -> None:
+    w.backup()
+    w.rec.reconcile(w.restore())
+    unchanged = {"error": "storage: reading the dump: cannot connect", "targetState": "Unchanged"}
+    w.kube.job_output[(NS, JOB)] = [unchanged, unchanged, {"snapshotId": "snap-1", "bytes": 10}]
+    c = {"type": "Complete", "status": "True", "lastTransitionTime": fmt(NOW)}
+    w.rec.sync_from_job(w.get(), w.job(failed=2, succeeded=1, completionTime=fmt(NOW), conditions=[c]))
+    assert w.st()["phase"] == "Completed"
+
+
+def test_a_job_whose_last_attempt_was_killed_without_a_word_leaves_the_target_state_unknown(w: World) -> None:
+    w.backup()
+    w.rec.reconcile(w.restore())
+    # The first attempt changed nothing and exited 75; the second was killed mid-way (its Pod is
+    # gone, it said nothing) and the Job gave up: what it changed is not known.
+    w.kube.job_output[(NS, JOB)] = [{"error": "storage: cannot connect", "targetState": "Unchanged"}]
+    c = {"type": "Failed", "status": "True", "lastTransitionTime": fmt(NOW), "reason": "BackoffLimitExceeded"}
+    w.rec.sync_from_job(w.get(), w.job(failed=2, conditions=[c]))
+    st = w.st()
+    assert st["phase"] == "Failed" and st["targetState"] == "Unknown"
+
+
 def test_a_job_past_its_deadline_leaves_the_target_state_unknown(w: World) -> None:
     w.backup()
     w.rec.reconcile(w.restore())

@@ -305,6 +305,8 @@ class RestoreReconciler:
         if "Complete" in conds or "Failed" in conds:
             results = self.kube.job_results(ns, name)
             result = results[-1] if results else {}
+            if "Failed" in conds and len(results) < int(js.get("failed") or 0):
+                result = {}  # the last attempt was killed before it said what it changed: Unknown
             self._restart_app(restore)
             now = self.clock.now()
             if "Complete" in conds and "error" not in result:
