@@ -31,6 +31,7 @@ from nightjar.jobs import RestorePlan, build_restore_access, build_restore_job, 
 from nightjar.reconcile import errors, status
 from nightjar.reconcile import storage as storage_rec
 from nightjar.reconcile.errors import Retry
+from nightjar.reconcile.jobstate import finished_at
 from nightjar.reconcile.ports import Clock, KubeAPI, SystemClock
 from nightjar.reconcile.restore_access import presigned_secret
 from nightjar.reconcile.restore_plan import Refused, RestorePlanner, target_summary
@@ -364,16 +365,8 @@ class RestoreReconciler:
                 continue
             try:
                 job = self.kube.read_job(meta["namespace"], st["jobName"])
-                js = (job or {}).get("status") or {}
-                ended = js.get("completionTime") or next(
-                    (
-                        c.get("lastTransitionTime")
-                        for c in js.get("conditions") or []
-                        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-                    ),
-                    None,
-                )
-                if job is None or not ended or now < parse_time(ended) + SETTLE:
+                ended = finished_at(job) if job is not None else None
+                if job is None or ended is None or now < ended + SETTLE:
                     continue
                 followed.append(f"{meta['namespace']}/{meta['name']}")
                 self.sync_from_job(restore, job)
