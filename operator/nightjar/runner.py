@@ -13,6 +13,19 @@ from nightjar import handlers, metrics
 log = logging.getLogger("nightjar")
 
 
+class RetryIsAWarning(logging.Filter):
+    """kopf logs a handler's TemporaryError at ERROR and posts it as an ``Error`` Event. For
+    Nightjar a retry is a wait it states in the resource's status (a scratch server starting,
+    storage unreachable for now), so it becomes a WARNING (a ``Warning`` Event); a handler that
+    fails for good stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and " failed temporarily" in record.getMessage():
+            record.levelno = logging.WARNING
+            record.levelname = logging.getLevelName(logging.WARNING)
+        return True
+
+
 @dataclass(frozen=True)
 class LeaderOptions:
     namespace: str
@@ -35,6 +48,7 @@ def run_operator(
     """
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.PLAIN)
     logging.getLogger("nightjar").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("kopf.objects").addFilter(RetryIsAWarning())
     handlers.set_scope(namespaces)
     if metrics_port:
         metrics.start_server(metrics_port, metrics_address)

@@ -1003,14 +1003,19 @@ class Stack:
         )
 
     def _wait_minio(self, st: State, srv: S3Server, proc: subprocess.Popen[bytes]) -> None:
+        """Until ``srv`` answers a signed request. Its health endpoint says ready before MinIO's
+        IAM has loaded; until then a signed call (CreateBucket) fails with
+        XMinioServerNotInitialized, after boto's own retries when the machine is busy."""
         url = self._s3_url(st, srv)
-        _wait_for(
-            srv.proc,
-            lambda: _http_ok(f"{url}/minio/health/ready"),
-            60,
-            proc,
-            self.dir / "logs" / f"{srv.proc}.log",
-        )
+        client = self.s3_store(srv.which, srv.bucket_locked, st).s3
+
+        def answers() -> bool:
+            if not _http_ok(f"{url}/minio/health/ready"):
+                return False
+            client.list_buckets()
+            return True
+
+        _wait_for(srv.proc, answers, 60, proc, self.dir / "logs" / f"{srv.proc}.log")
 
     def s3_store(self, which: str, bucket: str, st: State | None = None) -> S3Store:
         """Bucket ``bucket`` of S3 server ``which``, with the server's root keys."""
