@@ -21,9 +21,7 @@ def kopf_objects(caplog: pytest.LogCaptureFixture):  # type: ignore[no-untyped-d
 
 # kopf's own texts (kopf/_core/actions/execution.py), with a Nightjar Retry message in them.
 RETRY = "Handler 'verification_reconcile' failed temporarily: scratch server starting, retrying in 2 s"
-TIMING_OUT = (
-    "Handler 'backup_delete' failed temporarily but will exceed 10 retries: storage unreachable"
-)
+TIMING_OUT = "Handler 'backup_delete' failed temporarily but will exceed 10 retries: storage unreachable"
 PERMANENT = "Handler 'backup_reconcile' failed permanently: spec.storageRef names no BackupStorage"
 
 
