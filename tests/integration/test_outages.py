@@ -20,6 +20,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from nightjar.devstack.stack import Stack, State
+from tests.integration.conftest import Env
 from tests.integration.helpers import (
     TABLE_CHECKSUMS,
     G,
@@ -32,6 +33,7 @@ from tests.integration.helpers import (
     wait_terminal,
 )
 from tests.integration.test_restore import get_restore, restore_body, wait_restore
+from tests.support import wait_for
 
 #: Longer than the three attempts' Pod backoff (10 s + 20 s) that used to end such a backup.
 OUTAGE = 45.0
@@ -179,3 +181,57 @@ def test_a_restore_started_while_the_database_restarts_waits_for_it_and_restores
     st = wait_restore(custom, namespace, "back")
     assert st["phase"] == "Completed", st.get("message")
     assert psql(env, app_db, TABLE_CHECKSUMS) == checksums
+
+
+def test_a_restore_into_another_namespace_waits_for_its_presigned_urls_to_answer(
+    custom: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    batch: client.BatchV1Api,
+    env: dict[str, str],
+    namespace: str,
+    app_db: str,
+    files_pvc: Path,
+    acceptance: Env,
+    outage: Outage,
+) -> None:
+    """It reads through presigned URLs, so it has no bucket to probe: it waits for its manifest's
+    URL instead. The S3 server goes down as soon as the operator made the restore Job (the
+    operator itself needs S3 to hand over the URLs and data keys)."""
+    storage = make_storage(custom, core, env, namespace)
+    custom.patch_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        "backupstorages",
+        storage["metadata"]["name"],
+        {"spec": {"allowedRestoreNamespaces": [acceptance.ns]}},
+    )
+    take_backup(custom, namespace, backup_body("prod"))
+    custom.create_namespaced_custom_object(
+        G, V, acceptance.ns, "restores", restore_body("over", "prod", namespace, contents="DatabaseOnly")
+    )
+    job = "nightjar-restore-over"
+    wait_for(
+        "the restore Job",
+        lambda: batch.list_namespaced_job(acceptance.ns, field_selector=f"metadata.name={job}").items,
+        60,
+    )
+    outage.begin("s3")
+
+    def not_failed() -> None:
+        st = get_restore(custom, acceptance.ns, "over").get("status") or {}
+        assert st.get("phase") != "Failed", st.get("message")
+
+    hold_while(30, not_failed)
+    outage.end()
+
+    st = wait_restore(custom, acceptance.ns, "over")
+    assert st["phase"] == "Completed", st.get("message")
+    assert psql(env, acceptance.db, TABLE_CHECKSUMS) == psql(env, app_db, TABLE_CHECKSUMS)
+    log = agent_log(core, acceptance.ns, job)
+    pods = core.list_namespaced_pod(acceptance.ns, label_selector=f"job-name={job}").items
+    # It waited at the start; or, had its Pod read the manifest before the server went down, the
+    # lost read was retried in a new Pod (exit 75). Never Failed, in either case.
+    assert ("storage is not reachable (" in log and "storage answers again after" in log) or len(pods) > 1, (
+        log
+    )

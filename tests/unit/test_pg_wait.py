@@ -171,12 +171,14 @@ def test_a_bucket_that_blinks_is_waited_for_and_a_refusal_is_not() -> None:
         if clock.now - 1000 >= 6:
             store.down = ""
 
-    assert wait_for("storage", storage_probe(store), 300, log=logged.append, sleep=sleep, clock=clock) == 2
+    waited = wait_for("storage", storage_probe(store.check), 300, log=logged.append, sleep=sleep, clock=clock)
+    assert waited == 2
     down = "storage is not reachable (bucket bk at memory://: cannot connect to the S3 endpoint)"
     assert logged == [f"{down}; retrying in 2s", f"{down}; retrying in 4s", "storage answers again after 6s"]
     refusing = MemoryStore("bk")
     refusing.check = lambda: (_ for _ in ()).throw(AccessDenied("bucket bk: access denied"))  # type: ignore[method-assign]
-    assert wait_for("storage", storage_probe(refusing), 300, log=logged.append, sleep=sleep, clock=clock) == 0
+    probe = storage_probe(refusing.check)
+    assert wait_for("storage", probe, 300, log=logged.append, sleep=sleep, clock=clock) == 0
     store.down = "503 SlowDown"
     with pytest.raises(StillUnreachable, match=r"503 SlowDown \(still not reachable after waiting 0s\)"):
-        wait_for("storage", storage_probe(store), 1, log=logged.append, sleep=sleep, clock=clock)
+        wait_for("storage", storage_probe(store.check), 1, log=logged.append, sleep=sleep, clock=clock)

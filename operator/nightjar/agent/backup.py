@@ -318,7 +318,7 @@ def run_backup(req: BackupRequest) -> dict[str, Any]:
     )
     store = req.storage.store()
     try:
-        wait_for("storage", storage_probe(store), req.db_wait_seconds)
+        wait_for("storage", storage_probe(store.check), req.db_wait_seconds)
         store.check()
     except StillUnreachable as e:
         raise BackupFailed(f"storage: {e}") from e

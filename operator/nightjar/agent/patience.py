@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from nightjar.agent.pgtools import say
-from nightjar.storage.objects import ObjectStore, StorageError
+from nightjar.storage.objects import StorageError
 
 #: The first wait (s), doubling up to the cap.
 FIRST, CAP = 2.0, 30.0
@@ -24,13 +24,14 @@ class StillUnreachable(Exception):
     """Patience ran out; the message is the last error and how long was waited."""
 
 
-def storage_probe(store: ObjectStore) -> Callable[[], str]:
-    """A probe of the bucket: its error when a retry may get past it (network, 5xx, throttling);
-    "" when it answers or refuses (the next step reports a refusal)."""
+def storage_probe(check: Callable[[], None]) -> Callable[[], str]:
+    """A probe of the bucket through ``check`` (an ObjectStore's ``check``, or a presigned URL's
+    for a restore into another namespace): its error when a retry may get past it (network, 5xx,
+    throttling); "" when it answers or refuses (the next step reports a refusal)."""
 
     def probe() -> str:
         try:
-            store.check()
+            check()
         except StorageError as e:
             return str(e) if e.retryable else ""
         return ""

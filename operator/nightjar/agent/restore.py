@@ -54,7 +54,7 @@ from nightjar.storage import layout
 from nightjar.storage.crypto import KeyRing
 from nightjar.storage.index import Entry
 from nightjar.storage.objects import S3Target, StorageError, describe_error
-from nightjar.storage.snapshot import IntegrityError, SnapshotReader
+from nightjar.storage.snapshot import IntegrityError, PresignedReader, SnapshotReader
 from nightjar.transfer.order import scan, storage_order
 
 CHUNK = 1024 * 1024
@@ -593,6 +593,9 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
         if req.primary_prefix is not None:
             rebase = (req.primary_prefix, layout.normalize_prefix(req.storage.prefix))
         if req.s3 is not None:  # presigned URLs of this one snapshot
+            if isinstance(req.s3, PresignedReader):  # no bucket to probe: its manifest's URL
+                urls, manifest_key = req.s3, req.manifest_key
+                wait_for("storage", storage_probe(lambda: urls.check(manifest_key)), req.db_wait_seconds)
             reader = SnapshotReader(
                 req.s3,
                 req.storage.bucket,
@@ -603,7 +606,7 @@ def run_restore(req: RestoreRequest) -> dict[str, Any]:
             )
         else:
             store = req.storage.store()
-            wait_for("storage", storage_probe(store), req.db_wait_seconds)
+            wait_for("storage", storage_probe(store.check), req.db_wait_seconds)
             reader = SnapshotReader(
                 store, req.manifest_key, req.manifest_sha256, rebase=rebase, keyring=req.keyring
             )

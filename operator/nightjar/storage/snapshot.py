@@ -28,7 +28,7 @@ from nightjar.storage.crypto import KeyProblem, KeyRing, Sealer
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.index import Entry, read_index, read_lines
 from nightjar.storage.manifest import Manifest, Stream
-from nightjar.storage.objects import ObjectMissing, StorageError, describe_error
+from nightjar.storage.objects import ObjectMissing, StorageError, describe_error, translate
 from nightjar.storage.packs import BlobReader, ChunkRef, KeyOpener, decode_list
 
 #: In ``data_keys``: the manifest's own data key.
@@ -439,8 +439,23 @@ class PresignedReader:
             code = "NoSuchKey" if resp.status == 404 else f"HTTP{resp.status}"
             if "<Code>" in body:
                 code = body.split("<Code>", 1)[1].split("</Code>", 1)[0]
-            raise ClientError({"Error": {"Code": code, "Message": f"GET {Key}"}}, "GetObject")
+            said: Any = {  # as botocore would say it, with the status translate() classifies by
+                "Error": {"Code": code, "Message": f"GET {Key}"},
+                "ResponseMetadata": {"HTTPStatusCode": resp.status},
+            }
+            raise ClientError(said, "GetObject")
         return {"Body": resp}
+
+    def check(self, key: str) -> None:
+        """Read the first byte of ``key``. Raises a StorageError: a retryable one when no answer
+        came (after urllib3's retries) or the server said 5xx or throttled; a final one when it
+        refused (an expired or foreign URL: 403; 404)."""
+        try:
+            body = self.get_object(Bucket="", Key=key, Range="bytes=0-0")["Body"]
+        except Exception as e:  # botocore's ClientError as made above, or urllib3's own errors
+            raise translate(e, f"reading {key} through its presigned URL") from e
+        body.read()
+        body.release_conn()
 
 
 def load_data_keys(handed: dict[str, str]) -> dict[str, bytes]:
