@@ -90,15 +90,54 @@ def test_check_reads_one_byte_and_classifies_what_the_server_says(server: Server
     assert not e.value.retryable
 
 
-def test_no_answer_at_all_is_retryable() -> None:
+def test_no_answer_at_all_is_retryable_and_never_shows_the_url() -> None:
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    r = reader(f"http://127.0.0.1:{port}/bucket/{KEY}?X-Amz-Credential=c&X-Amz-Signature=secret")
+    for call in (lambda: r.check(KEY), lambda: r.get_object(Bucket="", Key=KEY)):
+        with pytest.raises(StorageError) as e:
+            call()
+        assert e.value.retryable
+        assert "Connection refused" in str(e.value), e.value
+        assert "secret" not in str(e.value) and "X-Amz" not in str(e.value) and "/bucket/" not in str(e.value)
+
+
+def test_a_connection_lost_mid_body_is_a_retryable_storage_error() -> None:
+    """The server promises 1 MB and hangs up after 10 bytes: the read that meets it raises a
+    retryable StorageError (a restore that changed nothing then exits 75 for a new Pod)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n0123456789")
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    r = reader(f"http://127.0.0.1:{port}/bucket/{KEY}?X-Amz-Signature=secret")
+    body = r.get_object(Bucket="", Key=KEY)["Body"]
+
+    def drain() -> None:
+        while body.read(65536):
+            pass
+
     with pytest.raises(StorageError) as e:
-        reader(f"http://127.0.0.1:{port}/bucket/{KEY}?X-Amz-Signature=s").check(KEY)
+        drain()
+    body.close()
+    t.join(5)
+    listener.close()
     assert e.value.retryable
+    assert "the connection to the S3 endpoint failed" in str(e.value)
+    assert "secret" not in str(e.value)
 
 
 def test_the_wait_rides_out_an_outage_and_stops_at_a_refusal(server: Server) -> None:

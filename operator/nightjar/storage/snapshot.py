@@ -17,8 +17,10 @@ caller never mistakes a damaged snapshot for a good one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +30,7 @@ from nightjar.storage.crypto import KeyProblem, KeyRing, Sealer
 from nightjar.storage.errors import IntegrityError
 from nightjar.storage.index import Entry, read_index, read_lines
 from nightjar.storage.manifest import Manifest, Stream
-from nightjar.storage.objects import ObjectMissing, StorageError, describe_error, translate
+from nightjar.storage.objects import ObjectMissing, StorageError, translate
 from nightjar.storage.packs import BlobReader, ChunkRef, KeyOpener, decode_list
 
 #: In ``data_keys``: the manifest's own data key.
@@ -111,7 +113,7 @@ class _ClientStore:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404"):
                 raise ObjectMissing(f"{key} is missing from the bucket") from e
-            raise StorageError(describe_error(e, f"reading {key}")) from e
+            raise translate(e, f"reading {key}") from e  # retryable or not, as the seam says
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> bytes:
         if end is not None and end <= start:
@@ -407,11 +409,54 @@ class _Empty:
         return b""
 
 
+def _no_answer(key: str, err: BaseException) -> StorageError:
+    """urllib3's failure on a presigned URL as a retryable StorageError. Never its text as it
+    is: urllib3 names the URL, whose signature is a credential; only the cause's own words."""
+    reason = getattr(err, "reason", None) or err
+    text = str(reason).rsplit(">: ", 1)[-1]  # "<HTTPConnection object at 0x..>: Failed to ..."
+    text = re.sub(r"\S*[?&]X-Amz-\S*", "(URL)", re.sub(r"\bhttps?://\S*", "(URL)", text))
+    return StorageError(
+        f"reading {key}: the connection to the S3 endpoint failed ({type(reason).__name__}: {text})"
+    )
+
+
+class _UrlBody:
+    """A presigned GET's streaming body whose read errors are (retryable) StorageErrors, as an
+    S3Store's are, so that a restore tells a lost connection from a refusal."""
+
+    def __init__(self, resp: Any, key: str) -> None:
+        self._resp = resp
+        self._key = key
+
+    def read(self, n: int | None = -1, /) -> bytes:
+        import urllib3
+
+        try:
+            data: bytes = self._resp.read(None if n is None or n < 0 else n)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _no_answer(self._key, e) from e
+        return data
+
+    def close(self) -> None:  # closes the connection: one left with unread bytes is never reused
+        with contextlib.suppress(Exception):
+            self._resp.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def __enter__(self) -> _UrlBody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class PresignedReader:
     """The ``get_object`` of an S3 client, for one snapshot, through presigned GET URLs.
 
     A restore into another namespace gets a Secret holding these URLs instead of the storage's
-    credentials: it can read that one snapshot until the URLs expire, and nothing else.
+    credentials: it can read that one snapshot until the URLs expire, and nothing else. A URL
+    never appears in an error: its signature is a credential.
     """
 
     def __init__(self, urls: dict[str, str], ca_file: str | None = None, insecure: bool = False) -> None:
@@ -426,36 +471,44 @@ class PresignedReader:
         self.http = urllib3.PoolManager(**kw)
 
     def get_object(self, Bucket: str, Key: str, Range: str = "") -> dict[str, Any]:
+        """``{"Body": ...}``; raises botocore's ClientError for what the server said (with its
+        status), a retryable StorageError when no answer came (after urllib3's retries)."""
+        import urllib3
+
         url = self.urls.get(Key)
         if url is None:
             raise ClientError(
                 {"Error": {"Code": "AccessDenied", "Message": f"no presigned URL for {Key}"}}, "GetObject"
             )
         headers = {"Range": Range} if Range else {}
-        resp = self.http.request("GET", url, headers=headers, preload_content=False)
+        try:
+            resp = self.http.request("GET", url, headers=headers, preload_content=False)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise _no_answer(Key, e) from e
         if resp.status >= 300:
-            body = resp.read(2048).decode(errors="replace")
-            resp.release_conn()
+            body = _UrlBody(resp, Key)
+            with body:
+                text = body.read(2048).decode(errors="replace")
             code = "NoSuchKey" if resp.status == 404 else f"HTTP{resp.status}"
-            if "<Code>" in body:
-                code = body.split("<Code>", 1)[1].split("</Code>", 1)[0]
+            if "<Code>" in text:
+                code = text.split("<Code>", 1)[1].split("</Code>", 1)[0]
             said: Any = {  # as botocore would say it, with the status translate() classifies by
                 "Error": {"Code": code, "Message": f"GET {Key}"},
                 "ResponseMetadata": {"HTTPStatusCode": resp.status},
             }
             raise ClientError(said, "GetObject")
-        return {"Body": resp}
+        return {"Body": _UrlBody(resp, Key)}
 
     def check(self, key: str) -> None:
         """Read the first byte of ``key``. Raises a StorageError: a retryable one when no answer
-        came (after urllib3's retries) or the server said 5xx or throttled; a final one when it
-        refused (an expired or foreign URL: 403; 404)."""
+        came or the server said 5xx or throttled; a final one when it refused (an expired or
+        foreign URL: 403; 404)."""
         try:
             body = self.get_object(Bucket="", Key=key, Range="bytes=0-0")["Body"]
-        except Exception as e:  # botocore's ClientError as made above, or urllib3's own errors
+        except ClientError as e:
             raise translate(e, f"reading {key} through its presigned URL") from e
-        body.read()
-        body.release_conn()
+        with body:
+            body.read()
 
 
 def load_data_keys(handed: dict[str, str]) -> dict[str, bytes]:
