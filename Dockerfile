@@ -49,10 +49,11 @@ WORKDIR /src
 # The dependencies first, from pyproject.toml alone (its [project].dependencies and what its
 # [build-system] needs): a change to the code or the README reuses this layer and downloads or
 # installs nothing again. pip updates itself first: the pip a base's Python bundles may be too old
-# for today's packages (Debian 12's pip 23.0 backtracks without end on them). Compiled now, checked
+# for today's packages (Debian 12's pip 23.0 backtracks without end on them); the versions are
+# constraints.txt's, the set CI passed with (a new release cannot break the build). Compiled now, checked
 # by hash rather than mtime (the final image runs with a read-only root filesystem and
 # PYTHONDONTWRITEBYTECODE; the bytecode stays valid after COPY).
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN set -eu; \
     extra=$(find /tmp/extra-ca -maxdepth 1 -type f \( -name '*.pem' -o -name '*.crt' \) | sort); \
     if [ -n "$extra" ]; then \
@@ -62,7 +63,7 @@ RUN set -eu; \
     python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' > /tmp/requirements.txt; \
     python -m venv /opt/nightjar; \
     /opt/nightjar/bin/python -m pip install --no-compile --upgrade pip; \
-    /opt/nightjar/bin/pip install --no-compile -r /tmp/requirements.txt; \
+    /opt/nightjar/bin/pip install --no-compile -c constraints.txt -r /tmp/requirements.txt; \
     /opt/nightjar/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/nightjar/lib; \
     rm -rf /tmp/requirements.txt /tmp/build-ca.pem /tmp/extra-ca
 

@@ -25,7 +25,7 @@ E2E_NODE ?= $(NODE)
 # The real node runs the operator's Jobs from the image: build it first (warm: seconds).
 NODE_IMAGE = $(if $(filter real,$(NODE) $(E2E_NODE)),image)
 
-.PHONY: help deps venv binaries image up down restart demo status test test-unit test-integration test-e2e chaos lint fmt bench crds docs clean
+.PHONY: help deps venv constraints binaries image up down restart demo status test test-unit test-integration test-e2e chaos lint fmt bench crds docs clean
 
 help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -33,13 +33,20 @@ help: ## Show this help.
 deps: ## Install the system packages the stack needs (PostgreSQL, openssl, curl) when missing.
 	@hack/install-deps.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Could not create a venv: install python3 (>= 3.11) with its venv module (apt-get install python3-venv)"; exit 1; }
 	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
 venv: $(STAMP) ## Create .venv with Nightjar and its dev dependencies.
+
+constraints: ## Re-resolve pyproject.toml's ranges in a fresh venv into constraints.txt (then: make test, commit).
+	@rm -rf .local/lockvenv && $(PYTHON) -m venv .local/lockvenv
+	@.local/lockvenv/bin/python -m pip install -q --upgrade pip
+	@.local/lockvenv/bin/pip install -q -e '.[dev]'
+	@{ grep '^#' constraints.txt; .local/lockvenv/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt && rm -rf .local/lockvenv && git diff --stat constraints.txt
 
 binaries: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, MinIO, helm, promtool (cached by version).
 	@hack/build-binaries.sh

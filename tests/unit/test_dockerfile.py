@@ -740,8 +740,8 @@ def test_an_unreachable_pgdg_is_said_and_not_hidden() -> None:
 
 def test_dependencies_are_installed_in_a_layer_before_the_code() -> None:
     """A change to operator/ (or README.md) must not reinstall the dependencies: they come from
-    pyproject.toml alone, in a RUN before the code is copied; the code's own install needs no
-    network."""
+    pyproject.toml alone, at constraints.txt's versions, in a RUN before the code is copied; the
+    code's own install needs no network."""
     builder = dockerfile().stage("builder")
     ins = builder.instructions
     deps_at = next(
@@ -750,7 +750,10 @@ def test_dependencies_are_installed_in_a_layer_before_the_code() -> None:
     code_at = next(n for n, i in enumerate(ins) if i.keyword == "COPY" and "operator" in i.args.split())
     assert deps_at < code_at
     before = [cp.sources for cp in copies(Stage(0, "b", "", instructions=ins[:deps_at]))]
-    assert sorted(before) == [[CERTS_DIR], ["pyproject.toml"]], f"copied before the dependencies: {before}"
+    assert sorted(before) == [[CERTS_DIR], ["pyproject.toml", "constraints.txt"]], (
+        f"copied before the dependencies: {before}"
+    )
+    assert "-c constraints.txt -r /tmp/requirements.txt" in ins[deps_at].args, "pinned: no backtracking"
     (install,) = [i for i in ins[code_at:] if i.keyword == "RUN" and "pip install" in i.args]
     assert "--no-deps" in install.args
     assert "--no-build-isolation" in install.args
